@@ -1,0 +1,74 @@
+"""Plain batched generation: one prefill, then a jitted while-loop of decode steps over a KV cache.
+
+Prompts are left-padded (padding has segment id 0, so no real token attends to it) to a length bucket, so a
+handful of compiled shapes serve every prompt length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxswift.infer.sampling import SamplingParams, sample
+from jaxswift.models.config import ModelConfig
+from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden
+
+PREFILL_BUCKET = 64
+
+
+def _bucket(n: int, multiple: int = PREFILL_BUCKET) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, positions, segment_ids), each [B, bucket]."""
+    length = _bucket(max(len(p) for p in prompts))
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    positions = np.zeros_like(tokens)
+    segments = np.zeros_like(tokens)
+    for row, ids in enumerate(prompts):
+        n = len(ids)
+        tokens[row, length - n:] = ids
+        positions[row, length - n:] = np.arange(n)
+        segments[row, length - n:] = 1
+    return tokens, positions, segments
+
+
+def _last_logits(params, tokens, cfg, positions, segments, cache):
+    h, cache = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments, cache=cache)
+    return logits_from_hidden(params, h[:, -1:], cfg)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"))
+def generate_tokens(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, *, cfg: ModelConfig,
+                    max_new_tokens: int, sampling: SamplingParams):
+    """New tokens [B, max_new_tokens] (eos included; after eos: the eos id again) and their count per row."""
+    B, P = tokens_BP.shape
+    cache = init_cache(cfg, B, P + max_new_tokens)
+    logits, cache = _last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
+    next_pos = positions_BP[:, -1] + 1
+    out = jnp.zeros((B, max_new_tokens), jnp.int32)
+    done = jnp.zeros((B,), bool)
+    lengths = jnp.zeros((B,), jnp.int32)
+    fill = eos_ids[0]
+
+    def cond(state):
+        step, _, _, _, done, _, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, logits, cache, pos, done, out, lengths, key = state
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, fill, sample(logits, sub, sampling))
+        out = out.at[:, step].set(tok)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, eos_ids)
+        logits, cache = _last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
+        return step + 1, logits, cache, pos + 1, done, out, lengths, key
+
+    state = (jnp.zeros((), jnp.int32), logits, cache, next_pos, done, out, lengths, key)
+    _, _, _, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, state)
+    return out, lengths
