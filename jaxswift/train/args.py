@@ -1,0 +1,134 @@
+"""SFT arguments: one flat dataclass whose field names are the CLI flags (ms-swift's names where one exists) and the
+keys of a `--config` YAML file. Parsed by transformers' HfArgumentParser; flags override the file."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from jaxswift.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclasses.dataclass
+class SftArguments:
+    # model
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "HF folder, .gguf file, or an embedded model name"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (params and compute)"})
+    # data
+    dataset: list[str] = field(default_factory=lambda: ["builtin:self_identity"],
+                               metadata={"help": "files or folders; `path#N` takes N rows"})
+    val_dataset: list[str] = field(default_factory=list)
+    split_dataset_ratio: float = 0.0
+    system: Optional[str] = None
+    max_length: int = 512
+    truncation_strategy: str = field(default="delete", metadata={"help": "delete | left | right"})
+    loss_scale: str = field(default="default", metadata={"help": "default | last_round | all"})
+    packing: bool = False
+    packing_length: Optional[int] = None
+    # tuner
+    tuner_type: str = field(default="lora", metadata={"help": "lora | full"})
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_weights: str = field(default="true", metadata={"help": "true | gaussian | pissa"})
+    freeze_parameters: list[str] = field(default_factory=list, metadata={"help": "regexes (full tuning)"})
+    trainable_parameters: list[str] = field(default_factory=list, metadata={"help": "regexes, override freezing"})
+    # optimization
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: int = 1
+    max_steps: int = -1
+    gradient_checkpointing: bool = True
+    loss_chunk_size: int = field(default=512, metadata={"help": "sequence chunk of the cross-entropy"})
+    max_nonfinite_steps: int = field(default=5, metadata={"help": "stop after this many non-finite steps in a row"})
+    seed: int = 42
+    # observability and checkpoints
+    output_dir: str = "output/sft"
+    logging_steps: int = 5
+    eval_steps: int = 50
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    resume_from_checkpoint: Optional[str] = None
+    disable_tqdm: bool = False
+    # parallelism
+    mesh: Optional[str] = field(default=None, metadata={"help": "4x2 (data x tensor) or data=2,fsdp=2,tensor=2"})
+    sharding_rules: str = "default"
+    # demo: the answer to this question before and after training (empty to skip)
+    demo_question: str = "Who are you, and who made you?"
+    demo_max_new_tokens: int = 48
+    config: Optional[str] = field(default=None, metadata={"help": "YAML file with the same keys as the flags"})
+
+    def __post_init__(self):
+        checks = {
+            "tuner_type": (self.tuner_type, ("lora", "full")),
+            "truncation_strategy": (self.truncation_strategy, ("delete", "left", "right")),
+            "loss_scale": (self.loss_scale, ("default", "last_round", "all")),
+            "dtype": (self.dtype, ("float32", "bfloat16")),
+            "init_weights": (self.init_weights, ("true", "gaussian", "pissa")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ConfigError(f"--{name} {value!r}: expected one of {' | '.join(allowed)}")
+        positive = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set --max_steps or --num_train_epochs to a positive number")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+
+
+def _read_yaml(path: str, fields: set[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of flag names to values")
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {', '.join(unknown)} (keys are the recipe's flag names)")
+    return raw
+
+
+def parse_args(cls, argv: list[str] | None):
+    """Flags -> dataclass; `--config FILE` supplies defaults that flags override. Unknown flags are errors."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        values = _read_yaml(pre.config, names - {"config"})
+        parser.set_defaults(**{k: v for k, v in values.items()})
+    try:
+        (args,) = parser.parse_args_into_dataclasses(argv, return_remaining_strings=False)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("\n", " ")) from None
+    return args

@@ -1,0 +1,78 @@
+"""Run logs: a JSONL file, TensorBoard events, a progress bar, and a loss-curve PNG at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class RunLogger:
+    """Writes every logged record to output_dir/logging.jsonl and TensorBoard (output_dir/runs)."""
+
+    def __init__(self, output_dir: str | Path, total_steps: int, initial_step: int = 0, enable_bar: bool = True):
+        from tensorboardX import SummaryWriter
+
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.dir / "logging.jsonl", "a", buffering=1)
+        self.tb = SummaryWriter(str(self.dir / "runs"))
+        self.bar = tqdm(total=total_steps, initial=initial_step, disable=not enable_bar, dynamic_ncols=True,
+                        desc="train", unit="step")
+        self.start = time.perf_counter()
+        self.tokens = 0.0
+
+    def log(self, step: int, record: dict, *, prefix: str = "train"):
+        record = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in record.items()}
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **record}) + "\n")
+        for key, value in record.items():
+            if isinstance(value, float) and math.isfinite(value):
+                self.tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def advance(self, step: int, loss: float, lr: float, tokens: float):
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.start
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens / max(elapsed, 1e-9):.0f}")
+        self.bar.update(step - self.bar.n)
+
+    def write(self, message: str):
+        self.bar.write(message)
+
+    def close(self):
+        self.bar.close()
+        self.tb.close()
+        self.jsonl.close()
+
+
+def read_log(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(log_path: str | Path, out_png: str | Path) -> Path | None:
+    """Training (and eval) loss against step, from logging.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
+    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and "loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)

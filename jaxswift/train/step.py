@@ -1,0 +1,92 @@
+"""The jitted train and eval steps: (state, batch) -> (state, metrics).
+
+A batch is a dict of [A, B, T] arrays (A = gradient-accumulation microbatches): tokens, targets, loss_weights,
+segment_ids, positions. The loss is the mean NLL over every real target token of all A microbatches (not a mean of
+microbatch means), so packed and unpacked batches, and any accumulation split, give the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxswift.losses.lm import chunked_nll_sum
+from jaxswift.models.config import ModelConfig
+from jaxswift.models.transformer import hidden_states
+from jaxswift.train.state import TrainState, combine
+
+BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
+
+
+def nll_sums(params, micro: dict, cfg: ModelConfig, loss_chunk: int):
+    h, _ = hidden_states(params, micro["tokens"], cfg, positions=micro["positions"],
+                         segment_ids=micro["segment_ids"])
+    return chunked_nll_sum(params, h, micro["targets"], micro["loss_weights"].astype(jnp.float32), cfg, loss_chunk)
+
+
+def _identity_prepare(params, rng):
+    return params
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, loss_chunk: int = 512,
+                    prepare_params: Callable = _identity_prepare) -> Callable:
+    """prepare_params(params, rng) runs inside the step before the forward (e.g. to give LoRA its dropout keys)."""
+
+    def micro_grads(trainable, frozen, micro, rng):
+        def loss_fn(t):
+            params = prepare_params(combine(t, frozen), rng)
+            return nll_sums(params, micro, cfg, loss_chunk)
+        (nll, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return nll, weight, grads
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        micro_rngs = jax.random.split(rng, batch["tokens"].shape[0])
+
+        def accumulate(carry, xs):
+            micro, key = xs
+            nll, weight, grads = micro_grads(state.trainable, state.frozen, micro, key)
+            total_nll, total_weight, total_grads = carry
+            return (total_nll + nll, total_weight + weight, jax.tree.map(jnp.add, total_grads, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+        (nll, weight, grads), _ = jax.lax.scan(accumulate, init, ({k: batch[k] for k in BATCH_KEYS}, micro_rngs))
+        denom = jnp.maximum(weight, 1.0)
+        loss = nll / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        new_trainable = optax.apply_updates(state.trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            trainable=keep(new_trainable, state.trainable),
+            opt_state=keep(new_opt_state, state.opt_state),
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+            bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": weight,
+                   "tokens": jnp.sum(batch["segment_ids"] > 0), "finite": finite,
+                   "bad_streak": new_state.bad_streak, "skipped_steps": new_state.skipped_steps}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(cfg: ModelConfig, *, loss_chunk: int = 512) -> Callable:
+    """(params, batch [A, B, T]) -> (nll sum, weight sum), summed over microbatches."""
+
+    def eval_step(params, batch):
+        def one(carry, micro):
+            nll, weight = nll_sums(params, micro, cfg, loss_chunk)
+            return (carry[0] + nll, carry[1] + weight), None
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (nll, weight), _ = jax.lax.scan(one, init, {k: batch[k] for k in BATCH_KEYS})
+        return nll, weight
+
+    return eval_step

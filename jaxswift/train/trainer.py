@@ -1,0 +1,316 @@
+"""The SFT trainer: data -> sharded train state -> jitted, donated steps -> logs, checkpoints, exports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxswift.api import Model, chat, load_model
+from jaxswift.checkpoints.hf import save_hf
+from jaxswift.checkpoints.state import StateCheckpointer, resolve_resume, restore_state
+from jaxswift.data.formats import build_sft_examples, split_train_val
+from jaxswift.errors import ConfigError, DataError, JaxswiftError
+from jaxswift.models.families import weight_maps
+from jaxswift.models.spec import param_specs
+from jaxswift.optim.factory import OptimizerConfig, make_optimizer
+from jaxswift.parallel.mesh import make_mesh
+from jaxswift.parallel.rules import activation_sharding, load_rules, partition_spec
+from jaxswift.train.args import SftArguments
+from jaxswift.train.batches import StepPlan, eval_batches
+from jaxswift.train.logging import RunLogger, plot_loss
+from jaxswift.train.state import init_train_state
+from jaxswift.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("jaxswift.train")
+
+
+class TrainingStopped(JaxswiftError):
+    """Training cannot go on (for example: too many non-finite steps in a row)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# params: tuner, trainable mask, shardings
+
+
+def _param_paths(cfg) -> dict[tuple, tuple[str, str]]:
+    """Our path -> (dotted name, HF name without the layer index), the names freeze patterns match against."""
+    hf = {m.path: m.hf_name.replace("layers.{i}.", "layers.") for m in weight_maps(cfg)}
+    return {path: (".".join(path), name) for path, name in hf.items()}
+
+
+def full_tuning_mask(params, cfg, freeze: list[str], trainable: list[str]):
+    """True for trainable leaves: everything, minus --freeze_parameters, plus --trainable_parameters."""
+    names = _param_paths(cfg)
+    for pattern in freeze + trainable:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"parameter pattern {pattern!r}: invalid regex ({e})") from None
+        if not any(re.search(pattern, n) for pair in names.values() for n in pair):
+            raise ConfigError(f"parameter pattern {pattern!r} matches no parameter (names look like "
+                              f"{', '.join(sorted(n for n, _ in names.values())[:4])}, or HF names like "
+                              f"model.layers.self_attn.q_proj.weight)")
+
+    def decide(path, _):
+        key = tuple(k.key for k in path)
+        pair = names.get(key, (".".join(key), ""))
+        frozen = any(re.search(p, n) for p in freeze for n in pair)
+        forced = any(re.search(p, n) for p in trainable for n in pair)
+        return forced or not frozen
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def param_logical_axes(params, cfg):
+    """Logical axes for every leaf: the spec's where the leaf has the spec's shape (a base weight, plain or inside
+    an adapter); adapters' small factors are replicated."""
+    specs = param_specs(cfg)
+
+    def axes(path, leaf):
+        node = specs
+        for k in path:
+            name = getattr(k, "key", None)
+            if isinstance(node, dict) and name in node:
+                node = node[name]
+        if hasattr(node, "shape") and tuple(node.shape) == tuple(leaf.shape):
+            return node.logical_axes
+        return (None,) * leaf.ndim
+
+    return jax.tree_util.tree_map_with_path(axes, params)
+
+
+def shard_params(params, cfg, rules, mesh):
+    axes = param_logical_axes(params, cfg)
+    leaves, treedef = jax.tree.flatten(params)
+    axes_leaves = treedef.flatten_up_to(axes)
+    shardings = [NamedSharding(mesh, partition_spec(a, x.shape, rules.params, mesh)) for a, x in
+                 zip(axes_leaves, leaves)]
+    return jax.tree.unflatten(treedef, [jax.device_put(x, s) for x, s in zip(leaves, shardings)])
+
+
+def prepare_tuner(model: Model, args: SftArguments, cfg):
+    """(params, trainable mask, lora config or None, prepare_params for the step)."""
+    if args.tuner_type == "full":
+        mask = full_tuning_mask(model.params, cfg, args.freeze_parameters, args.trainable_parameters)
+        if not any(jax.tree.leaves(mask)):
+            raise ConfigError("--freeze_parameters froze every parameter: nothing to train")
+        return model.params, mask, None, None
+    from jaxswift.tuners import lora
+
+    lora_cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                               target_modules=lora.parse_target_modules(args.target_modules),
+                               use_rslora=args.use_rslora, use_dora=args.use_dora, init=args.init_weights)
+    params = lora.add_lora(model.params, cfg, lora_cfg, jax.random.key(args.seed))
+    return params, lora.trainable_mask(params), lora_cfg, (lora.with_dropout if args.lora_dropout > 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclasses.dataclass
+class TrainResult:
+    losses: dict[int, float]
+    eval_losses: dict[int, float]
+    output_dir: Path
+    export_dir: Path | None
+    demo_before: str | None
+    demo_after: str | None
+    skipped_steps: int
+    first_step_seconds: float
+
+
+def _demo(model: Model, params, cfg, question: str, max_new_tokens: int) -> str | None:
+    if not question or model.tokenizer is None:
+        return None
+    return chat(dataclasses.replace(model, params=params, config=cfg), [{"role": "user", "content": question}],
+                max_new_tokens=max_new_tokens)
+
+
+def _load_data(args: SftArguments, tokenizer, log_fn):
+    if tokenizer is None:
+        raise ConfigError(f"{args.model}: the model has no tokenizer, which SFT needs to encode chats")
+    common = dict(max_length=args.max_length, truncation_strategy=args.truncation_strategy,
+                  loss_scale=args.loss_scale, system=args.system, seed=args.seed)
+    train, stats = build_sft_examples(args.dataset, tokenizer, **common)
+    log_fn(f"train data: {stats.summary()}")
+    if args.val_dataset:
+        val, val_stats = build_sft_examples(args.val_dataset, tokenizer, **common)
+        log_fn(f"val data: {val_stats.summary()}")
+    else:
+        train, val = split_train_val(train, args.split_dataset_ratio, args.seed)
+    if not train:
+        raise DataError(f"--dataset {' '.join(args.dataset)}: no usable training example ({stats.summary()})")
+    return train, val, stats
+
+
+def _total_steps(args: SftArguments, plan: StepPlan) -> int:
+    return args.max_steps if args.max_steps > 0 else args.num_train_epochs * plan.steps_per_epoch
+
+
+def _batch_sharding(mesh, rules):
+    axes = tuple(a for a in rules.activations.get("batch", ()) if mesh.shape[a] > 1)
+    entry = None if not axes else axes[0] if len(axes) == 1 else axes
+    return NamedSharding(mesh, PartitionSpec(None, entry, None))
+
+
+def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    mesh = make_mesh(args.mesh)
+    rules = load_rules(args.sharding_rules)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    model = load_model(args.model, dtype=args.dtype)
+    cfg = model.config.replace(remat="full" if args.gradient_checkpointing else "none")
+    messages = []
+    train_examples, val_examples, _ = _load_data(args, model.tokenizer, messages.append)
+    length = args.packing_length or args.max_length if args.packing else args.max_length
+    plan = StepPlan(train_examples, rows_per_step=args.per_device_train_batch_size * dp *
+                    args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps,
+                    length=length, packing=args.packing, seed=args.seed)
+    total_steps = _total_steps(args, plan)
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    optimizer, schedule = make_optimizer(OptimizerConfig(
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon, max_grad_norm=args.max_grad_norm,
+        lr_scheduler_type=args.lr_scheduler_type, warmup_steps=warmup), total_steps)
+
+    demo_before = _demo(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
+    params, mask, lora_cfg, prepare = prepare_tuner(model, args, cfg)
+    params = shard_params(params, cfg, rules, mesh)
+    state = jax.jit(lambda p: init_train_state(p, mask, optimizer, args.seed))(params)
+    del params
+
+    start_step, meta = 0, {}
+    if args.resume_from_checkpoint:
+        root, step = resolve_resume(args.resume_from_checkpoint, out_dir)
+        state, meta = restore_state(root, step, state)
+        start_step = int(jax.device_get(state.step))
+        messages.append(f"resumed from {root / str(step)} at step {start_step}")
+
+    step_kwargs = {"loss_chunk": args.loss_chunk_size}
+    if prepare is not None:
+        step_kwargs["prepare_params"] = prepare
+    train_step = make_train_step(cfg, optimizer, **step_kwargs)
+    eval_step = make_eval_step(cfg, loss_chunk=args.loss_chunk_size)
+
+    def traced_step(s, b):
+        with activation_sharding(rules, mesh):
+            return train_step(s, b)
+
+    def traced_eval(p, b):
+        with activation_sharding(rules, mesh):
+            return eval_step(p, b)
+
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = _batch_sharding(mesh, rules)
+    step_fn = jax.jit(traced_step, in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, None), donate_argnums=0)
+    eval_fn = jax.jit(traced_eval, in_shardings=(state_sharding.params, batch_sharding))
+
+    logger = RunLogger(out_dir, total_steps, start_step, enable_bar=progress and not args.disable_tqdm)
+    for m in messages:
+        logger.write(m)
+    logger.write(f"{total_steps} steps x {plan.rows_per_step} rows of {length} tokens "
+                 f"({plan.steps_per_epoch} steps/epoch); mesh "
+                 f"{' x '.join(f'{k}={v}' for k, v in mesh.shape.items() if v > 1) or 'single device'}")
+    checkpointer = StateCheckpointer(out_dir, args.save_total_limit)
+
+    def evaluate(step_state):
+        if not val_examples:
+            return None
+        nll = weight = 0.0
+        for batch in eval_batches(val_examples, args.per_device_eval_batch_size * dp, args.max_length):
+            n, w = eval_fn(step_state.params, jax.device_put(batch, batch_sharding))
+            nll, weight = nll + float(n), weight + float(w)
+        return nll / max(weight, 1.0)
+
+    losses, eval_losses = {}, {}
+    window: list[float] = []
+    first_step_seconds = 0.0
+    pending = None  # (step, metrics, t0): read one step behind so the host never stalls the device
+
+    def consume(step_no, metrics, started):
+        nonlocal first_step_seconds
+        metrics = jax.device_get(metrics)
+        loss = float(metrics["loss"])
+        if step_no == start_step + 1:
+            first_step_seconds = time.perf_counter() - started
+            logger.write(f"first step (compile + run): {first_step_seconds:.1f}s")
+        if not metrics["finite"]:
+            logger.write(f"step {step_no}: non-finite loss or gradient, update skipped "
+                         f"({int(metrics['bad_streak'])} in a row)")
+            if int(metrics["bad_streak"]) >= args.max_nonfinite_steps:
+                raise TrainingStopped(f"stopped at step {step_no}: {int(metrics['bad_streak'])} non-finite steps in "
+                                      f"a row (lower --learning_rate, check the data, or use --dtype float32)")
+            return
+        losses[step_no] = loss
+        window.append(loss)
+        lr = float(schedule(step_no - 1))
+        logger.advance(step_no, loss, lr, float(metrics["tokens"]))
+        if step_no % args.logging_steps == 0 or step_no == total_steps:
+            elapsed = time.perf_counter() - logger.start
+            logger.log(step_no, {"loss": sum(window) / len(window), "lr": lr, "grad_norm": metrics["grad_norm"],
+                                 "tokens": metrics["tokens"], "loss_tokens": metrics["loss_tokens"],
+                                 "skipped_steps": metrics["skipped_steps"],
+                                 "tokens_per_s": logger.tokens / max(elapsed, 1e-9)})
+            window.clear()
+
+    batches = plan.batches(start_step)
+    t0 = time.perf_counter()
+    try:
+        for step_no in range(start_step + 1, total_steps + 1):
+            batch = jax.device_put(next(batches), batch_sharding)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                consume(*pending)
+            pending = (step_no, metrics, t0)
+            if step_no % args.eval_steps == 0 and val_examples:
+                consume(*pending)
+                pending = None
+                eval_losses[step_no] = evaluate(state)
+                logger.log(step_no, {"loss": eval_losses[step_no]}, prefix="eval")
+                logger.write(f"step {step_no}: eval loss {eval_losses[step_no]:.4f}")
+            if step_no % args.save_steps == 0 and step_no != total_steps:
+                checkpointer.save(state, {"step": step_no, "args": dataclasses.asdict(args)})
+        if pending is not None:
+            consume(*pending)
+        if val_examples and total_steps not in eval_losses:
+            eval_losses[total_steps] = evaluate(state)
+            logger.log(total_steps, {"loss": eval_losses[total_steps]}, prefix="eval")
+        if total_steps > start_step:
+            checkpointer.save(state, {"step": total_steps, "args": dataclasses.asdict(args)})
+    finally:
+        logger.close()
+        checkpointer.close()
+
+    final_params = state.params
+    export_dir = _export(model, final_params, cfg, lora_cfg, args, out_dir)
+    plot_loss(out_dir / "logging.jsonl", out_dir / "loss.png")
+    demo_after = _demo(model, final_params, cfg, args.demo_question, args.demo_max_new_tokens)
+    return TrainResult(losses, eval_losses, out_dir, export_dir, demo_before, demo_after,
+                       int(jax.device_get(state.skipped_steps)), first_step_seconds)
+
+
+def _export(model: Model, params, cfg, lora_cfg, args: SftArguments, out_dir: Path) -> Path | None:
+    """The final model in the format others load: a PEFT adapter (LoRA) or a full HF folder."""
+    if lora_cfg is not None:
+        from jaxswift.checkpoints.peft import save_peft_adapter
+
+        path = out_dir / "adapter"
+        save_peft_adapter(params, cfg, lora_cfg, path, base_model_name_or_path=args.model)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(path))
+        return path
+    return save_hf(params, cfg.replace(remat="none"), out_dir / "model", tokenizer=model.tokenizer)
