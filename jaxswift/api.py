@@ -79,24 +79,25 @@ def _eos_ids(model: Model) -> np.ndarray:
 
 
 def generate_ids(model: Model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[list[int]]:
-    """New token ids per prompt (without the final eos)."""
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, ignore_eos: bool = False) -> list[list[int]]:
+    """New token ids per prompt (without the final eos); ignore_eos generates exactly max_new_tokens."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     eos = _eos_ids(model)
+    stop = np.asarray([-1], np.int32) if ignore_eos else eos  # -1 matches no token
     pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None \
         else int(eos[0])
     tokens, positions, segments = left_pad(prompts, pad)
-    out, lengths = generate_tokens(model.params, tokens, positions, segments, eos, jax.random.key(seed),
+    out, lengths = generate_tokens(model.params, tokens, positions, segments, stop, jax.random.key(seed),
                                    cfg=model.config, max_new_tokens=max_new_tokens, sampling=sampling)
     out, lengths = np.asarray(out), np.asarray(lengths)
     results = []
     for row, n in zip(out, lengths):
         ids = row[:n].tolist()
-        if ids and ids[-1] in eos:
+        if ids and ids[-1] in stop:
             ids = ids[:-1]
         results.append(ids)
     return results

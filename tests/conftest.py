@@ -10,3 +10,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's tokenizer (ChatML template), read once from the embedded GGUF."""
+    from jaxswift.checkpoints.gguf import read_gguf
+    from jaxswift.checkpoints.registry import resolve_model_path
+
+    return read_gguf(resolve_model_path("smollm2-135m-instruct")).tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smol_tokenizer):
+    """A tiny random llama (2 layers, hidden 64) with SmolLM2's tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_chat_model")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(smol_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True, max_position_embeddings=1024,
+        bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    config.architectures = ["LlamaForCausalLM"]
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(str(folder))
+    return folder

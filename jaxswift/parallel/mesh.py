@@ -86,9 +86,10 @@ def make_mesh(spec: str | None, devices=None):
     if sizes["data"] == -1:
         sizes["data"] = len(devices)
     needed = mesh_device_count(sizes)
-    if needed != len(devices):
+    if needed > len(devices):
         raise ConfigError(f"--mesh {spec or '(default)'} needs {needed} devices "
                           f"({' x '.join(f'{k}={v}' for k, v in sizes.items() if v > 1) or '1'}), "
                           f"but {len(devices)} are available")
+    devices = devices[:needed]  # a smaller mesh than the machine is fine (e.g. one device of eight)
     shape = tuple(sizes[a] for a in MESH_AXES)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)

@@ -58,7 +58,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         denom = jnp.maximum(weight, 1.0)
         loss = nll / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         new_trainable = optax.apply_updates(state.trainable, updates)

@@ -97,6 +97,15 @@ def shard_params(params, cfg, rules, mesh):
     return jax.tree.unflatten(treedef, [jax.device_put(x, s) for x, s in zip(leaves, shardings)])
 
 
+def _target_modules(values: list[str]):
+    """--target_modules all-linear | q_proj v_proj ... | one regex (as peft reads a single string)."""
+    if values == ["all-linear"]:
+        return "all-linear"
+    if len(values) == 1 and re.search(r"[\\^$*+?()\[\]|]", values[0]):
+        return values[0]
+    return tuple(values)
+
+
 def prepare_tuner(model: Model, args: SftArguments, cfg):
     """(params, trainable mask, lora config or None, prepare_params for the step)."""
     if args.tuner_type == "full":
@@ -107,7 +116,7 @@ def prepare_tuner(model: Model, args: SftArguments, cfg):
     from jaxswift.tuners import lora
 
     lora_cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                               target_modules=lora.parse_target_modules(args.target_modules),
+                               target_modules=_target_modules(args.target_modules),
                                use_rslora=args.use_rslora, use_dora=args.use_dora, init=args.init_weights)
     params = lora.add_lora(model.params, cfg, lora_cfg, jax.random.key(args.seed))
     return params, lora.trainable_mask(params), lora_cfg, (lora.with_dropout if args.lora_dropout > 0 else None)
