@@ -38,6 +38,9 @@ class RunLogger:
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens / max(elapsed, 1e-9):.0f}")
         self.bar.update(step - self.bar.n)
 
+    def restart_clock(self):
+        self.start, self.tokens = time.perf_counter(), 0.0
+
     def write(self, message: str):
         self.bar.write(message)
 

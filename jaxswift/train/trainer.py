@@ -268,6 +268,8 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
         window.append(loss)
         lr = float(schedule(step_no - 1))
         logger.advance(step_no, loss, lr, float(metrics["tokens"]))
+        if step_no == start_step + 1:
+            logger.restart_clock()  # tokens/s and ETA from here on exclude compilation
         if step_no % args.logging_steps == 0 or step_no == total_steps:
             elapsed = time.perf_counter() - logger.start
             logger.log(step_no, {"loss": sum(window) / len(window), "lr": lr, "grad_norm": metrics["grad_norm"],
