@@ -143,6 +143,25 @@ def test_outputs_logs_plot_and_export(tiny_chat_model, tmp_path):
     assert sorted(result.eval_losses) == [2, 4]
     assert (result.export_dir / "adapter_config.json").is_file()
 
+    # The export recipe merges the trained adapter into a full HF folder that transformers loads.
+    merged = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "jaxswift.recipes.export", "--adapters", str(result.export_dir),
+                           "--output_dir", str(merged)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxswift.checkpoints.peft import load_peft_adapter
+
+    model = jaxswift.load_model(str(tiny_chat_model))
+    params, _ = load_peft_adapter(model.params, model.config, result.export_dir)
+    tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (2, 12))
+    ours = np.asarray(jaxswift.forward(params, jnp.asarray(tokens), model.config))
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(merged)(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    assert np.abs(ours - np.asarray(jaxswift.forward(model.params, jnp.asarray(tokens), model.config))).max() > 1e-4
+
 
 # --- bad inputs -------------------------------------------------------------------------------------------------
 
