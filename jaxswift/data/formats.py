@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -320,10 +320,18 @@ def build_sft_examples(specs: list[str], tokenizer, *, max_length: int, truncati
                        loss_scale: str = "default", system: str | None = None,
                        seed: int = 42) -> tuple[list[EncodedChat], DatasetStats]:
     """Read every `--dataset` spec, convert, encode and truncate; skipped rows are counted by reason."""
+    tally: collections.Counter = collections.Counter()
+    examples = list(iter_sft_examples(specs, tokenizer, tally, max_length=max_length, seed=seed, system=system,
+                                      truncation_strategy=truncation_strategy, loss_scale=loss_scale))
+    return examples, _stats(examples, tally)
+
+
+def iter_sft_examples(specs: list[str], tokenizer, tally: collections.Counter, *, max_length: int,
+                      truncation_strategy: str = "delete", loss_scale: str = "default", system: str | None = None,
+                      seed: int = 42) -> Iterator[EncodedChat]:
+    """Streaming form of `build_sft_examples`: yields examples one at a time, counting outcomes in `tally`."""
     if not specs:
         raise ConfigError("--dataset: no dataset given")
-    examples: list[EncodedChat] = []
-    tally: collections.Counter = collections.Counter()
     for k, spec in enumerate(specs):
         path, n = parse_dataset_spec(spec)
         # Unsampled specs stream in one pass; `#N` needs the row count first to choose rows.
@@ -334,8 +342,8 @@ def build_sft_examples(specs: list[str], tokenizer, *, max_length: int, truncati
             example, outcome = _row_to_example(row, where, tokenizer, max_length=max_length, system=system,
                                                truncation_strategy=truncation_strategy, loss_scale=loss_scale)
             tally[outcome] += int(times)
-            examples.extend([example] * int(times) if example is not None else [])
-    return examples, _stats(examples, tally)
+            if example is not None:
+                yield from itertools.repeat(example, int(times))
 
 
 def _row_to_example(row, where: str, tokenizer, *, max_length, truncation_strategy, loss_scale, system):
@@ -358,7 +366,7 @@ def _row_to_example(row, where: str, tokenizer, *, max_length, truncation_strate
     return kept, "truncated" if len(kept) < len(full) else "kept"
 
 
-def _stats(examples: list[EncodedChat], tally: collections.Counter) -> DatasetStats:
+def _stats(examples: Sequence[EncodedChat], tally: collections.Counter) -> DatasetStats:
     skipped = tuple((reason, n) for reason, n in tally.items() if reason not in ("kept", "truncated"))
     return DatasetStats(rows=sum(tally.values()), examples=len(examples),
                         tokens=sum(len(e) for e in examples), loss_tokens=sum(int(e.loss_mask.sum()) for e in examples),

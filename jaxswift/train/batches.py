@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jaxswift.data.cache import example_lengths
 from jaxswift.data.packing import assemble, epoch_rows
 from jaxswift.data.templates import EncodedChat
 
@@ -29,7 +30,7 @@ class StepPlan:
     seed: int
 
     def epoch(self, epoch: int) -> list[list[int]]:
-        return epoch_rows([len(e) for e in self.examples], length=self.length, packing=self.packing,
+        return epoch_rows(example_lengths(self.examples).tolist(), length=self.length, packing=self.packing,
                           seed=self.seed, epoch=epoch)
 
     @property
