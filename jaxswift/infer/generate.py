@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxswift.infer.sampling import SamplingParams, sample
 from jaxswift.models.config import ModelConfig
-from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden
+from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
 
 PREFILL_BUCKET = 64
 
@@ -47,7 +47,8 @@ def generate_tokens(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, 
                     max_new_tokens: int, sampling: SamplingParams):
     """New tokens [B, max_new_tokens] (eos included; after eos: the eos id again) and their count per row."""
     B, P = tokens_BP.shape
-    cache = init_cache(cfg, B, P + max_new_tokens)
+    params = unstack_layers(params)  # once per call; the decode loop then reads every weight in place
+    cache = init_cache(cfg, B, P + max_new_tokens, per_layer=True)
     logits, cache = _last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
     next_pos = positions_BP[:, -1] + 1
     out = jnp.zeros((B, max_new_tokens), jnp.int32)

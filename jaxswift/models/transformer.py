@@ -10,6 +10,8 @@ A weight leaf is either an array or an object with `.apply(equation, x)` (LoRA, 
 
 from __future__ import annotations
 
+import functools
+import string
 from typing import NamedTuple
 
 import jax
@@ -24,26 +26,50 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a fully masked 
 
 
 class KVCache(NamedTuple):
-    """Contiguous per-sequence cache: k/v [L, B, S, K, H]; per-slot positions and segment ids [B, S]."""
-    k: jax.Array
-    v: jax.Array
+    """Contiguous per-sequence cache; per-slot positions and segment ids [B, S].
+
+    Keys are stored transposed, k [L, B, K, H, S], values as v [L, B, K, S, H]: both attention matmuls then read
+    the cache in the plain (row-major, no transpose) form that XLA's CPU matmuls handle fastest. With
+    `per_layer=True` (see `init_cache`), k and v are tuples of L arrays [B, K, H, S] / [B, K, S, H], the form the
+    unrolled layers of `unstack_layers` params update in place without slicing a stacked buffer.
+    """
+    k: jax.Array | tuple
+    v: jax.Array | tuple
     positions: jax.Array
     segment_ids: jax.Array
     index: jax.Array  # next slot to write (scalar int32): all rows advance together
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, per_layer: bool = False) -> KVCache:
     dtype = dtype or cfg.compute_dtype
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    if per_layer:
+        k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
+    else:
+        k, v = jnp.zeros((cfg.num_layers, *k_shape), dtype), jnp.zeros((cfg.num_layers, *v_shape), dtype)
+    return KVCache(k, v, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), jnp.int32),
+                   jnp.zeros((), jnp.int32))
 
 
 def linear(equation: str, x: jax.Array, w) -> jax.Array:
-    """x @ w by einsum; adapters and quantized weights bring their own `apply`."""
+    """x @ w by einsum; adapters and quantized weights bring their own `apply`.
+
+    Contracted axes that end x and start w (the output projection's N, H) are merged into one first: given two
+    contracting axes, XLA on CPU may pick a layout that copies the weight, transposed, on every decode step.
+    """
     if hasattr(w, "apply"):
         return w.apply(equation, x)
-    return jnp.einsum(equation, x, w.astype(x.dtype))
+    w = w.astype(x.dtype)
+    inputs, out = equation.split("->")
+    x_spec, w_spec = inputs.split(",")
+    n = sum(c in w_spec and c not in out for c in x_spec)  # contracted axes
+    if n > 1 and x_spec[-n:] == w_spec[:n] and not any(c in out for c in x_spec[-n:]):
+        merged = next(c for c in string.ascii_letters if c not in equation)
+        x, w = x.reshape(*x.shape[:-n], -1), w.reshape(-1, *w.shape[n:])
+        equation = f"{x_spec[:-n]}{merged},{merged}{w_spec[n:]}->{out}"
+    return jnp.einsum(equation, x, w)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -60,15 +86,52 @@ def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, window) -> jax.Array:
     return same_segment & (distance >= 0) & in_window
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
+def attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS) -> jax.Array:
+    """Softmax attention. Keys come transposed ([B, K, H, S]), values not: see `KVCache`.
+
+    k, v and mask may also be tuples of parts along S (a cache as it was before this step, and the step's own keys)
+    under one softmax: a decode step then never reads the cache it writes, so XLA updates it in place.
+    """
+    ks, vs, masks = (k_BKHS, v_BKSH, mask_BTS) if isinstance(k_BKHS, tuple) else ((k_BKHS,), (v_BKSH,), (mask_BTS,))
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_BTS[:, None, None], scores * H ** -0.5, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH)
-    return out.reshape(B, T, N, H)
+    K = ks[0].shape[1]
+    G = N // K
+    # One row axis M = (G, T) per (row, kv head), so each product is a plain [M, H] @ [H, S] matmul.
+    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    scores = []
+    for k_BKHS, mask_BTS in zip(ks, masks):
+        s = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS, preferred_element_type=jnp.float32)
+        scores.append(jnp.where(mask_BTS[:, None, None], s.reshape(B, K, G, T, -1) * H ** -0.5, _MASKED))
+    if len(scores) == 1:
+        probs = [jax.nn.softmax(scores[0], axis=-1)]
+    else:
+        top = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
+        probs = [jnp.exp(s - top) for s in scores]
+        total = sum(p.sum(axis=-1, keepdims=True) for p in probs)
+        probs = [p / total for p in probs]
+    out = sum(jnp.einsum("BKMS,BKSH->BKMH", p.astype(v.dtype).reshape(B, K, G * T, -1), v) for p, v in zip(probs, vs))
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+CAUSAL_BLOCK = 128  # query rows per block in `causal_self_attention`
+
+
+def causal_self_attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT, block: int = CAUSAL_BLOCK) -> jax.Array:
+    """`attention` of a sequence over itself, skipping for each block of queries the keys after the block.
+
+    Those keys are masked anyway wherever a later index never holds an earlier position of the same segment, as
+    in packed and padded rows (positions grow along each segment); only padding rows (segment 0, all at position
+    0) may differ, and they are ignored. About (1 + 1/n) / 2 of the work for n blocks.
+    """
+    T = q_BTNH.shape[1]
+    if T <= block or T % block:
+        return attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT)
+    out = []
+    for start in range(0, T, block):
+        end = start + block
+        out.append(attention(q_BTNH[:, start:end], k_BKHT[..., :end], v_BKTH[:, :, :end],
+                             mask_BTT[:, start:end, :end]))
+    return jnp.concatenate(out, axis=1)
 
 
 def _qkv(h_BTD, layer, cfg: ModelConfig, positions_BT):
@@ -89,25 +152,32 @@ def _mlp(h_BTD, layer):
 
 
 def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_ids_BT, kv=None):
-    """One block. `kv` = (k_all, v_all, layer_index, cache_positions, cache_segments, write_index) or None.
+    """One block. `kv` = (k_cache, v_cache, layer_index, cache_positions, cache_segments, write_index) or None,
+    with the cache's positions and segment ids as they were before this step.
 
-    With a cache, the new keys/values are written in place into the stacked [L, B, S, K, H] buffers (a loop
-    carry, so XLA updates them without copying the whole cache every step).
+    With a cache, the new keys/values are written in place (a loop carry, so XLA updates them without copying the
+    whole cache every step): into this layer's own k [B, K, H, S] / v [B, K, S, H] when layer_index is None, else
+    at layer_index of the stacked [L, ...] buffers. Attention reads the cache as it was plus the new keys.
     """
     h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(h, layer, cfg, positions_BT)
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
+    self_mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
     if kv is None:
-        mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
+        attn = causal_self_attention(q, k.astype(q.dtype), v.astype(q.dtype), self_mask)
         new_kv = None
     else:
         k_all, v_all, i, cache_pos, cache_seg, index = kv
         zero = jnp.zeros((), jnp.int32)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, zero, index, zero, zero))
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, zero, index, zero, zero))
-        k, v = k_all[i], v_all[i]
-        mask = attention_mask(positions_BT, segment_ids_BT, cache_pos, cache_seg, window)
-        new_kv = (k_all, v_all)
-    attn = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        k_old, v_old = (k_all, v_all) if i is None else (k_all[i], v_all[i])
+        k_at, v_at = ((zero, zero, zero, index), (zero, zero, index, zero)) if i is None else \
+            ((i, zero, zero, zero, index), (i, zero, zero, index, zero))
+        lead = () if i is None else (None,)
+        new_kv = (jax.lax.dynamic_update_slice(k_all, k[lead].astype(k_all.dtype), k_at),
+                  jax.lax.dynamic_update_slice(v_all, v[lead].astype(v_all.dtype), v_at))
+        cache_mask = attention_mask(positions_BT, segment_ids_BT, cache_pos, cache_seg, window)
+        attn = attention(q, (k_old.astype(q.dtype), k.astype(q.dtype)), (v_old.astype(q.dtype), v.astype(q.dtype)),
+                         (cache_mask, self_mask))
     x_BTD = x_BTD + linear("BTNH,NHD->BTD", attn, layer["wo"])
     x_BTD = x_BTD + _mlp(rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps), layer)
     return constrain(x_BTD, ACT), new_kv
@@ -132,34 +202,67 @@ def _default_positions(tokens_BT, positions, segment_ids, offset=0):
 
 def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions=None, segment_ids=None,
                   cache: KVCache | None = None):
-    """Final-normed hidden states [B, T, D] (and the updated cache when one is given)."""
+    """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
+
+    Stacked layers run under `jax.lax.scan`; the tuple of per-layer trees of `unstack_layers` runs unrolled.
+    """
     positions, segment_ids = _default_positions(tokens_BT, positions, segment_ids)
     x = jnp.take(params["embed"], tokens_BT, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, ACT)
-    windows = jnp.asarray(cfg.window_per_layer, jnp.int32)
-
-    if cache is None:
+    layers = params["layers"]
+    if cache is not None:
+        x, cache = _cached_layers(x, layers, cfg, positions, segment_ids, cache)
+    elif isinstance(layers, (list, tuple)):
+        for layer, window in zip(layers, cfg.window_per_layer):
+            x = decoder_layer(x, layer, window, cfg, positions, segment_ids)[0]
+    else:
         def body(carry, xs):
             layer, window = xs
             return decoder_layer(carry, layer, window, cfg, positions, segment_ids)[0], None
-        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, (params["layers"], windows))
-        new_cache = None
+        windows = jnp.asarray(cfg.window_per_layer, jnp.int32)
+        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, (layers, windows))
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
+
+
+def _cached_layers(x, layers, cfg: ModelConfig, positions, segment_ids, cache: KVCache):
+    """The decoder over `cache`: unrolled layers with a per-layer cache, or scanned ones with a stacked cache."""
+    T = x.shape[1]
+    cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
+    cache_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
+
+    def body(carry, xs):
+        x, k, v = carry
+        layer, window, i = xs
+        x, (k, v) = decoder_layer(x, layer, window, cfg, positions, segment_ids,
+                                  (k, v, i, cache.positions, cache.segment_ids, cache.index))
+        return (x, k, v), None
+
+    unrolled, per_layer = isinstance(layers, (list, tuple)), isinstance(cache.k, (list, tuple))
+    if unrolled != per_layer:
+        raise ValueError("unstacked layers (unstack_layers) need init_cache(..., per_layer=True), and stacked "
+                         "layers a stacked cache")
+    if unrolled:
+        ks, vs = list(cache.k), list(cache.v)
+        for i, (layer, window) in enumerate(zip(layers, cfg.window_per_layer)):
+            (x, ks[i], vs[i]), _ = body((x, ks[i], vs[i]), (layer, window, None))
+        ks, vs = tuple(ks), tuple(vs)
     else:
-        T = tokens_BT.shape[1]
-        cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
-        cache_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
+        xs = (layers, jnp.asarray(cfg.window_per_layer, jnp.int32), jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        (x, ks, vs), _ = jax.lax.scan(body, (x, cache.k, cache.v), xs)
+    return x, KVCache(ks, vs, cache_pos, cache_seg, cache.index + T)
 
-        def body(carry, xs):
-            x, k_all, v_all = carry
-            layer, window, i = xs
-            x, (k_all, v_all) = decoder_layer(x, layer, window, cfg, positions, segment_ids,
-                                              (k_all, v_all, i, cache_pos, cache_seg, cache.index))
-            return (x, k_all, v_all), None
 
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, ks, vs), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params["layers"], windows, layer_ids))
-        new_cache = KVCache(ks, vs, cache_pos, cache_seg, cache.index + T)
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), new_cache
+def unstack_layers(params):
+    """The same params with `layers` as a tuple of per-layer trees, which `hidden_states` runs unrolled.
+
+    For decoding: a scanned layer reads its weights through a dynamic slice, which XLA on CPU copies out of the
+    stacked array on every step; unrolled, each matmul reads its weight in place.
+    """
+    stacked = params["layers"]
+    if isinstance(stacked, (list, tuple)):
+        return params
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(n))}
 
 
 def output_weight(params, cfg: ModelConfig):
