@@ -9,6 +9,7 @@ from jaxswift.recipes.common import run_main
 
 COMMANDS = {
     "sft": "jaxswift.recipes.sft",
+    "rlhf": "jaxswift.recipes.rlhf",
     "infer": "jaxswift.recipes.infer",
     "export": "jaxswift.recipes.export",
 }

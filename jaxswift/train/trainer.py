@@ -9,9 +9,9 @@ import math
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxswift.api import Model, chat, load_model
@@ -172,81 +172,103 @@ def _batch_sharding(mesh, rules):
     return NamedSharding(mesh, PartitionSpec(None, entry, None))
 
 
-def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
+@dataclasses.dataclass
+class RunContext:
+    """What every training recipe sets up first: output folder, mesh, sharding rules, the model."""
+
+    args: SftArguments
+    out_dir: Path
+    mesh: Any
+    rules: Any
+    dp: int  # data-parallel ways (data x fsdp): rows per step = per-device batch x dp x accumulation
+    model: Model
+    cfg: Any  # the model config with the run's remat policy
+
+    @property
+    def batch_sharding(self):
+        return _batch_sharding(self.mesh, self.rules)
+
+
+def start_run(args: SftArguments) -> RunContext:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     mesh = make_mesh(args.mesh)
     rules = load_rules(args.sharding_rules)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-
     model = load_model(args.model, dtype=args.dtype)
     cfg = model.config.replace(remat="full" if args.gradient_checkpointing else "none")
-    messages = []
-    train_examples, val_examples, _ = _load_data(args, model.tokenizer, messages.append)
-    length = args.packing_length or args.max_length if args.packing else args.max_length
-    plan = StepPlan(train_examples, rows_per_step=args.per_device_train_batch_size * dp *
-                    args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps,
-                    length=length, packing=args.packing, seed=args.seed)
-    total_steps = _total_steps(args, plan)
+    return RunContext(args, out_dir, mesh, rules, mesh.shape["data"] * mesh.shape["fsdp"], model, cfg)
+
+
+def build_optimizer(args: SftArguments, total_steps: int):
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-    optimizer, schedule = make_optimizer(OptimizerConfig(
+    return make_optimizer(OptimizerConfig(
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon, max_grad_norm=args.max_grad_norm,
         lr_scheduler_type=args.lr_scheduler_type, warmup_steps=warmup), total_steps)
 
-    demo_before = _demo(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
-    params, mask, lora_cfg, prepare = prepare_tuner(model, args, cfg)
-    params = shard_params(params, cfg, rules, mesh)
-    state = jax.jit(lambda p: init_train_state(p, mask, optimizer, args.seed))(params)
+
+def init_state(ctx: RunContext, params, mask, optimizer, messages: list[str]):
+    """(sharded train state, start step): fresh, or restored from --resume_from_checkpoint."""
+    params = shard_params(params, ctx.cfg, ctx.rules, ctx.mesh)
+    state = jax.jit(lambda p: init_train_state(p, mask, optimizer, ctx.args.seed))(params)
     del params
+    if not ctx.args.resume_from_checkpoint:
+        return state, 0
+    root, step = resolve_resume(ctx.args.resume_from_checkpoint, ctx.out_dir)
+    state, _ = restore_state(root, step, state)
+    start_step = int(jax.device_get(state.step))
+    messages.append(f"resumed from {root / str(step)} at step {start_step}")
+    return state, start_step
 
-    start_step, meta = 0, {}
-    if args.resume_from_checkpoint:
-        root, step = resolve_resume(args.resume_from_checkpoint, out_dir)
-        state, meta = restore_state(root, step, state)
-        start_step = int(jax.device_get(state.step))
-        messages.append(f"resumed from {root / str(step)} at step {start_step}")
 
-    step_kwargs = {"loss_chunk": args.loss_chunk_size}
-    if prepare is not None:
-        step_kwargs["prepare_params"] = prepare
-    train_step = make_train_step(cfg, optimizer, **step_kwargs)
-    eval_step = make_eval_step(cfg, loss_chunk=args.loss_chunk_size)
-
-    def traced_step(s, b):
-        with activation_sharding(rules, mesh):
-            return train_step(s, b)
-
-    def traced_eval(p, b):
-        with activation_sharding(rules, mesh):
-            return eval_step(p, b)
+def compile_step(ctx: RunContext, step, state, *extra):
+    """step(state, batch, *extra) jitted with the state's shardings, the batch sharded over data, the state donated;
+    returns fn(state, batch). `extra` (e.g. a frozen reference model) is passed on every call, never donated."""
+    def traced(s, b, *e):
+        with activation_sharding(ctx.rules, ctx.mesh):
+            return step(s, b, *e)
 
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    batch_sharding = _batch_sharding(mesh, rules)
-    step_fn = jax.jit(traced_step, in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=(state_sharding, None), donate_argnums=0)
-    eval_fn = jax.jit(traced_eval, in_shardings=(state_sharding.params, batch_sharding))
+    extra_sharding = jax.tree.map(lambda x: x.sharding, extra)
+    fn = jax.jit(traced, in_shardings=(state_sharding, ctx.batch_sharding, *extra_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
+    return lambda s, b: fn(s, b, *extra)
 
-    logger = RunLogger(out_dir, total_steps, start_step, enable_bar=progress and not args.disable_tqdm)
+
+# Metrics logged as their latest value; every other metric is averaged over the logging window.
+LATEST_METRICS = ("grad_norm", "tokens", "loss_tokens", "skipped_steps")
+CONTROL_METRICS = ("finite", "bad_streak")
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    losses: dict[int, float]
+    history: dict[int, dict[str, float]]  # every finite step's metrics
+    eval_metrics: dict[int, dict[str, float]]
+    first_step_seconds: float
+
+
+def _window_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]  # e.g. a KTO step without undesirable examples gives NaN
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def train_loop(ctx: RunContext, state, step_fn, plan: StepPlan, *, total_steps: int, start_step: int, schedule,
+               evaluate=None, messages=(), progress: bool = True) -> LoopResult:
+    """Steps start_step+1 .. total_steps: metrics read one step behind, logs, eval every --eval_steps (when
+    `evaluate(state) -> dict` is given), checkpoints every --save_steps and at the end."""
+    args = ctx.args
+    logger = RunLogger(ctx.out_dir, total_steps, start_step, enable_bar=progress and not args.disable_tqdm)
     for m in messages:
         logger.write(m)
-    logger.write(f"{total_steps} steps x {plan.rows_per_step} rows of {length} tokens "
+    logger.write(f"{total_steps} steps x {plan.rows_per_step} rows of {plan.length} tokens "
                  f"({plan.steps_per_epoch} steps/epoch); mesh "
-                 f"{' x '.join(f'{k}={v}' for k, v in mesh.shape.items() if v > 1) or 'single device'}")
-    checkpointer = StateCheckpointer(out_dir, args.save_total_limit)
-
-    def evaluate(step_state):
-        if not val_examples:
-            return None
-        nll = weight = 0.0
-        for batch in eval_batches(val_examples, args.per_device_eval_batch_size * dp, args.max_length):
-            n, w = eval_fn(step_state.params, jax.device_put(batch, batch_sharding))
-            nll, weight = nll + float(n), weight + float(w)
-        return nll / max(weight, 1.0)
-
-    losses, eval_losses = {}, {}
-    window: list[float] = []
+                 f"{' x '.join(f'{k}={v}' for k, v in ctx.mesh.shape.items() if v > 1) or 'single device'}")
+    checkpointer = StateCheckpointer(ctx.out_dir, args.save_total_limit)
+    losses, history, evals = {}, {}, {}
+    window: dict[str, list[float]] = {}
     first_step_seconds = 0.0
     pending = None  # (step, metrics, t0): read one step behind so the host never stalls the device
 
@@ -265,53 +287,109 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
                                       f"a row (lower --learning_rate, check the data, or use --dtype float32)")
             return
         losses[step_no] = loss
-        window.append(loss)
+        record = {k: float(v) for k, v in metrics.items() if k not in CONTROL_METRICS}
+        history[step_no] = record
+        for k, v in record.items():
+            if k not in LATEST_METRICS:
+                window.setdefault(k, []).append(v)
         lr = float(schedule(step_no - 1))
         logger.advance(step_no, loss, lr, float(metrics["tokens"]))
         if step_no == start_step + 1:
             logger.restart_clock()  # tokens/s and ETA from here on exclude compilation
         if step_no % args.logging_steps == 0 or step_no == total_steps:
             elapsed = time.perf_counter() - logger.start
-            logger.log(step_no, {"loss": sum(window) / len(window), "lr": lr, "grad_norm": metrics["grad_norm"],
-                                 "tokens": metrics["tokens"], "loss_tokens": metrics["loss_tokens"],
-                                 "skipped_steps": metrics["skipped_steps"],
-                                 "tokens_per_s": logger.tokens / max(elapsed, 1e-9)})
+            logged = {k: _window_mean(v) for k, v in window.items()}
+            logged.update({"lr": lr, **{k: record[k] for k in LATEST_METRICS if k in record},
+                           "tokens_per_s": logger.tokens / max(elapsed, 1e-9)})
+            logger.log(step_no, logged)
             window.clear()
+
+    def run_eval(step_no, announce: bool):
+        evals[step_no] = evaluate(state)
+        logger.log(step_no, evals[step_no], prefix="eval")
+        if announce:
+            logger.write(f"step {step_no}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in evals[step_no].items()))
 
     batches = plan.batches(start_step)
     t0 = time.perf_counter()
     try:
         for step_no in range(start_step + 1, total_steps + 1):
-            batch = jax.device_put(next(batches), batch_sharding)
+            batch = jax.device_put(next(batches), ctx.batch_sharding)
             state, metrics = step_fn(state, batch)
             if pending is not None:
                 consume(*pending)
             pending = (step_no, metrics, t0)
-            if step_no % args.eval_steps == 0 and val_examples:
+            if step_no % args.eval_steps == 0 and evaluate is not None:
                 consume(*pending)
                 pending = None
-                eval_losses[step_no] = evaluate(state)
-                logger.log(step_no, {"loss": eval_losses[step_no]}, prefix="eval")
-                logger.write(f"step {step_no}: eval loss {eval_losses[step_no]:.4f}")
+                run_eval(step_no, announce=True)
             if step_no % args.save_steps == 0 and step_no != total_steps:
                 checkpointer.save(state, {"step": step_no, "args": dataclasses.asdict(args)})
         if pending is not None:
             consume(*pending)
-        if val_examples and total_steps not in eval_losses:
-            eval_losses[total_steps] = evaluate(state)
-            logger.log(total_steps, {"loss": eval_losses[total_steps]}, prefix="eval")
+        if evaluate is not None and total_steps not in evals:
+            run_eval(total_steps, announce=False)
         if total_steps > start_step:
             checkpointer.save(state, {"step": total_steps, "args": dataclasses.asdict(args)})
     finally:
         logger.close()
         checkpointer.close()
+    return LoopResult(state, losses, history, evals, first_step_seconds)
 
-    final_params = state.params
-    export_dir = _export(model, final_params, cfg, lora_cfg, args, out_dir)
-    plot_loss(out_dir / "logging.jsonl", out_dir / "loss.png")
+
+def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
+    ctx = start_run(args)
+    model, cfg = ctx.model, ctx.cfg
+    messages = []
+    train_examples, val_examples, _ = _load_data(args, model.tokenizer, messages.append)
+    length = args.packing_length or args.max_length if args.packing else args.max_length
+    plan = StepPlan(train_examples, rows_per_step=args.per_device_train_batch_size * ctx.dp *
+                    args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps,
+                    length=length, packing=args.packing, seed=args.seed)
+    total_steps = _total_steps(args, plan)
+    optimizer, schedule = build_optimizer(args, total_steps)
+
+    demo_before = _demo(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
+    params, mask, lora_cfg, prepare = prepare_tuner(model, args, cfg)
+    state, start_step = init_state(ctx, params, mask, optimizer, messages)
+    del params
+
+    step_kwargs = {"loss_chunk": args.loss_chunk_size}
+    if prepare is not None:
+        step_kwargs["prepare_params"] = prepare
+    step_fn = compile_step(ctx, make_train_step(cfg, optimizer, **step_kwargs), state)
+    evaluate = _sft_evaluator(ctx, state, val_examples) if val_examples else None
+
+    loop = train_loop(ctx, state, step_fn, plan, total_steps=total_steps, start_step=start_step,
+                      schedule=schedule, evaluate=evaluate, messages=messages, progress=progress)
+    final_params = loop.state.params
+    export_dir = _export(model, final_params, cfg, lora_cfg, args, ctx.out_dir)
+    plot_loss(ctx.out_dir / "logging.jsonl", ctx.out_dir / "loss.png")
     demo_after = _demo(model, final_params, cfg, args.demo_question, args.demo_max_new_tokens)
-    return TrainResult(losses, eval_losses, out_dir, export_dir, demo_before, demo_after,
-                       int(jax.device_get(state.skipped_steps)), first_step_seconds)
+    eval_losses = {step: m["loss"] for step, m in loop.eval_metrics.items()}
+    return TrainResult(loop.losses, eval_losses, ctx.out_dir, export_dir, demo_before, demo_after,
+                       int(jax.device_get(loop.state.skipped_steps)), loop.first_step_seconds)
+
+
+def _sft_evaluator(ctx: RunContext, state, val_examples):
+    """state -> {"loss": mean NLL over the validation tokens}."""
+    eval_step = make_eval_step(ctx.cfg, loss_chunk=ctx.args.loss_chunk_size)
+
+    def traced_eval(p, b):
+        with activation_sharding(ctx.rules, ctx.mesh):
+            return eval_step(p, b)
+
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    eval_fn = jax.jit(traced_eval, in_shardings=(state_sharding.params, ctx.batch_sharding))
+
+    def evaluate(step_state):
+        nll = weight = 0.0
+        for batch in eval_batches(val_examples, ctx.args.per_device_eval_batch_size * ctx.dp, ctx.args.max_length):
+            n, w = eval_fn(step_state.params, jax.device_put(batch, ctx.batch_sharding))
+            nll, weight = nll + float(n), weight + float(w)
+        return {"loss": nll / max(weight, 1.0)}
+
+    return evaluate
 
 
 def _export(model: Model, params, cfg, lora_cfg, args: SftArguments, out_dir: Path) -> Path | None:

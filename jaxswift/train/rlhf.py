@@ -1,0 +1,228 @@
+"""The preference trainer: SFT's run (mesh, LoRA/full, checkpoints, logs, export) over preference items, with an
+objective (`train.preference`) and a reference model.
+
+Reference, by case: LoRA -> the same base with adapters off, inside the step (no second copy of the weights);
+full tuning -> `--ref_model` (default: `--model`) loaded frozen beside the trained copy; `--precompute_ref_log_probs`
+-> the reference scores every item once before training and is then dropped. CPO, SimPO, ORPO and RM need none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxswift.api import load_model
+from jaxswift.checkpoints.safetensors_io import write_safetensors
+from jaxswift.data.formats import split_train_val
+from jaxswift.data.preference import build_preference_items
+from jaxswift.errors import ConfigError, DataError
+from jaxswift.train.logging import plot_loss
+from jaxswift.train.preference import (evaluate_items, init_value_head, make_eval_fn, make_logps_fn, make_plan,
+                                       make_preference_step, objective_from_args, score_items)
+from jaxswift.train.rlhf_args import RlhfArguments
+from jaxswift.train.state import count_bytes
+from jaxswift.train.trainer import (_demo, _export, _total_steps, build_optimizer, compile_step, init_state,
+                                    prepare_tuner, shard_params, start_run, train_loop)
+
+SAME_ARCHITECTURE = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "tie_word_embeddings", "qkv_bias", "qk_norm", "rope")
+FINAL_EVAL_ITEMS = 512  # without a validation set, the final metrics are taken on this many training items
+
+
+@dataclasses.dataclass
+class RlhfResult:
+    losses: dict[int, float]
+    history: dict[int, dict[str, float]]  # every step's metrics: loss, rewards/*, logps/*, ...
+    eval_metrics: dict[int, dict[str, float]]
+    final_metrics: dict[str, float]  # the trained model on the validation set, else on the training items
+    output_dir: Path
+    export_dir: Path | None
+    demo_before: str | None
+    demo_after: str | None
+    skipped_steps: int
+    first_step_seconds: float
+    state_bytes: int  # the train state: params (one copy of the base with LoRA), optimizer state, counters
+    reference_bytes: int  # a separate reference model kept through training (full tuning without precompute)
+
+
+def _load_items(args: RlhfArguments, obj, tokenizer, log):
+    kto = obj.kind == "kto"
+    common = dict(kto=kto, kl_sequences=obj.seqs_per_item == 2, max_length=args.max_length,
+                  truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale, system=args.system,
+                  seed=args.seed)
+    train, stats = build_preference_items(args.dataset, tokenizer, **common)
+    log(f"train data ({'labelled completions' if kto else 'pairs'}): {stats.summary()}")
+    if args.val_dataset:
+        val, val_stats = build_preference_items(args.val_dataset, tokenizer, **common)
+        log(f"val data: {val_stats.summary()}")
+    else:
+        train, val = split_train_val(train, args.split_dataset_ratio, args.seed)
+    if not train:
+        raise DataError(f"--dataset {' '.join(args.dataset)}: no usable training item ({stats.summary()})")
+    return train, val
+
+
+def _row_length(args: RlhfArguments, seqs_per_item: int, items) -> int:
+    """Rows hold whole items. Packed: --packing_length, by default --max_length (as SFT) widened to the longest
+    item; unpacked: room for one item at --max_length per sequence (batches are cut to their longest)."""
+    if not args.packing:
+        return seqs_per_item * args.max_length
+    longest = max(len(i) for i in items)
+    if args.packing_length is None:
+        return max(args.max_length, longest)
+    if longest > args.packing_length:
+        raise ConfigError(f"--packing_length {args.packing_length} is shorter than an item of {longest} tokens (its "
+                          f"sequences share one row); raise it to at least {longest}")
+    return args.packing_length
+
+
+def _reference_params(ctx, args: RlhfArguments, state, start_step: int):
+    """Frozen reference params for full tuning (None with LoRA: adapters off). The initial policy itself when it
+    is only needed to precompute before the first update; otherwise loaded from --ref_model."""
+    if args.tuner_type == "lora":
+        return None
+    if args.precompute_ref_log_probs and args.ref_model == args.model and start_step == 0:
+        return state.params
+    ref = load_model(args.ref_model, dtype=args.dtype, load_tokenizer=False)
+    differ = [f for f in SAME_ARCHITECTURE if getattr(ref.config, f) != getattr(ctx.cfg, f)]
+    if differ:
+        raise ConfigError(f"--ref_model {args.ref_model}: its {', '.join(differ)} differ from --model {args.model}'s; "
+                          "the reference must have the same architecture and vocabulary")
+    return shard_params(ref.params, ref.config, ctx.rules, ctx.mesh)
+
+
+def _bind(fn, ref_params):
+    """fn(params, batch, [ref_params]) jitted -> params -> (batch -> result): for scoring and evaluation."""
+    jitted = jax.jit(fn)
+    extra = () if ref_params is None else (ref_params,)
+    return lambda params: (lambda batch: jitted(params, batch, *extra))
+
+
+def run_rlhf(args: RlhfArguments, *, progress: bool = True) -> RlhfResult:
+    ctx = start_run(args)
+    model, cfg = ctx.model, ctx.cfg
+    obj = objective_from_args(args)
+    messages: list[str] = []
+    train_items, val_items = _load_items(args, obj, model.tokenizer, messages.append)
+    length = _row_length(args, obj.seqs_per_item, train_items + val_items)
+    plan = make_plan(train_items, rows_per_step=args.per_device_train_batch_size * ctx.dp *
+                     args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps, length=length,
+                     packing=args.packing, seed=args.seed)
+    total_steps = _total_steps(args, plan)
+    optimizer, schedule = build_optimizer(args, total_steps)
+
+    demo = (lambda p, c: _demo(model, p, c, args.demo_question, args.demo_max_new_tokens)) if not obj.value_head \
+        else (lambda p, c: None)
+    demo_before = demo(model.params, model.config)
+    params, mask, lora_cfg, prepare = _tuned_params(model, args, cfg, obj)
+    model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
+    state, start_step = init_state(ctx, params, mask, optimizer, messages)
+    del params
+
+    reference = _reference_mode(args, obj)
+    ref_params = _reference_params(ctx, args, state, start_step) if obj.needs_reference else None
+    rows = args.per_device_eval_batch_size * ctx.dp
+    put = lambda b: jax.device_put(b, ctx.batch_sharding)  # noqa: E731
+    val_ref = None
+    if reference == "precomputed":
+        plan, val_ref = _precompute(ctx, args, obj, plan, val_items, state, ref_params, rows, length, put, messages)
+        ref_params = None  # dropped: training reads the scores
+    messages.append(_reference_note(args, reference))
+
+    step = make_preference_step(cfg, optimizer, obj, reference=reference, loss_chunk=args.loss_chunk_size,
+                                prepare_params=prepare)
+    step_fn = compile_step(ctx, step, state, *(() if ref_params is None else (ref_params,)))
+    eval_scorer = _bind(make_eval_fn(cfg, obj, reference=reference, loss_chunk=args.loss_chunk_size), ref_params)
+    evaluate = (lambda s: evaluate_items(eval_scorer(s.params), obj, val_items, rows, length, put, val_ref)) \
+        if val_items else None
+
+    loop = train_loop(ctx, state, step_fn, plan, total_steps=total_steps, start_step=start_step, schedule=schedule,
+                      evaluate=evaluate, messages=messages, progress=progress)
+    final = _final_metrics(loop, obj, val_items, train_items, plan, eval_scorer, rows, length, put, ctx.out_dir)
+    reference_bytes = 0 if ref_params is None else count_bytes(ref_params)
+    del ref_params
+
+    final_params, export_dir = _export_model(model, loop.state, cfg, lora_cfg, args, ctx.out_dir)
+    plot_loss(ctx.out_dir / "logging.jsonl", ctx.out_dir / "loss.png")
+    demo_after = demo(final_params, cfg)
+    return RlhfResult(loop.losses, loop.history, loop.eval_metrics, final, ctx.out_dir, export_dir, demo_before,
+                      demo_after, int(jax.device_get(loop.state.skipped_steps)), loop.first_step_seconds,
+                      count_bytes(loop.state), reference_bytes)
+
+
+def _tuned_params(model, args: RlhfArguments, cfg, obj):
+    """prepare_tuner's (params, mask, lora config, prepare), plus a reward model's value head (trained in every
+    tuner mode)."""
+    params, mask, lora_cfg, prepare = prepare_tuner(model, args, cfg)
+    if obj.value_head:
+        params = {**params, "value_head": init_value_head(cfg, args.seed)}
+        mask = {**mask, "value_head": {"w": True, "b": True}}
+    return params, mask, lora_cfg, prepare
+
+
+def _export_model(model, state, cfg, lora_cfg, args: RlhfArguments, out_dir: Path):
+    """(final params without the value head, export folder): SFT's export, the value head saved beside it."""
+    params = dict(state.params)
+    head = params.pop("value_head", None)
+    export_dir = _export(model, params, cfg, lora_cfg, args, out_dir)
+    if head is not None:
+        _save_value_head(head, export_dir)
+    return params, export_dir
+
+
+def _reference_mode(args: RlhfArguments, obj) -> str:
+    if not obj.needs_reference:
+        return "none"
+    if args.precompute_ref_log_probs:
+        return "precomputed"
+    return "adapters_off" if args.tuner_type == "lora" else "params"
+
+
+def _reference_note(args: RlhfArguments, reference: str) -> str:
+    return {"none": f"{args.rlhf_type}: no reference model",
+            "adapters_off": "reference: the base model with adapters off (no second copy of the weights)",
+            "params": f"reference: {args.ref_model}, frozen beside the trained copy",
+            "precomputed": "reference: log-probs precomputed before training"}[reference]
+
+
+def _precompute(ctx, args, obj, plan, val_items, state, ref_params, rows, length, put, messages):
+    """Scores every train (and val) item with the reference once; returns the plan carrying them, and val's."""
+    from jaxswift.tuners.lora import lora_disabled
+
+    params = ref_params if ref_params is not None else lora_disabled(state.params)
+    logps = jax.jit(make_logps_fn(ctx.cfg, obj, ctx.args.loss_chunk_size))
+    score = lambda items: score_items(lambda b: logps(params, b), items, rows, length, put)  # noqa: E731
+    t0 = time.perf_counter()
+    train_ref = score(plan.examples)
+    val_ref = score(val_items) if val_items else None
+    messages.append(f"reference log-probs of {len(plan.examples) + len(val_items)} items precomputed in "
+                    f"{time.perf_counter() - t0:.1f}s")
+    return dataclasses.replace(plan, ref_logps=train_ref), val_ref
+
+
+def _final_metrics(loop, obj, val_items, train_items, plan, eval_scorer, rows, length, put, out_dir: Path) -> dict:
+    """The trained model's metrics: the last eval when there is a validation set, else on the training items (the
+    first FINAL_EVAL_ITEMS), appended to logging.jsonl as split `train_items`."""
+    if val_items:
+        return loop.eval_metrics[max(loop.eval_metrics)] if loop.eval_metrics else {}
+    items = train_items[:FINAL_EVAL_ITEMS]
+    ref = None if plan.ref_logps is None else plan.ref_logps[:len(items)]
+    metrics = evaluate_items(eval_scorer(loop.state.params), obj, items, rows, length, put, ref)
+    step = max(loop.losses, default=0)
+    with open(out_dir / "logging.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "split": "train_items", "items": len(items), **metrics}) + "\n")
+    return metrics
+
+
+def _save_value_head(head: dict, export_dir: Path) -> Path:
+    """value_head.safetensors beside the exported model, in TRL's value-head names (v_head.summary: Linear(D, 1))."""
+    w = np.asarray(jax.device_get(head["w"]), np.float32)[None, :]
+    b = np.asarray(jax.device_get(head["b"]), np.float32).reshape(1)
+    path = Path(export_dir) / "value_head.safetensors"
+    write_safetensors(path, {"v_head.summary.weight": w, "v_head.summary.bias": b})
+    return path
