@@ -13,12 +13,8 @@ from jaxswift.models.config import ModelConfig
 from jaxswift.models.spec import abstract_params, init_params
 from jaxswift.optim.galore import Matrix, galore, galore_adamw, galore_mask_for, optimizer_state_bytes
 
-try:  # the reference; the memory and bad-input tests run without it
-    import galore_torch
-    import torch
-except ImportError:
-    galore_torch = torch = None
-needs_reference = pytest.mark.skipif(galore_torch is None, reason="galore-torch is not installed")
+import galore_torch  # the reference (test extra): a missing install fails, never skips
+import torch
 
 HP = dict(rank=4, update_proj_gap=2, scale=0.25, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-6)
 LR = 0.05
@@ -110,7 +106,6 @@ def _ours(params, grads, mask, hp):
     return params, projs
 
 
-@needs_reference
 @pytest.mark.parametrize("shape", [(16, 24), (24, 16)], ids=["torch_m>=n", "torch_m<n"])
 def test_one_step_matches_galore_torch(shape):
     # One step is sign-invariant (P appears twice), so the stock galore_torch SVD is used as is.
@@ -124,7 +119,6 @@ def test_one_step_matches_galore_torch(shape):
     assert np.abs(np.asarray(ours["w"]) - np.asarray(params["w"])).max() > 1e-3  # it did move
 
 
-@needs_reference
 def test_model_with_refresh_matches_galore_torch(monkeypatch):
     """A tiny model's stacked leaves (wq [L,D,N,H], wo [L,N,H,D], MLP; both projection sides), 3 steps with gap 2
     (refreshes at steps 0 and 2), GaLore on attention/MLP and AdamW on embeddings, norms and lm_head."""
