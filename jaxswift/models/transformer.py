@@ -2,15 +2,17 @@
 
 Einsum legend (used everywhere in jaxswift):
   B batch, T query length, S key length, D embed, N query heads, K kv heads, G query heads per kv head,
-  H head dim, F mlp hidden, V vocab, E experts, L layers.
+  H head dim, F mlp hidden, V vocab, E experts, L layers; inside attention and the KV cache also
+  Z = B * K (rows and kv heads merged) and M = G * T (query rows per kv head).
 
 Layers are stacked on a leading L axis and run under `jax.lax.scan`, so compile time does not grow with depth.
+Decoding unrolls them instead (`unstack_layers`): a scanned layer's weights are dynamic slices, which XLA on CPU
+copies out of the stack on every step, while unrolled matmuls read each weight in place.
 A weight leaf is either an array or an object with `.apply(equation, x)` (LoRA, quantized weights): see `linear`.
 """
 
 from __future__ import annotations
 
-import functools
 import string
 from typing import NamedTuple
 
@@ -28,10 +30,11 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a fully masked 
 class KVCache(NamedTuple):
     """Contiguous per-sequence cache; per-slot positions and segment ids [B, S].
 
-    Keys are stored transposed, k [L, B, K, H, S], values as v [L, B, K, S, H]: both attention matmuls then read
-    the cache in the plain (row-major, no transpose) form that XLA's CPU matmuls handle fastest. With
-    `per_layer=True` (see `init_cache`), k and v are tuples of L arrays [B, K, H, S] / [B, K, S, H], the form the
-    unrolled layers of `unstack_layers` params update in place without slicing a stacked buffer.
+    Rows and kv heads share one axis Z = B * K (row-major), and keys are stored transposed: k [L, Z, H, S],
+    v [L, Z, S, H]. Both attention matmuls then read the cache as plain row-major batched operands, with no
+    transpose or reshape that XLA could fuse into a second copy of the in-place update. With `per_layer=True`
+    (see `init_cache`), k and v are tuples of L arrays [Z, H, S] / [Z, S, H], the form the unrolled layers of
+    `unstack_layers` params update in place without slicing a stacked buffer.
     """
     k: jax.Array | tuple
     v: jax.Array | tuple
@@ -42,8 +45,8 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, per_layer: bool = False) -> KVCache:
     dtype = dtype or cfg.compute_dtype
-    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
-    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    k_shape = (batch * cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch * cfg.num_kv_heads, max_len, cfg.head_dim)
     if per_layer:
         k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
         v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
@@ -86,37 +89,26 @@ def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, window) -> jax.Array:
     return same_segment & (distance >= 0) & in_window
 
 
-def attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS) -> jax.Array:
-    """Softmax attention. Keys come transposed ([B, K, H, S]), values not: see `KVCache`.
-
-    k, v and mask may also be tuples of parts along S (a cache as it was before this step, and the step's own keys)
-    under one softmax: a decode step then never reads the cache it writes, so XLA updates it in place.
-    """
-    ks, vs, masks = (k_BKHS, v_BKSH, mask_BTS) if isinstance(k_BKHS, tuple) else ((k_BKHS,), (v_BKSH,), (mask_BTS,))
+def attention(q_BTNH, k_ZHS, v_ZSH, mask_BTS) -> jax.Array:
+    """Softmax attention. Keys and values come with rows and kv heads merged into Z = B * K, keys transposed
+    ([Z, H, S], values [Z, S, H]), as `KVCache` keeps them: each product is a plain batched matmul of row-major
+    operands, and a cache buffer reaches it without any reshape in between."""
     B, T, N, H = q_BTNH.shape
-    K = ks[0].shape[1]
+    K = k_ZHS.shape[0] // B
     G = N // K
-    # One row axis M = (G, T) per (row, kv head), so each product is a plain [M, H] @ [H, S] matmul.
-    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-    scores = []
-    for k_BKHS, mask_BTS in zip(ks, masks):
-        s = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS, preferred_element_type=jnp.float32)
-        scores.append(jnp.where(mask_BTS[:, None, None], s.reshape(B, K, G, T, -1) * H ** -0.5, _MASKED))
-    if len(scores) == 1:
-        probs = [jax.nn.softmax(scores[0], axis=-1)]
-    else:
-        top = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
-        probs = [jnp.exp(s - top) for s in scores]
-        total = sum(p.sum(axis=-1, keepdims=True) for p in probs)
-        probs = [p / total for p in probs]
-    out = sum(jnp.einsum("BKMS,BKSH->BKMH", p.astype(v.dtype).reshape(B, K, G * T, -1), v) for p, v in zip(probs, vs))
+    # One row axis M = (G, T) per (row, kv head).
+    q_ZMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)
+    scores = jnp.einsum("ZMH,ZHS->ZMS", q_ZMH, k_ZHS, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BTS[:, None, None], scores.reshape(B, K, G, T, -1) * H ** -0.5, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_ZSH.dtype).reshape(B * K, G * T, -1)
+    out = jnp.einsum("ZMS,ZSH->ZMH", probs, v_ZSH)
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 CAUSAL_BLOCK = 128  # query rows per block in `causal_self_attention`
 
 
-def causal_self_attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT, block: int = CAUSAL_BLOCK) -> jax.Array:
+def causal_self_attention(q_BTNH, k_ZHT, v_ZTH, mask_BTT, block: int = CAUSAL_BLOCK) -> jax.Array:
     """`attention` of a sequence over itself, skipping for each block of queries the keys after the block.
 
     Those keys are masked anyway wherever a later index never holds an earlier position of the same segment, as
@@ -125,12 +117,11 @@ def causal_self_attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT, block: int = CAUSAL_
     """
     T = q_BTNH.shape[1]
     if T <= block or T % block:
-        return attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT)
+        return attention(q_BTNH, k_ZHT, v_ZTH, mask_BTT)
     out = []
     for start in range(0, T, block):
         end = start + block
-        out.append(attention(q_BTNH[:, start:end], k_BKHT[..., :end], v_BKTH[:, :, :end],
-                             mask_BTT[:, start:end, :end]))
+        out.append(attention(q_BTNH[:, start:end], k_ZHT[..., :end], v_ZTH[:, :end], mask_BTT[:, start:end, :end]))
     return jnp.concatenate(out, axis=1)
 
 
@@ -152,32 +143,35 @@ def _mlp(h_BTD, layer):
 
 
 def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_ids_BT, kv=None):
-    """One block. `kv` = (k_cache, v_cache, layer_index, cache_positions, cache_segments, write_index) or None,
-    with the cache's positions and segment ids as they were before this step.
+    """One block. `kv` = (k_cache, v_cache, layer_index, cache_positions, cache_segments, write_index) or None.
 
     With a cache, the new keys/values are written in place (a loop carry, so XLA updates them without copying the
-    whole cache every step): into this layer's own k [B, K, H, S] / v [B, K, S, H] when layer_index is None, else
-    at layer_index of the stacked [L, ...] buffers. Attention reads the cache as it was plus the new keys.
+    whole cache every step): into this layer's own k [Z, H, S] / v [Z, S, H] when layer_index is None, else at
+    layer_index of the stacked [L, ...] buffers; attention then reads the updated cache.
     """
+    B, T, _ = x_BTD.shape
     h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(h, layer, cfg, positions_BT)
-    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
-    self_mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
+    k = k.transpose(0, 2, 3, 1).reshape(-1, cfg.head_dim, T)  # [Z, H, T]
+    v = v.transpose(0, 2, 1, 3).reshape(-1, T, cfg.head_dim)  # [Z, T, H]
     if kv is None:
-        attn = causal_self_attention(q, k.astype(q.dtype), v.astype(q.dtype), self_mask)
+        mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
+        attn = causal_self_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         new_kv = None
     else:
         k_all, v_all, i, cache_pos, cache_seg, index = kv
         zero = jnp.zeros((), jnp.int32)
-        k_old, v_old = (k_all, v_all) if i is None else (k_all[i], v_all[i])
-        k_at, v_at = ((zero, zero, zero, index), (zero, zero, index, zero)) if i is None else \
-            ((i, zero, zero, zero, index), (i, zero, zero, index, zero))
-        lead = () if i is None else (None,)
-        new_kv = (jax.lax.dynamic_update_slice(k_all, k[lead].astype(k_all.dtype), k_at),
-                  jax.lax.dynamic_update_slice(v_all, v[lead].astype(v_all.dtype), v_at))
-        cache_mask = attention_mask(positions_BT, segment_ids_BT, cache_pos, cache_seg, window)
-        attn = attention(q, (k_old.astype(q.dtype), k.astype(q.dtype)), (v_old.astype(q.dtype), v.astype(q.dtype)),
-                         (cache_mask, self_mask))
+        if i is None:
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (zero, zero, index))
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (zero, index, zero))
+            k, v = k_all, v_all
+        else:
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, zero, zero, index))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, zero, index, zero))
+            k, v = k_all[i], v_all[i]
+        mask = attention_mask(positions_BT, segment_ids_BT, cache_pos, cache_seg, window)
+        attn = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        new_kv = (k_all, v_all)
     x_BTD = x_BTD + linear("BTNH,NHD->BTD", attn, layer["wo"])
     x_BTD = x_BTD + _mlp(rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps), layer)
     return constrain(x_BTD, ACT), new_kv
@@ -234,7 +228,7 @@ def _cached_layers(x, layers, cfg: ModelConfig, positions, segment_ids, cache: K
         x, k, v = carry
         layer, window, i = xs
         x, (k, v) = decoder_layer(x, layer, window, cfg, positions, segment_ids,
-                                  (k, v, i, cache.positions, cache.segment_ids, cache.index))
+                                  (k, v, i, cache_pos, cache_seg, cache.index))
         return (x, k, v), None
 
     unrolled, per_layer = isinstance(layers, (list, tuple)), isinstance(cache.k, (list, tuple))
