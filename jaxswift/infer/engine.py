@@ -1,0 +1,380 @@
+"""JaxEngine: the Engine API (engine_api.py) for jaxswift models, over a paged KV cache.
+
+    engine = JaxEngine(jaxswift.load_model("smollm2-135m-instruct"), max_concurrent_decodes=8)
+    state = engine.init_decode_state()
+    padded, n = engine.pad_prompt(ids)
+    prefix, first = engine.prefill(engine.params, padded, n, RequestSampling(max_tokens=64))
+    state = engine.insert(prefix, state, slot)
+    state, result = engine.generate(engine.params, state)    # one token for every occupied slot
+    state = engine.free_resource(state, slot)                 # when result.done[slot] (or the client left)
+
+Prefill runs one prompt, right-padded to a length bucket (one compiled function per bucket), with a contiguous
+cache; prompts longer than the largest bucket run in chunks of that size, each attending to the chunks before it.
+Insert copies the prompt's keys/values into the slot's pages. Generate decodes one token per slot over the paged
+pools (models/attention.py) with the layers unrolled, gathering only as many pages per slot as the longest running
+request needs (rounded up to a power of two, one compiled function each); the decode state is donated so the pools
+are updated in place. Sampling is per slot (sampling.sample_slots) inside the same jitted step.
+
+The page allocator and each slot's position live on the host, in the engine: one engine serves one decode state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxswift.errors import ConfigError
+from jaxswift.infer.engine_api import Engine, RequestSampling, ResultTokens
+from jaxswift.infer.kv_cache import SCRATCH_PAGE, PageAllocator, init_pools, pages_for
+from jaxswift.infer.multi_lora import stack_adapters, with_adapter_index
+from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, sample_slots, token_logprobs
+from jaxswift.models.attention import paged_decode_hidden
+from jaxswift.models.config import ModelConfig
+from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
+
+MAX_STOP_TOKEN_IDS = 16
+MIN_GATHER_TOKENS = 256  # decode gathers at least this many positions per slot (fewer compiled variants)
+
+
+class DecodeState(NamedTuple):
+    """Device arrays of every slot (S = max_concurrent_decodes), donated to each step."""
+    k_pages: tuple  # per layer [pages, K, H, P]
+    v_pages: tuple  # per layer [pages, K, P, H]
+    tokens: jax.Array  # [S] the last sampled token: the next step's input
+    positions: jax.Array  # [S] its position (where the next step writes its key/value)
+    generated: jax.Array  # [S] tokens generated so far
+    active: jax.Array  # [S] bool: the slot's request is still generating
+    max_tokens: jax.Array  # [S]
+    stop_ids: jax.Array  # [S, stops] stop token ids and eos (unless ignore_eos), padded with -1
+    adapter: jax.Array  # [S] LoRA adapter index (0: the base)
+    sampling: SlotSampling
+    prompt_mask: jax.Array  # [S, V] bool: tokens of the prompt (repetition penalty)
+    output_counts: jax.Array  # [S, V] int32: how often each token was generated (penalties)
+
+
+@dataclasses.dataclass
+class Prefix:
+    """A prefilled request: its prompt's keys/values (per layer k [K, H, T], v [K, T, H]) and its slot arrays."""
+    k: tuple
+    v: tuple
+    length: int
+    sampling: RequestSampling
+    slot: dict  # DecodeState fields of this request (tokens, positions, ..., prompt_mask, output_counts)
+    done: bool
+
+
+def _finished(tokens_S, generated_S, positions_S, stop_ids_SX, max_tokens_S, max_model_len: int):
+    """The request ends with this token: a stop id / eos, max_tokens reached, or the context is full."""
+    return (jnp.any(tokens_S[:, None] == stop_ids_SX, axis=-1) | (generated_S >= max_tokens_S)
+            | (positions_S + 1 >= max_model_len))
+
+
+def _prompt_kv(params, tokens_T, length, cfg: ModelConfig, chunk: int):
+    """(per-layer k [K, H, T], v [K, T, H], hidden state of the last prompt token [1, 1, D]); the prompt runs
+    in T // chunk chunks over a contiguous cache, each attending to those before it."""
+    T = tokens_T.shape[0]
+    index = jnp.arange(T, dtype=jnp.int32)
+    real = index < length
+    tokens, positions, segments = tokens_T[None], jnp.where(real, index, 0)[None], real.astype(jnp.int32)[None]
+    cache = init_cache(cfg, 1, T, per_layer=True)
+
+    def run_chunk(c, carry):
+        cache, _ = carry
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
+        h, cache = hidden_states(params, part(tokens), cfg, positions=part(positions), segment_ids=part(segments),
+                                 cache=cache)
+        return cache, h
+
+    h = jnp.zeros((1, chunk, cfg.hidden_size), cfg.compute_dtype)
+    cache, h = jax.lax.fori_loop(0, T // chunk, run_chunk, (cache, h))
+    last = jax.lax.dynamic_slice_in_dim(h, length - 1 - (T - chunk), 1, axis=1)
+    return cache.k, cache.v, last
+
+
+def _prefill(params, tokens_T, length, sampling: SlotSampling, stop_ids_X, max_tokens, adapter, *,
+             cfg: ModelConfig, chunk: int, num_top: int, max_model_len: int):
+    params = with_adapter_index(params, adapter[None])
+    k, v, last = _prompt_kv(params, tokens_T, length, cfg, chunk)
+    logits = logits_from_hidden(params, last, cfg)[:, 0]  # [1, V]
+    V = logits.shape[-1]
+    prompt_ids = jnp.where(jnp.arange(tokens_T.shape[0]) < length, tokens_T, V)
+    prompt_mask = jnp.zeros((1, V), bool).at[0, prompt_ids].set(True, mode="drop")
+    counts = jnp.zeros((1, V), jnp.int32)
+    first = sample_slots(logits, prompt_mask, counts, sampling, jnp.zeros((1,), jnp.int32))
+    chosen, top_ids, top_logprobs = token_logprobs(logits, first, num_top)
+    one = jnp.ones((1,), jnp.int32)
+    done = _finished(first, one, length[None], stop_ids_X[None], max_tokens[None], max_model_len)
+    slot = dict(tokens=first, positions=length[None], generated=one, active=~done, max_tokens=max_tokens[None],
+                stop_ids=stop_ids_X[None], adapter=adapter[None], sampling=sampling, prompt_mask=prompt_mask,
+                output_counts=counts.at[0, first[0]].add(1))
+    return k, v, slot, (first, jnp.ones((1,), bool), one, done, chosen, top_ids, top_logprobs)
+
+
+def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
+    """The state with the prompt's keys/values copied into pages_C (the prompt's pages, then scratch) and the
+    slot's arrays set."""
+    ks, vs = [], []
+    for k_pool, v_pool, k_KHT, v_KTH in zip(state.k_pages, state.v_pages, k, v):
+        K, H, T = k_KHT.shape
+        P = k_pool.shape[-1]
+        k_CKHP = k_KHT.reshape(K, H, T // P, P).transpose(2, 0, 1, 3)
+        v_CKPH = v_KTH.reshape(K, T // P, P, H).transpose(1, 0, 2, 3)
+        ks.append(k_pool.at[pages_C].set(k_CKHP.astype(k_pool.dtype)))
+        vs.append(v_pool.at[pages_C].set(v_CKPH.astype(v_pool.dtype)))
+    fields = {name: getattr(state, name) for name in slot_fields}
+    updated = jax.tree.map(lambda whole, one: whole.at[slot].set(one[0].astype(whole.dtype)), fields, slot_fields)
+    return state._replace(k_pages=tuple(ks), v_pages=tuple(vs), **updated)
+
+
+def _generate(params, state: DecodeState, table_BC, *, cfg: ModelConfig, num_top: int, max_model_len: int):
+    params = with_adapter_index(params, state.adapter)
+    P = state.k_pages[0].shape[-1]
+    C = table_BC.shape[1]
+    active, pos = state.active, state.positions
+    page = jnp.take_along_axis(table_BC, jnp.minimum(pos // P, C - 1)[:, None], axis=1)[:, 0]
+    page = jnp.where(active, page, SCRATCH_PAGE)
+    h, ks, vs = paged_decode_hidden(params, state.tokens, cfg, pos, state.k_pages, state.v_pages, page, pos % P,
+                                    table_BC)
+    logits = logits_from_hidden(params, h[:, None], cfg)[:, 0]
+    tokens = sample_slots(logits, state.prompt_mask, state.output_counts, state.sampling, state.generated)
+    chosen, top_ids, top_logprobs = token_logprobs(logits, tokens, num_top)
+    generated = state.generated + active
+    done = active & _finished(tokens, generated, pos + 1, state.stop_ids, state.max_tokens, max_model_len)
+    S = tokens.shape[0]
+    state = state._replace(
+        k_pages=ks, v_pages=vs, tokens=jnp.where(active, tokens, state.tokens), positions=pos + active,
+        generated=generated, active=active & ~done,
+        output_counts=state.output_counts.at[jnp.arange(S), tokens].add(active.astype(jnp.int32)))
+    return state, (tokens, active, generated, done, chosen, top_ids, top_logprobs)
+
+
+def _free(state: DecodeState, slot) -> DecodeState:
+    return state._replace(active=state.active.at[slot].set(False))
+
+
+# Module-level, so engines of the same model and sizes share compiled functions.
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "chunk", "num_top", "max_model_len"))
+_generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top", "max_model_len"), donate_argnums=(1,))
+_insert_jit = jax.jit(_insert, donate_argnums=(0,))
+_free_jit = jax.jit(_free, donate_argnums=(0,))
+
+
+def _seed_words(seed: int) -> np.ndarray:
+    seed &= (1 << 64) - 1
+    return np.asarray([seed & 0xFFFFFFFF, seed >> 32], np.uint32)
+
+
+class JaxEngine(Engine):
+    def __init__(self, model, *, max_concurrent_decodes: int = 8, max_model_len: int = 2048, page_size: int = 16,
+                 num_pages: int | None = None, prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048),
+                 adapters: dict[str, str] | None = None):
+        from jaxswift.api import _eos_ids
+
+        cfg: ModelConfig = model.config
+        _check_sizes(max_concurrent_decodes, max_model_len, page_size, num_pages, prefill_buckets)
+        self.config, self.tokenizer = cfg, model.tokenizer
+        self.eos_ids = tuple(int(i) for i in _eos_ids(model))
+        self._slots, self._max_len, self.page_size = max_concurrent_decodes, max_model_len, page_size
+        self._buckets = tuple(sorted(b for b in prefill_buckets if b < max_model_len)) or (min(prefill_buckets),)
+        self._pages_per_slot = pages_for(max_model_len, page_size)
+        self._num_pages = num_pages or max_concurrent_decodes * self._pages_per_slot
+        self._adapter_names = list(adapters or {})
+        params = stack_adapters(model.params, cfg, list(adapters.values())) if adapters else model.params
+        self.params = unstack_layers(params)
+        pad = getattr(model.tokenizer, "pad_token_id", None) if model.tokenizer is not None else None
+        self._pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self._seeds = np.random.default_rng()
+        static = dict(cfg=cfg, max_model_len=max_model_len)
+        self._prefill_fn = functools.partial(_prefill_jit, **static)
+        self._generate_fn = functools.partial(_generate_jit, **static)
+        self._reset_host()
+
+    # --- sizes ----------------------------------------------------------------------------------------------------
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self._slots
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self._buckets[-1]
+
+    @property
+    def kv_pages_total(self) -> int:
+        return self._num_pages
+
+    @property
+    def kv_pages_used(self) -> int:
+        return self._pages.used
+
+    def adapter_index(self, name: str) -> int:
+        """0 for the base model; i for the i-th served adapter. KeyError for any other name."""
+        if name not in self._adapter_names:
+            raise KeyError(f"unknown adapter {name!r}; served: {', '.join(self._adapter_names) or 'none'}")
+        return self._adapter_names.index(name) + 1
+
+    # --- admission and prefill -------------------------------------------------------------------------------------
+
+    def _worst_case_pages(self, prompt_length: int, max_tokens: int) -> int:
+        """Pages of every position the request may write: all but its last token, within max_model_len."""
+        return pages_for(min(prompt_length + max_tokens - 1, self._max_len - 1), self.page_size)
+
+    def can_admit(self, prompt_length: int, max_tokens: int) -> bool:
+        if prompt_length < 1 or prompt_length >= self._max_len:
+            raise ConfigError(f"the prompt has {prompt_length} tokens; this engine takes 1 to "
+                              f"{self._max_len - 1} (max_model_len {self._max_len} includes the completion)")
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+        return self._pages.can_reserve(self._worst_case_pages(prompt_length, max_tokens))
+
+    def pad_prompt(self, token_ids: list[int]) -> tuple[np.ndarray, int]:
+        n = len(token_ids)
+        if n == 0 or n >= self._max_len:
+            raise ConfigError(f"the prompt has {n} tokens; this engine takes 1 to {self._max_len - 1} "
+                              f"(max_model_len {self._max_len} includes the completion)")
+        bucket = next((b for b in self._buckets if b >= n), None)
+        if bucket is None:  # chunked prefill: a multiple of the largest bucket
+            bucket = pages_for(n, self._buckets[-1]) * self._buckets[-1]
+        padded = np.full((bucket,), self._pad_id, np.int32)
+        padded[:n] = token_ids
+        return padded, n
+
+    def _slot_sampling(self, s: RequestSampling) -> SlotSampling:
+        seed = self._seeds.integers(0, 1 << 63) if s.seed is None else s.seed
+        f32 = lambda x: jnp.asarray([x], jnp.float32)  # noqa: E731
+        return SlotSampling(f32(s.temperature), f32(s.top_p), jnp.asarray([max(s.top_k, 0)], jnp.int32),
+                            f32(s.min_p), f32(s.repetition_penalty), f32(s.presence_penalty),
+                            f32(s.frequency_penalty), jnp.asarray(_seed_words(int(seed))[None]))
+
+    def _stop_ids(self, s: RequestSampling) -> np.ndarray:
+        ids = list(s.stop_token_ids) + ([] if s.ignore_eos else list(self.eos_ids))
+        out = np.full((MAX_STOP_TOKEN_IDS + len(self.eos_ids),), -1, np.int32)
+        out[:len(ids)] = ids
+        return out
+
+    def prefill(self, params, padded_tokens, true_length, sampling: RequestSampling, existing_prefix=None):
+        if existing_prefix is not None:
+            raise NotImplementedError("prefix caching: existing_prefix is not supported yet")
+        check_sampling(sampling, self.config.vocab_size, len(self._adapter_names))
+        padded_tokens = np.asarray(padded_tokens, np.int32)
+        T = padded_tokens.shape[0]
+        if not 0 < true_length <= T or T % self.page_size or (T > self.max_prefill_length
+                                                              and T % self.max_prefill_length):
+            raise ConfigError(f"prefill got {T} padded tokens with true_length {true_length}: use pad_prompt")
+        num_top = MAX_TOP_LOGPROBS if sampling.logprobs else 0
+        k, v, slot, out = self._prefill_fn(
+            params, padded_tokens, jnp.int32(true_length), self._slot_sampling(sampling), self._stop_ids(sampling),
+            jnp.int32(sampling.max_tokens), jnp.int32(sampling.adapter), chunk=min(T, self.max_prefill_length),
+            num_top=num_top)
+        first = self._result(jax.device_get(out), [sampling])
+        return Prefix(k, v, int(true_length), sampling, slot, bool(first.done[0])), first
+
+    # --- slots ----------------------------------------------------------------------------------------------------
+
+    def _reset_host(self):
+        self._pages = PageAllocator(self._num_pages, self._slots, self._pages_per_slot)
+        self._requests: list[RequestSampling | None] = [None] * self._slots
+        self._positions = np.zeros((self._slots,), np.int64)
+        self._active = np.zeros((self._slots,), bool)
+
+    def init_decode_state(self) -> DecodeState:
+        self._reset_host()
+        S, V, cfg = self._slots, self.config.vocab_size, self.config
+        k, v = init_pools(cfg, self._num_pages, self.page_size)
+        zeros = lambda dtype: jnp.zeros((S,), dtype)  # noqa: E731
+        sampling = SlotSampling(*(zeros(jnp.float32) for _ in range(7)), jnp.zeros((S, 2), jnp.uint32))
+        sampling = sampling._replace(top_k=zeros(jnp.int32), top_p=jnp.ones((S,), jnp.float32))
+        return DecodeState(k, v, zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32), zeros(bool), zeros(jnp.int32),
+                           jnp.full((S, MAX_STOP_TOKEN_IDS + len(self.eos_ids)), -1, jnp.int32), zeros(jnp.int32),
+                           sampling, jnp.zeros((S, V), bool), jnp.zeros((S, V), jnp.int32))
+
+    def _check_slot(self, slot: int):
+        if not 0 <= slot < self._slots:
+            raise ConfigError(f"slot {slot} is out of range (max_concurrent_decodes {self._slots})")
+
+    def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+        self._check_slot(slot)
+        if prefix.done:  # finished at its first token (max_tokens=1, eos...): nothing to decode
+            return decode_state
+        self._pages.reserve(slot, self._worst_case_pages(prefix.length, prefix.sampling.max_tokens))
+        self._pages.grow(slot, pages_for(prefix.length, self.page_size))
+        pages = np.full((prefix.k[0].shape[-1] // self.page_size,), SCRATCH_PAGE, np.int32)
+        pages[:len(self._pages.owned[slot])] = self._pages.owned[slot]
+        state = _insert_jit(decode_state, prefix.k, prefix.v, prefix.slot, jnp.int32(slot), pages)
+        self._requests[slot], self._positions[slot], self._active[slot] = prefix.sampling, prefix.length, True
+        return state
+
+    def free_resource(self, decode_state: DecodeState, slot: int) -> DecodeState:
+        self._check_slot(slot)
+        self._pages.release(slot)
+        self._requests[slot], self._active[slot] = None, False
+        return _free_jit(decode_state, jnp.int32(slot))
+
+    def _gather_pages(self) -> int:
+        """Pages per slot the step reads: enough for the longest running request, as a power of two."""
+        needed = max((int(p) // self.page_size + 1 for p in self._positions[self._active]), default=1)
+        pages = pages_for(MIN_GATHER_TOKENS, self.page_size)
+        while pages < needed:
+            pages *= 2
+        return min(pages, self._pages_per_slot)
+
+    def generate(self, params, decode_state: DecodeState) -> tuple[DecodeState, ResultTokens]:
+        for slot in np.flatnonzero(self._active):
+            self._pages.grow(slot, int(self._positions[slot]) // self.page_size + 1)
+        table = self._pages.table[:, :self._gather_pages()]
+        requests = [r if a else None for r, a in zip(self._requests, self._active)]
+        num_top = MAX_TOP_LOGPROBS if any(r is not None and r.logprobs for r in requests) else 0
+        state, out = self._generate_fn(params, decode_state, table, num_top=num_top)
+        result = self._result(jax.device_get(out), requests)
+        self._positions += result.valid
+        self._active &= ~result.done
+        return state, result
+
+    @staticmethod
+    def _result(out, requests: list[RequestSampling | None]) -> ResultTokens:
+        tokens, valid, lengths, done, chosen, top_ids, top_logprobs = (np.asarray(x) for x in out)
+        k = max((r.logprobs or 0 for r in requests if r is not None), default=0)
+        return ResultTokens(tokens, valid.astype(bool), lengths, done.astype(bool), chosen, top_ids[:, :k],
+                            top_logprobs[:, :k])
+
+
+def _check_sizes(slots, max_model_len, page_size, num_pages, buckets):
+    for name, value in (("max_concurrent_decodes", slots), ("max_model_len", max_model_len),
+                        ("page_size", page_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if max_model_len < 2:
+        raise ConfigError(f"max_model_len must be >= 2 (a prompt token and a completion token), got {max_model_len}")
+    if num_pages is not None and (not isinstance(num_pages, int) or num_pages < 1):
+        raise ConfigError(f"num_pages must be a positive integer, got {num_pages!r}")
+    if not buckets or any(not isinstance(b, int) or b < 1 or b % page_size for b in buckets):
+        raise ConfigError(f"prefill_buckets must be positive multiples of page_size {page_size}, got {buckets}")
+
+
+def check_sampling(s: RequestSampling, vocab_size: int, num_adapters: int):
+    """ConfigError naming the first field of `s` out of range (vLLM's bounds)."""
+    checks = [
+        ("temperature", s.temperature >= 0, ">= 0"), ("top_p", 0 < s.top_p <= 1, "in (0, 1]"),
+        ("top_k", s.top_k >= -1, ">= -1 (0 or -1: off)"), ("min_p", 0 <= s.min_p <= 1, "in [0, 1]"),
+        ("repetition_penalty", s.repetition_penalty > 0, "> 0"),
+        ("presence_penalty", -2 <= s.presence_penalty <= 2, "in [-2, 2]"),
+        ("frequency_penalty", -2 <= s.frequency_penalty <= 2, "in [-2, 2]"),
+        ("max_tokens", isinstance(s.max_tokens, int) and s.max_tokens >= 1, "an integer >= 1"),
+        ("logprobs", s.logprobs is None or 0 <= s.logprobs <= MAX_TOP_LOGPROBS, f"None or 0..{MAX_TOP_LOGPROBS}"),
+        ("stop_token_ids", len(s.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+         and all(0 <= int(t) < vocab_size for t in s.stop_token_ids),
+         f"at most {MAX_STOP_TOKEN_IDS} ids in [0, {vocab_size})"),
+        ("adapter", 0 <= s.adapter <= num_adapters, f"in [0, {num_adapters}]"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"sampling {name} must be {expected}, got {getattr(s, name)!r}")

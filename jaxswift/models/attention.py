@@ -1,0 +1,70 @@
+"""Decoding over a paged KV cache: one new token per row, keys and values in fixed-size pages.
+
+Legend as in transformer.py, plus for pages: C pages gathered per row, P tokens per page (page size).
+One pool per layer: keys k [pages, K, H, P] (transposed within a page, as the contiguous cache keeps them) and
+values v [pages, K, P, H]. A row's page table [B, C] lists its pages in order, so page c holds the row's
+positions c*P .. c*P + P - 1; page 0 is a scratch page that free rows write into and nobody reads.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxswift.models.config import ModelConfig
+from jaxswift.models.transformer import _MASKED, ACT, _mlp, _qkv, linear, rms_norm
+from jaxswift.models.hints import constrain
+
+
+def write_token_kv(k_pool, v_pool, k_BKH, v_BKH, page_B, offset_B):
+    """The pools with each row's new key/value written at (its page, its offset in the page)."""
+    k_pool = k_pool.at[page_B, :, :, offset_B].set(k_BKH.astype(k_pool.dtype))
+    v_pool = v_pool.at[page_B, :, offset_B, :].set(v_BKH.astype(v_pool.dtype))
+    return k_pool, v_pool
+
+
+def paged_attention(q_BNH, k_pool, v_pool, table_BC, position_B, window) -> jax.Array:
+    """Softmax attention of one query per row over the row's positions 0..position (the gathered pages).
+
+    window > 0 keeps only keys less than `window` positions back (sliding-window layers).
+    """
+    B, N, H = q_BNH.shape
+    K, P = k_pool.shape[1], k_pool.shape[-1]
+    C = table_BC.shape[1]
+    k_BCKHP = jnp.take(k_pool, table_BC, axis=0).astype(q_BNH.dtype)
+    v_BCKPH = jnp.take(v_pool, table_BC, axis=0).astype(q_BNH.dtype)
+    q_BKGH = q_BNH.reshape(B, K, N // K, H)
+    scores = jnp.einsum("BKGH,BCKHP->BKGCP", q_BKGH, k_BCKHP, preferred_element_type=jnp.float32) * H ** -0.5
+    distance_BCP = position_B[:, None, None] - jnp.arange(C * P, dtype=jnp.int32).reshape(1, C, P)
+    visible = (distance_BCP >= 0) & ((window == 0) | (distance_BCP < window))
+    scores = jnp.where(visible[:, None, None], scores, _MASKED).reshape(B, K, N // K, C * P)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BCKPH.dtype).reshape(B, K, N // K, C, P)
+    return jnp.einsum("BKGCP,BCKPH->BKGH", probs, v_BCKPH).reshape(B, N, H)
+
+
+def paged_decoder_layer(x_BD, layer, window, cfg: ModelConfig, position_B, pages, page_B, offset_B, table_BC):
+    """One block for one new token per row; `pages` = (k_pool, v_pool) of this layer, returned updated."""
+    B = x_BD.shape[0]
+    x = x_BD[:, None]
+    h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = _qkv(h, layer, cfg, position_B[:, None])
+    k_pool, v_pool = write_token_kv(*pages, k[:, 0], v[:, 0], page_B, offset_B)
+    attn = paged_attention(q[:, 0], k_pool, v_pool, table_BC, position_B, window)
+    x = x + linear("BTNH,NHD->BTD", attn.reshape(B, 1, cfg.num_heads, cfg.head_dim), layer["wo"])
+    x = x + _mlp(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer)
+    return constrain(x, ACT)[:, 0], (k_pool, v_pool)
+
+
+def paged_decode_hidden(params, tokens_B, cfg: ModelConfig, position_B, k_pages, v_pages, page_B, offset_B,
+                        table_BC):
+    """Final-normed hidden states [B, D] of one new token per row, and the updated per-layer pools.
+
+    params["layers"] is the tuple of per-layer trees of `unstack_layers` (decoding runs unrolled); k_pages and
+    v_pages are tuples of per-layer pools.
+    """
+    x = jnp.take(params["embed"], tokens_B, axis=0).astype(cfg.compute_dtype)
+    ks, vs = list(k_pages), list(v_pages)
+    for i, (layer, window) in enumerate(zip(params["layers"], cfg.window_per_layer)):
+        x, (ks[i], vs[i]) = paged_decoder_layer(x, layer, window, cfg, position_B, (ks[i], vs[i]), page_B,
+                                                offset_B, table_BC)
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), tuple(ks), tuple(vs)
