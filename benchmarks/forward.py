@@ -1,8 +1,9 @@
 """Forward (prefill) and greedy decode speed: jaxswift vs transformers on SmolLM2-135M-Instruct, float32, CPU, one run.
 
-    python benchmarks/forward.py            # the acceptance run (about 4 minutes on 2 cores)
+    python benchmarks/forward.py            # the acceptance run (about 5 minutes on 2 quiet cores)
     python benchmarks/forward.py --write    # ... and update benchmarks/RESULTS.md
-    python benchmarks/forward.py --prefill_batch 1 --prefill_len 64 --batches 1 --new_tokens 8 --timed 1  # smoke
+    python benchmarks/forward.py --prefill_batch 1 --prefill_len 64 --batches 1 --new_tokens 8 --timed 1 \
+        --quiet_below 0  # smoke
 
 Both sides load the same GGUF file (Q4_1, dequantized to float32) and compute in float32 on the same inputs.
   1. prefill, last-position logits: a forward pass over [prefill_batch, prefill_len] random token ids returning the
@@ -17,7 +18,9 @@ jaxswift runs the params as `load_model` returns them (layers stacked; `generate
 jitted call); its ahead-of-time compile times are reported apart. Each measurement first runs once per side
 untimed (that run's outputs are the cross-checks below), then the two sides alternate for the timed runs (so a
 busy neighbour slows both alike) and the median is reported. torch gets --threads intra-op threads (default:
-every core); XLA uses every core. The load average is recorded: other work on the machine skews the figures.
+every core); XLA uses every core. Other work on the machine skews the figures (torch's spinning OpenMP threads
+collapse under it): each measurement first waits, up to --quiet_timeout seconds, for the other processes to use
+under --quiet_below cores, and the table records how many cores they used during the timed runs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,9 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt_len", type=int, default=64, help="decode prompt length (a multiple of 64: no padding)")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--timed", type=int, default=3, help="timed runs per side and measurement (median reported)")
-    p.add_argument("--full_logits_timed", type=int, default=2, help="timed runs of the full-logits prefill")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet_below", type=float, default=0.3,
+                   help="before each measurement, wait until other processes use fewer cores than this (0: don't)")
+    p.add_argument("--quiet_timeout", type=float, default=60, help="... but at most this many seconds")
     p.add_argument("--write", action="store_true", help="update this benchmark's section of benchmarks/RESULTS.md")
     return p.parse_args(argv)
 
@@ -154,15 +160,49 @@ class Torch:
         return run
 
 
-def alternate(runs: dict, timed: int) -> dict:
-    """Times the runs in turn (A B A B ...); {name: [seconds]}. The caller has run each once already."""
-    out = {name: [] for name in runs}
+class Neighbours:
+    """CPU time that other processes take, in cores: the machine's busy time (/proc/stat) minus this process's."""
+
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> tuple[float, float, float]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields) - fields[3] - fields[4]) / self.tick  # all but idle and iowait
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy, own.ru_utime + own.ru_stime
+
+    @staticmethod
+    def cores(a, b) -> float:
+        return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0]))
+
+    def wait_quiet(self, below: float, timeout: float):
+        """Waits (up to `timeout` s) for a 2 s window in which others use less than `below` cores."""
+        t0 = time.perf_counter()
+        while True:
+            a = self.sample()
+            time.sleep(2)
+            others = self.cores(a, self.sample())
+            if others < below or time.perf_counter() - t0 > timeout:
+                return others
+
+
+def measure(name: str, unit: str, n: int, jrun, hrun, timed: int, compile_s: float, args, nb: Neighbours) -> dict:
+    """Runs the two sides in turn (A B A B ...; each has run once already) and keeps the medians."""
+    waited = nb.wait_quiet(args.quiet_below, args.quiet_timeout) if args.quiet_below > 0 else 0.0
+    times = {"jaxswift": [], "transformers": []}
+    start = nb.sample()
     for _ in range(timed):
-        for name, run in runs.items():
+        for side, run in (("jaxswift", jrun), ("transformers", hrun)):
             t = time.perf_counter()
             run()
-            out[name].append(time.perf_counter() - t)
-    return out
+            times[side].append(time.perf_counter() - t)
+    row = {"name": name, "unit": unit, "compile_s": compile_s, "others": nb.cores(start, nb.sample()),
+           **{side: n / statistics.median(ts) for side, ts in times.items()}}
+    log(f"{name}: jaxswift {row['jaxswift']:.1f}, transformers {row['transformers']:.1f} {unit}, ratio "
+        f"{row['jaxswift'] / row['transformers']:.2f} (compile {compile_s:.1f}s; other processes "
+        f"{row['others']:.2f} cores while timed, {waited:.2f} before)")
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,6 +213,7 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",") if b]
     rng = np.random.default_rng(args.seed)
     res = {"machine": machine(), "rows": [], "checks": []}
+    nb = Neighbours()
     log(f"machine: {res['machine']}")
 
     js = Jax()
@@ -182,21 +223,15 @@ def main(argv=None):
     vocab = js.cfg.vocab_size
 
     tokens = rng.integers(0, vocab, (args.prefill_batch, args.prefill_len)).astype(np.int32)
-    n_tokens = tokens.size
-    for last_only, timed in ((True, args.timed), (False, args.full_logits_timed)):
+    for last_only in (True, False):
         what = "last-position logits" if last_only else "full logits"
         jrun, compile_s = js.prefill(tokens, last_only)
         hrun = hf.prefill(tokens, last_only)
         ours, ref = jrun()[:, -1], hrun()[:, -1]
         rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
         res["checks"].append(f"prefill ({what}): last-position logits max |diff| / max |ref| = {rel:.1e}")
-        times = alternate({"jaxswift": jrun, "transformers": hrun}, timed)
-        row = {"name": f"prefill {args.prefill_batch} x {args.prefill_len}, {what}", "unit": "tokens/s",
-               "jaxswift": n_tokens / statistics.median(times["jaxswift"]),
-               "transformers": n_tokens / statistics.median(times["transformers"]), "compile_s": compile_s}
-        res["rows"].append(row)
-        log(f"{row['name']}: jaxswift {row['jaxswift']:.0f} tok/s, transformers {row['transformers']:.0f} tok/s, "
-            f"ratio {row['jaxswift'] / row['transformers']:.2f} (compile {compile_s:.1f}s; {rel=:.1e})")
+        res["rows"].append(measure(f"prefill {args.prefill_batch} x {args.prefill_len}, {what}", "tokens/s",
+                                   tokens.size, jrun, hrun, args.timed, compile_s, args, nb))
 
     for B in batches:
         prompts = rng.integers(0, vocab, (B, args.prompt_len)).astype(np.int32)
@@ -207,14 +242,9 @@ def main(argv=None):
         same = [int(np.argmin(np.append(o == r, False))) for o, r in zip(ours, ref)]  # identical leading tokens
         res["checks"].append(f"decode batch {B}: identical leading greedy tokens per row (of {args.new_tokens}): "
                              f"{same}")
-        times = alternate({"jaxswift": jrun, "transformers": hrun}, args.timed)
-        n = B * args.new_tokens
-        row = {"name": f"greedy decode, batch {B}, {args.prompt_len}-token prompt + {args.new_tokens} new",
-               "unit": "new tokens/s", "jaxswift": n / statistics.median(times["jaxswift"]),
-               "transformers": n / statistics.median(times["transformers"]), "compile_s": compile_s}
-        res["rows"].append(row)
-        log(f"{row['name']}: jaxswift {row['jaxswift']:.1f} tok/s, transformers {row['transformers']:.1f} tok/s, "
-            f"ratio {row['jaxswift'] / row['transformers']:.2f} (compile {compile_s:.1f}s; same tokens {same})")
+        res["rows"].append(measure(f"greedy decode, batch {B}, {args.prompt_len}-token prompt + {args.new_tokens} "
+                                   "new", "new tokens/s", B * args.new_tokens, jrun, hrun, args.timed, compile_s,
+                                   args, nb))
 
     res["machine"]["loadavg_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
     text = report(res, args, argv)
@@ -231,12 +261,15 @@ def report(res: dict, args, argv) -> str:
              f"Machine: {m['nproc']} CPU cores ({m['cpu']}), Python {m['python']}, jax {m['jax']} / jaxlib "
              f"{m['jaxlib']}, torch {m['torch']} ({args.threads} threads), transformers {m['transformers']}; "
              f"{m['date']}; load average at start {m['loadavg']}, at end {m['loadavg_end']}.", "",
-             "| measurement | unit | jaxswift | transformers | ratio (jaxswift / transformers) | jaxswift compile |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| measurement | unit | jaxswift | transformers | ratio (jaxswift / transformers) | jaxswift compile "
+             "| other processes (cores) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lines.append(f"| {r['name']} | {r['unit']} | {r['jaxswift']:.1f} | {r['transformers']:.1f} | "
-                     f"**{r['jaxswift'] / r['transformers']:.2f}** | {r['compile_s']:.1f} s |")
-    lines += ["", "Checks (same model, same inputs): " + "; ".join(res["checks"]) + "."]
+                     f"**{r['jaxswift'] / r['transformers']:.2f}** | {r['compile_s']:.1f} s | {r['others']:.2f} |")
+    lines += ["", "Checks (same model, same inputs): " + "; ".join(res["checks"]) + ".",
+              "", "Other processes: CPU time that the rest of the machine used during the timed runs, in cores "
+              f"(of {m['nproc']}); above ~0.3 the figures are skewed (torch's spinning threads suffer most)."]
     return "\n".join(lines)
 
 
