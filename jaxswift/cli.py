@@ -10,10 +10,13 @@ from jaxswift.recipes.common import run_main
 COMMANDS = {
     "sft": "jaxswift.recipes.sft",
     "rlhf": "jaxswift.recipes.rlhf",
+    "grpo": "jaxswift.recipes.grpo",
     "infer": "jaxswift.recipes.infer",
     "export": "jaxswift.recipes.export",
+    "plan": "jaxswift.recipes.plan",
+    "deploy": "jaxswift.recipes.serve",
 }
-ALIASES = {"train": "sft", "chat": "infer"}
+ALIASES = {"train": "sft", "chat": "infer", "serve": "deploy"}
 
 
 def main(argv: list[str] | None = None) -> int:

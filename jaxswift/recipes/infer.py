@@ -1,7 +1,9 @@
 """Chat with a model: `python -m jaxswift.recipes.infer --model smollm2-135m-instruct --prompt "Hi"`.
 
 Without --prompt: an interactive chat (empty line or Ctrl-D to quit). With --adapters DIR: a PEFT LoRA adapter
-on top of the model.
+on top of the model. Batch mode, through the serving engine (continuous batching) with a progress bar:
+`--dataset rows.jsonl --result_path out.jsonl` generates each row's last assistant turn (rows in any SFT format;
+a final assistant turn, if present, is dropped and kept as `labels`) and writes one JSON line per input row.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 from dataclasses import field
 from typing import Optional
 
+from jaxswift.errors import ConfigError
 from jaxswift.recipes.common import run_main
 
 
@@ -26,6 +29,10 @@ class InferArguments:
     top_k: int = 0
     seed: int = 0
     dtype: Optional[str] = None
+    dataset: Optional[str] = field(default=None, metadata={"help": "batch mode: rows to answer (SFT formats)"})
+    result_path: Optional[str] = field(default=None, metadata={"help": "batch mode: output JSONL"})
+    max_num_seqs: int = field(default=8, metadata={"help": "batch mode: requests decoded together"})
+    max_model_len: int = field(default=2048, metadata={"help": "batch mode: prompt + completion tokens"})
     config: Optional[str] = None
 
 
@@ -46,7 +53,18 @@ def main(argv: list[str]) -> int:
     from jaxswift.train.args import parse_args
 
     args = parse_args(InferArguments, argv)
+    if (args.dataset is None) != (args.result_path is None):
+        raise ConfigError("batch mode needs both --dataset and --result_path")
     model = _load(args)
+    if args.dataset is not None:
+        from jaxswift.infer.batch import infer_dataset
+
+        n = infer_dataset(model, args.dataset, args.result_path, max_new_tokens=args.max_new_tokens,
+                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          sampling=dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
+                          seed=args.seed, system=args.system)
+        print(f"wrote {n} responses to {args.result_path}")
+        return 0
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, seed=args.seed)
     history = [{"role": "system", "content": args.system}] if args.system else []

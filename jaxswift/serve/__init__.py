@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: the FastAPI app (openai.py), per-client limits (limits.py), Prometheus metrics."""

@@ -1,0 +1,100 @@
+"""Serve a model over OpenAI's HTTP API: `python -m jaxswift.recipes.serve --model smollm2-135m-instruct` (alias
+`jaxswift deploy`). `--adapters name=DIR ...` serves each PEFT LoRA adapter as its own model id on the same base,
+mixed in one batch. Then: `curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", ...}]}'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import field
+from pathlib import Path
+from typing import Optional
+
+from jaxswift.errors import ConfigError
+from jaxswift.recipes.common import run_main
+
+
+@dataclasses.dataclass
+class ServeArguments:
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "HF folder, .gguf file or embedded name"})
+    adapters: list[str] = field(default_factory=list, metadata={"help": "name=DIR PEFT LoRA adapters, one model "
+                                                                        "id each"})
+    served_model_name: Optional[str] = field(default=None, metadata={"help": "model id of the base (default: "
+                                                                              "--model)"})
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_num_seqs: int = field(default=8, metadata={"help": "requests decoded together (engine slots)"})
+    max_model_len: int = field(default=2048, metadata={"help": "prompt + completion tokens per request"})
+    page_size: int = field(default=16, metadata={"help": "tokens per KV-cache page"})
+    num_pages: Optional[int] = field(default=None, metadata={"help": "KV-cache pages (default: every slot full)"})
+    dtype: Optional[str] = None
+    api_key: list[str] = field(default_factory=list, metadata={"help": "accepted Bearer keys (none: no auth)"})
+    rate_limit: Optional[str] = field(default=None, metadata={"help": "per client, e.g. 60/minute"})
+    max_concurrency: Optional[int] = field(default=None, metadata={"help": "requests in flight per client"})
+    max_queue: int = field(default=256, metadata={"help": "waiting requests before 429"})
+    request_timeout: Optional[float] = field(default=600.0, metadata={"help": "seconds per request"})
+    log_level: str = "info"
+    config: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("port", "max_num_seqs", "max_model_len", "page_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ConfigError(f"--request_timeout must be positive, got {self.request_timeout}")
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """`name=DIR` pairs -> {name: DIR}; a ConfigError names the bad one."""
+    out = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--adapters {spec!r}: expected NAME=DIR (a PEFT adapter folder)")
+        if name in out:
+            raise ConfigError(f"--adapters: the name {name!r} is given twice")
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise ConfigError(f"--adapters {spec!r}: {folder} has no adapter_config.json")
+        out[name] = folder
+    return out
+
+
+def build_server(args: ServeArguments):
+    """(FastAPI app, orchestrator) for the arguments; the caller runs uvicorn and shuts the orchestrator down."""
+    import jaxswift
+    from jaxswift.infer.engine import JaxEngine
+    from jaxswift.infer.orchestrator import Orchestrator
+    from jaxswift.serve.limits import parse_rate_limit
+    from jaxswift.serve.openai import build_app
+
+    adapters = parse_adapters(args.adapters)
+    if args.rate_limit:
+        parse_rate_limit(args.rate_limit)  # a bad flag fails before the model loads
+    model = jaxswift.load_model(args.model, dtype=args.dtype)
+    if model.tokenizer is None:
+        raise ConfigError(f"--model {args.model}: no tokenizer found; the server needs one")
+    engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
+                       page_size=args.page_size, num_pages=args.num_pages, adapters=adapters or None)
+    orchestrator = Orchestrator(engine, max_queue=args.max_queue, request_timeout=args.request_timeout)
+    app = build_app(orchestrator, model_name=args.served_model_name or args.model, adapter_names=list(adapters),
+                    api_keys=args.api_key, rate_limit=args.rate_limit, max_concurrency=args.max_concurrency)
+    return app, orchestrator
+
+
+def main(argv: list[str]) -> int:
+    import uvicorn
+
+    from jaxswift.train.args import parse_args
+
+    args = parse_args(ServeArguments, argv)
+    app, orchestrator = build_server(args)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        orchestrator.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,586 @@
+"""OpenAI's HTTP API over an Orchestrator (FastAPI): /v1/models, /v1/completions, /v1/chat/completions (SSE streaming
+with `data: [DONE]`), /health, /metrics, /tokenize, /detokenize.
+
+Every error, FastAPI's own validation errors included, answers with OpenAI's envelope
+`{"error": {"message", "type", "param", "code"}}`; a client's mistake is a 4xx, never a 500. Bodies are validated
+strictly (no type coercion, unknown fields refused) so that nothing a client sends is silently ignored.
+
+    app = build_app(orchestrator, model_name="smollm2-135m-instruct", api_keys=["secret"])
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import secrets
+import time
+import uuid
+from typing import Any, Literal, Sequence
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxswift.infer.engine_api import RequestSampling
+from jaxswift.infer.orchestrator import (AsyncSink, Chunk, EngineShutdown, GenerationRequest, Orchestrator,
+                                         QueueFull, RequestRejected, RequestTimeout, RequestTooLarge,
+                                         TokenLogprob)
+from jaxswift.serve.limits import ClientLimits, TooManyRequests
+from jaxswift.serve.metrics import ServerMetrics
+
+MAX_N = 16
+MAX_PROMPTS = 64
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs (the engine's MAX_TOP_LOGPROBS)
+MAX_STOP_TOKEN_IDS = 16
+DISCONNECT_POLL_S = 1.0
+
+
+# ---------------------------------------------------------------- errors
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
+
+
+def error_body(status: int, message: str, type: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": status}}
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.status, e.message, e.type, e.param), status_code=e.status, headers=e.headers)
+
+
+def _field_path(loc) -> str | None:
+    """`body.prompt.list[int].0` -> `prompt.0`: the fields of a pydantic error location, without union type tags."""
+    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    return ".".join(parts) or None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "StreamOptions", "ResponseFormat"}
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    if not errors:
+        return APIError(400, "invalid request body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"invalid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})")
+    param = _field_path(first.get("loc", ()))
+    same_field = [e for e in errors if _field_path(e.get("loc", ())) == param]
+    if len(same_field) > 1:  # every branch of a union failed: say what was given instead of each branch's complaint
+        message = f"{param}: invalid value {first.get('input')!r:.80} (wrong type or shape)"
+    else:
+        message = f"{param or 'request body'}: {first.get('msg', 'invalid value')}"
+    return APIError(400, message, param=param)
+
+
+def _install_error_handlers(app: FastAPI):
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_, e: RequestValidationError):
+        return _error_response(_validation_error(list(e.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(e.status_code, str(e.detail), kind, headers=getattr(e, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def server_error(_, e: Exception):
+        return _error_response(APIError(500, f"internal server error ({type(e).__name__})", "server_error"))
+
+
+def _orchestrator_error(e: Exception) -> APIError:
+    if isinstance(e, QueueFull):
+        return APIError(429, str(e), "rate_limit_error", headers={"Retry-After": str(e.retry_after)})
+    if isinstance(e, TooManyRequests):
+        return APIError(429, str(e), "rate_limit_error", headers={"Retry-After": str(e.retry_after)})
+    if isinstance(e, RequestTooLarge):
+        return APIError(400, str(e), param="max_tokens")
+    if isinstance(e, RequestRejected):
+        return APIError(400, str(e))
+    if isinstance(e, RequestTimeout):
+        return APIError(504, str(e), "timeout_error")
+    if isinstance(e, EngineShutdown):
+        return APIError(503, str(e), "server_error")
+    return APIError(500, str(e), "server_error")
+
+
+# ---------------------------------------------------------------- request bodies
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class _SamplingBody(_Strict):
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, lt=2 ** 63)
+    stop: str | list[str] | None = Field(None)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_N:
+            raise APIError(400, f"stop: at most {MAX_N} stop strings, got {len(stops)}", param="stop")
+        return tuple(s for s in stops if s)
+
+
+class CompletionBody(_SamplingBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class ChatBody(_SamplingBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    add_generation_prompt: bool = True
+
+
+class TokenizeBody(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = False
+    add_generation_prompt: bool = True
+
+
+class DetokenizeBody(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---------------------------------------------------------------- the server
+
+@dataclasses.dataclass
+class ServerConfig:
+    model_name: str
+    adapter_names: Sequence[str] = ()
+    api_keys: Sequence[str] = ()
+    rate_limit: str | None = None
+    max_concurrency: int | None = None
+
+
+class OpenAIServer:
+    """What the handlers share: the orchestrator, the tokenizer, model names, limits and metrics."""
+
+    def __init__(self, orchestrator: Orchestrator, config: ServerConfig):
+        self.orchestrator = orchestrator
+        self.engine = orchestrator.engine
+        self.tokenizer = orchestrator.tokenizer
+        self.config = config
+        self.limits = ClientLimits(config.rate_limit, config.max_concurrency)
+        self.metrics = ServerMetrics(orchestrator)
+        self.created = int(time.time())
+        self.vocab_size = len(self.tokenizer)
+
+    # ---- models and prompts
+    def adapter_for(self, name: str | None) -> int:
+        if name is None or name == self.config.model_name:
+            return 0
+        if name in self.config.adapter_names:
+            return self.engine.adapter_index(name)
+        known = ", ".join([self.config.model_name, *self.config.adapter_names])
+        raise APIError(404, f"model {name!r} does not exist (served: {known})", "not_found_error", "model")
+
+    def model_cards(self) -> list[dict]:
+        base = self.config.model_name
+        card = lambda name, parent: {"id": name, "object": "model", "created": self.created,  # noqa: E731
+                                     "owned_by": "jaxswift", "root": base, "parent": parent,
+                                     "max_model_len": self.engine.max_model_len}
+        return [card(base, None)] + [card(name, base) for name in self.config.adapter_names]
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        rendered = [_message_dict(m, i) for i, m in enumerate(messages)]
+        try:
+            text = self.tokenizer.apply_chat_template(rendered, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # the template rejected the conversation (e.g. roles out of order)
+            raise APIError(400, f"messages: the chat template cannot render them ({e})", param="messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def completion_prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompts = [self.tokenizer.encode(prompt, add_special_tokens=False)]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = [self.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
+                       for p in prompt]
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise APIError(400, f"prompt: expected 1 to {MAX_PROMPTS} prompts, got {len(prompts)}", param="prompt")
+        for ids in prompts:
+            self.check_token_ids(ids, "prompt")
+        return prompts
+
+    def check_token_ids(self, ids: list[int], param: str):
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                           param=param)
+
+    @functools.lru_cache(maxsize=65536)
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # ---- requests
+    def check_fits(self, prompts: list[list[int]], max_tokens: int):
+        limit = self.engine.max_model_len
+        for ids in prompts:
+            if len(ids) >= limit:
+                raise APIError(400, f"the prompt has {len(ids)} tokens; the context holds {limit} tokens, "
+                                    f"prompt and completion together", param="messages/prompt")
+            try:
+                self.orchestrator.check_fits(len(ids), max_tokens)
+            except RequestTooLarge as e:
+                raise _orchestrator_error(e) from None
+
+    def sampling(self, body: _SamplingBody, max_tokens: int, logprobs: int | None, adapter: int, choice: int):
+        if body.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+        for t in body.stop_token_ids or ():
+            self.check_token_ids([t], "stop_token_ids")
+        seed = None if body.seed is None else (body.seed + choice) % 2 ** 63
+        return RequestSampling(
+            temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, seed=seed, max_tokens=max_tokens,
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
+            adapter=adapter)
+
+    def requests(self, body: _SamplingBody, prompts: list[list[int]], max_tokens: int, logprobs: int | None,
+                 adapter: int) -> list[GenerationRequest]:
+        stops = body.stop_strings()
+        return [GenerationRequest(tuple(ids), self.sampling(body, max_tokens, logprobs, adapter, j), stops)
+                for ids in prompts for j in range(body.n)]
+
+    def submit(self, requests: list[GenerationRequest], sink, client: str):
+        release = self.limits.admit(client)
+        try:
+            return self.orchestrator.submit(requests, sink), release
+        except Exception:
+            release()
+            raise
+
+
+def _message_dict(m: ChatMessage, i: int) -> dict:
+    content = m.content
+    if isinstance(content, list):
+        content = "".join(part.text for part in content)
+    out = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+    out.update({k: v for k, v in (("name", m.name), ("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id))
+                if v is not None})
+    return out
+
+
+# ---------------------------------------------------------------- response shapes
+
+def _chat_logprobs(server: OpenAIServer, items: list[TokenLogprob]) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = server.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, p) for i, p in lp.top]}
+                        for lp in items]}
+
+
+def _completion_logprobs(server: OpenAIServer, items: list[TokenLogprob], text_start: int = 0) -> dict:
+    tokens = [server.token_text(lp.token_id) for lp in items]
+    offsets, at = [], text_start
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{server.token_text(i): p for i, p in lp.top} for lp in items],
+            "text_offset": offsets}
+
+
+@dataclasses.dataclass
+class _Shape:
+    """The OpenAI object names and choice layout of one endpoint."""
+    chat: bool
+    id: str
+    model: str
+    created: int
+    logprobs: bool
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def envelope(self, choices: list[dict], usage: dict | None, chunk: bool) -> dict:
+        obj = self.object + (".chunk" if chunk and self.chat else "")
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    def choice(self, server: OpenAIServer, index: int, text: str, logprobs: list[TokenLogprob],
+               finish_reason: str | None, *, delta: bool, first: bool = False, text_start: int = 0) -> dict:
+        if self.chat:
+            message = {"role": "assistant", "content": text} if (first or not delta) else {"content": text}
+            out = {"index": index, ("delta" if delta else "message"): message}
+            out["logprobs"] = _chat_logprobs(server, logprobs) if self.logprobs else None
+        else:
+            out = {"index": index, "text": text,
+                   "logprobs": _completion_logprobs(server, logprobs, text_start) if self.logprobs else None}
+        out["finish_reason"] = finish_reason
+        return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------- running a request
+
+class _LeasedStream(StreamingResponse):
+    """A streaming response that cancels its requests and frees the client's lease however it ends."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _run(server: OpenAIServer, request: Request, shape: _Shape, body: _SamplingBody,
+               requests: list[GenerationRequest], prompt_tokens: int, client: str):
+    sink = AsyncSink()
+    try:
+        ticket, release = server.submit(requests, sink, client)
+    except (QueueFull, TooManyRequests, RequestTooLarge, EngineShutdown) as e:
+        raise _orchestrator_error(e) from None
+
+    def close():
+        ticket.cancel()
+        release()
+
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        stream = _stream(server, shape, sink, ticket, len(requests), prompt_tokens, include_usage)
+        return _LeasedStream(stream, close)
+    try:
+        return await _collect(server, request, shape, sink, ticket, len(requests), prompt_tokens)
+    finally:
+        close()
+
+
+async def _next_chunk(sink: AsyncSink, request: Request | None):
+    """The next (index, chunk); raises APIError(499) when a waiting non-streaming client has gone."""
+    import asyncio
+
+    while True:
+        try:
+            return await asyncio.wait_for(sink.queue.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if request is not None and await request.is_disconnected():
+                raise APIError(499, "client closed the request") from None
+
+
+async def _collect(server, request, shape: _Shape, sink, ticket, n: int, prompt_tokens: int) -> dict:
+    merged = [Chunk() for _ in range(n)]
+    left = n
+    while left:
+        index, chunk = await _next_chunk(sink, request)
+        if chunk.error is not None:
+            raise _orchestrator_error(chunk.error)
+        m = merged[index]
+        m.text += chunk.text
+        m.logprobs += chunk.logprobs
+        m.completion_tokens, m.finish_reason = chunk.completion_tokens, chunk.finish_reason
+        left -= chunk.final
+    completion_tokens = sum(m.completion_tokens for m in merged)
+    server.metrics.observe_finished(ticket, prompt_tokens, completion_tokens)
+    choices = [shape.choice(server, i, m.text, m.logprobs, m.finish_reason, delta=False)
+               for i, m in enumerate(merged)]
+    return shape.envelope(choices, _usage(prompt_tokens, completion_tokens), chunk=False)
+
+
+async def _stream(server, shape: _Shape, sink, ticket, n: int, prompt_tokens: int, include_usage: bool):
+    started, text_len, tokens = [False] * n, [0] * n, [0] * n
+    left = n
+    while left:
+        index, chunk = await _next_chunk(sink, None)
+        if chunk.error is not None:
+            e = _orchestrator_error(chunk.error)
+            yield _sse(error_body(e.status, e.message, e.type))
+            break
+        tokens[index] = chunk.completion_tokens
+        left -= chunk.final
+        if not (chunk.text or chunk.logprobs or chunk.final or not started[index]):
+            continue
+        choice = shape.choice(server, index, chunk.text, chunk.logprobs, chunk.finish_reason, delta=True,
+                              first=not started[index], text_start=text_len[index])
+        started[index], text_len[index] = True, text_len[index] + len(chunk.text)
+        yield _sse(shape.envelope([choice], None, chunk=True))
+    else:
+        server.metrics.observe_finished(ticket, prompt_tokens, sum(tokens))
+        if include_usage:
+            yield _sse(shape.envelope([], _usage(prompt_tokens, sum(tokens)), chunk=True))
+    yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------- the app
+
+def build_app(orchestrator: Orchestrator, *, model_name: str, adapter_names: Sequence[str] = (),
+              api_keys: Sequence[str] = (), rate_limit: str | None = None,
+              max_concurrency: int | None = None) -> FastAPI:
+    config = ServerConfig(model_name, tuple(adapter_names), tuple(api_keys), rate_limit, max_concurrency)
+    server = OpenAIServer(orchestrator, config)
+    app = FastAPI(title="jaxswift", description="OpenAI-compatible API served by jaxswift")
+    app.state.server = server
+    _install_error_handlers(app)
+    _install_metrics_middleware(app, server)
+    client = _client_dependency(server)
+    _add_generation_routes(app, server, client)
+    _add_utility_routes(app, server, client)
+    return app
+
+
+def _client_dependency(server: OpenAIServer):
+    """Checks `Authorization: Bearer KEY` when keys are set; the client identity (key or address) for limits."""
+
+    async def client(request: Request) -> str:
+        keys = server.config.api_keys
+        if not keys:
+            return f"addr:{request.client.host if request.client else 'unknown'}"
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and any(secrets.compare_digest(given.strip(), k) for k in keys):
+            return f"key:{given.strip()}"
+        raise APIError(401, "missing or invalid API key (send `Authorization: Bearer <key>`)", "authentication_error",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+    return client
+
+
+def _install_metrics_middleware(app: FastAPI, server: OpenAIServer):
+    known = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/tokenize",
+             "/detokenize"}
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        path = request.url.path
+        server.metrics.count_request(path if path in known else "other", response.status_code)
+        return response
+
+
+def _add_generation_routes(app: FastAPI, server: OpenAIServer, client):
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request, who: str = Depends(client)):
+        adapter = server.adapter_for(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        prompt = server.chat_prompt(body.messages, body.add_generation_prompt)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(
+            server.engine.max_model_len - len(prompt), 1)
+        server.check_fits([prompt], max_tokens)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        shape = _Shape(True, f"chatcmpl-{uuid.uuid4().hex}", body.model or server.config.model_name,
+                       int(time.time()), body.logprobs)
+        requests = server.requests(body, [prompt], max_tokens, logprobs, adapter)
+        return await _run(server, request, shape, body, requests, len(prompt), who)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request, who: str = Depends(client)):
+        adapter = server.adapter_for(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported by this server", param="echo")
+        prompts = server.completion_prompts(body.prompt)
+        server.check_fits(prompts, body.max_tokens)
+        shape = _Shape(False, f"cmpl-{uuid.uuid4().hex}", body.model or server.config.model_name,
+                       int(time.time()), body.logprobs is not None)
+        requests = server.requests(body, prompts, body.max_tokens, body.logprobs, adapter)
+        return await _run(server, request, shape, body, requests, sum(map(len, prompts)), who)
+
+
+def _add_utility_routes(app: FastAPI, server: OpenAIServer, client):
+    @app.get("/v1/models")
+    async def models(_: str = Depends(client)):
+        return {"object": "list", "data": server.model_cards()}
+
+    @app.get("/health")
+    async def health():
+        if not server.orchestrator.alive:
+            raise APIError(503, "the engine thread is not running", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        data, content_type = server.metrics.render()
+        return Response(data, media_type=content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody, _: str = Depends(client)):
+        server.adapter_for(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.messages is not None:
+            ids = server.chat_prompt(body.messages, body.add_generation_prompt)
+        else:
+            ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody, _: str = Depends(client)):
+        server.adapter_for(body.model)
+        server.check_token_ids(body.tokens, "tokens")
+        return {"prompt": server.tokenizer.decode(body.tokens)}
