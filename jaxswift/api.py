@@ -57,8 +57,12 @@ def load_model(name_or_path: str, dtype: str | None = None, *, shardings=None, l
         params = params_from_tensors(config, ckpt.tensors(), str(path), shardings)
         tokenizer = ckpt.tokenizer() if load_tokenizer else None
     else:
-        config, _ = read_hf_config(path, dtype=dtype)
-        params = load_hf_params(path, config, shardings)
+        config, raw = read_hf_config(path, dtype=dtype)
+        if "quantization_config" in raw:  # GPTQ / AWQ / FP8 / int8: leaves that dequantize inside the matmul
+            from jaxswift.checkpoints.quantized import load_quantized_params
+            params = load_quantized_params(path, config, raw["quantization_config"])
+        else:
+            params = load_hf_params(path, config, shardings)
         tokenizer = _load_tokenizer(path) if load_tokenizer else None
     return Model(config, params, tokenizer, str(path))
 

@@ -2,6 +2,12 @@
 
 Writes a full Hugging Face folder: the base model (from --model, or the adapter's base_model_name_or_path) with the
 PEFT LoRA adapter merged into its weights. Without --adapters it converts --model (e.g. a GGUF) to an HF folder.
+
+With --quant_method the (merged) model is quantized on the way out, in the layout others load:
+  gptq (--quant_bits 4|8, --group_size, --desc_act, calibrated on --dataset) -> AutoGPTQ/optimum/vLLM "gptq";
+  awq (--quant_bits 4, --group_size, calibrated on --dataset) -> AutoAWQ/vLLM "awq" GEMM;
+  fp8 (e4m3, --quant_per_channel true|false) and int8 (per channel) -> compressed-tensors, which vLLM serves and
+  transformers loads on CPU. jaxswift.load_model reads all four back (see jaxswift.checkpoints.quantized).
 """
 
 from __future__ import annotations
@@ -23,6 +29,15 @@ class ExportArguments:
     merge_lora: bool = True
     output_dir: Optional[str] = None
     dtype: Optional[str] = None
+    quant_method: Optional[str] = field(default=None, metadata={"help": "gptq | awq | fp8 | int8"})
+    quant_bits: Optional[int] = field(default=None, metadata={"help": "gptq 4|8 (default 4), awq 4, fp8/int8 8"})
+    dataset: list[str] = field(default_factory=list, metadata={"help": "calibration data for gptq/awq"})
+    group_size: int = field(default=128, metadata={"help": "gptq/awq rows per scale; -1 = per channel"})
+    desc_act: bool = field(default=False, metadata={"help": "gptq act-order (g_idx)"})
+    sym: bool = field(default=True, metadata={"help": "gptq symmetric grid"})
+    quant_per_channel: bool = field(default=True, metadata={"help": "fp8 scale per output channel (else tensor)"})
+    quant_n_samples: int = 128
+    quant_seqlen: int = 512
     config: Optional[str] = None
 
 
@@ -42,6 +57,29 @@ def _base_model(args: ExportArguments) -> str:
     return base
 
 
+def _quantized_export(args: ExportArguments, model, out: Path):
+    from jaxswift.errors import ConfigError
+    from jaxswift.quant.calibration import calibration_tokens
+    from jaxswift.quant.export_formats import CALIBRATED, QuantSpec, check_spec, quantize_model, save_quantized
+
+    if args.adapters:
+        from jaxswift.checkpoints.peft import load_peft_adapter
+        from jaxswift.tuners.lora import merge_lora
+
+        params, _ = load_peft_adapter(model.params, model.config, args.adapters)
+        model = dataclasses.replace(model, params=merge_lora(params))
+    bits = args.quant_bits or (4 if args.quant_method in ("gptq", "awq") else 8)
+    spec = QuantSpec(args.quant_method, bits, args.group_size, args.desc_act, args.sym, args.quant_per_channel)
+    check_spec(spec, model.config)
+    calibration = None
+    if spec.method in CALIBRATED:
+        calibration = calibration_tokens(args.dataset, model.tokenizer, n_samples=args.quant_n_samples,
+                                         seqlen=args.quant_seqlen)
+    elif args.dataset:
+        raise ConfigError(f"--quant_method {spec.method} is calibration-free: drop --dataset")
+    save_quantized(model, quantize_model(model, spec, calibration), spec, out)
+
+
 def main(argv: list[str]) -> int:
     import jaxswift
     from jaxswift.errors import ConfigError
@@ -52,7 +90,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--merge_lora false: the adapter folder already is the unmerged export")
     model = jaxswift.load_model(_base_model(args), dtype=args.dtype)
     out = Path(args.output_dir or (f"{args.adapters.rstrip('/')}-merged" if args.adapters else "exported"))
-    if args.adapters:
+    if args.quant_method:
+        _quantized_export(args, model, out)
+    elif args.adapters:
         from jaxswift.checkpoints.peft import load_peft_adapter, merge_and_save
 
         params, _ = load_peft_adapter(model.params, model.config, args.adapters)
