@@ -1,0 +1,409 @@
+"""Ahead-of-time memory and FLOPs plan of the SFT train step for a target mesh, without allocating any weight.
+
+The planner builds the same step as SFT (`make_train_step` over a `TrainState`, full / LoRA / QLoRA params, AdamW or
+GaLore) over abstract params: ShapeDtypeStructs that carry the NamedShardings of the rule tables. It lowers and
+compiles that step for the mesh's devices (virtual CPU devices when planning on a CPU machine), with explicit in/out
+shardings and the state donated as in training, and reads XLA's per-device memory analysis:
+
+    weights       trainable + frozen params, from their shardings
+    optimizer     optimizer state
+    batch, misc   the [A, B, T] batch, step counters, RNG
+    temporaries   XLA's temp allocation: gradients, saved activations, logits chunks, workspace
+    outputs       step outputs not aliased to the donated state: the metrics, and any state leaf the step returns
+                  in another dtype than it received
+    total         arguments + temporaries + unaliased outputs: every buffer of the step live at once (its peak)
+
+FLOPs: XLA's `cost_analysis` counts the body of a loop once (the layer scan, the loss-chunk scan), so the planner also
+counts matmul FLOPs in the step's jaxpr, each loop body times its trip count (`matmul_flops`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import field
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxswift.errors import ConfigError
+from jaxswift.models.config import ModelConfig, config_from_hf
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "models" / "presets"
+TUNER_TYPES = ("full", "lora", "qlora")
+QUANT_METHODS = ("nf4", "int8")
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass
+class PlanArguments:
+    """Flags of `python -m jaxswift.recipes.plan` (SFT's names where SFT has the flag)."""
+
+    model: str = field(default="qwen2.5-7b", metadata={"help": "preset name, config.json, HF folder or .gguf"})
+    mesh: Optional[str] = field(default=None, metadata={"help": "target mesh, e.g. fsdp=8 (default: one device)"})
+    tuner_type: str = field(default="lora", metadata={"help": "full | lora | qlora (= lora with --quant_method nf4)"})
+    quant_method: Optional[str] = field(default=None, metadata={"help": "nf4 | int8: the LoRA base stored quantized"})
+    max_length: int = 2048
+    per_device_train_batch_size: int = 1
+    gradient_checkpointing: bool = True
+    dtype: str = field(default="bfloat16", metadata={"help": "float32 | bfloat16 (params and compute)"})
+    sharding_rules: str = "default"
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    use_galore: bool = False
+    galore_rank: int = 128
+    galore_update_interval: int = 200
+    galore_scale: float = 0.25
+    loss_chunk_size: int = 512
+    emulate_accelerator: bool = field(default=True, metadata={"help": (
+        "on the CPU backend, keep XLA:CPU from hoisting out of the layer loop the float32 copies of bfloat16 weights "
+        "it makes for its own matmuls (a whole-model copy no accelerator makes); false: plan the CPU program")})
+    config: Optional[str] = field(default=None, metadata={"help": "YAML file with the same keys as the flags"})
+
+    def __post_init__(self):
+        if self.tuner_type not in TUNER_TYPES:
+            raise ConfigError(f"--tuner_type {self.tuner_type!r}: expected one of {' | '.join(TUNER_TYPES)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--dtype {self.dtype!r}: expected float32 | bfloat16")
+        for name in ("max_length", "per_device_train_batch_size", "lora_rank", "galore_rank",
+                     "galore_update_interval", "loss_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.tuner_type == "qlora":
+            self.quant_method = self.quant_method or "nf4"
+        if self.quant_method is not None:
+            if self.quant_method not in QUANT_METHODS:
+                raise ConfigError(f"--quant_method {self.quant_method!r}: expected {' | '.join(QUANT_METHODS)}")
+            if self.tuner_type == "full":
+                raise ConfigError(f"--quant_method {self.quant_method} quantizes the frozen base under LoRA: it needs "
+                                  "--tuner_type lora or qlora, not full")
+        if self.use_galore and self.tuner_type != "full":
+            raise ConfigError(f"--use_galore projects full-rank gradients: it needs --tuner_type full, "
+                              f"not {self.tuner_type}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model: preset, config.json, HF folder or GGUF
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def _preset_path(name: str) -> Path | None:
+    wanted = name.strip().lower().rsplit("/", 1)[-1].removeprefix("meta-")
+    return next((p for p in PRESETS_DIR.glob("*.json") if p.stem == wanted), None)
+
+
+def read_model_config_dict(model: str) -> tuple[dict, str]:
+    """(config.json dict, where it came from) for a preset name, a config.json, an HF folder or a .gguf file."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        preset = _preset_path(model)
+        if preset is None:
+            from jaxswift.checkpoints.registry import _embedded_name, resolve_model_path
+
+            if _embedded_name(model) is None:
+                raise ConfigError(f"--model {model!r}: not a file, a folder or a preset "
+                                  f"(presets: {', '.join(preset_names())})")
+            path = resolve_model_path(model)
+        else:
+            path = preset
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"--model {model}: the folder has no config.json")
+    if path.suffix == ".gguf":
+        from jaxswift.checkpoints.gguf import read_gguf
+
+        return read_gguf(path).hf_config, str(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--model {path}: not a readable config.json ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--model {path}: expected a JSON object (a config.json)")
+    return raw, str(path)
+
+
+def load_plan_config(model: str, dtype: str) -> tuple[ModelConfig, str]:
+    """The ModelConfig to plan for; MoE configs get a clear error while the model core has no MoE."""
+    raw, where = read_model_config_dict(model)
+    try:
+        return config_from_hf(raw, where=where, dtype=dtype), where
+    except ConfigError:
+        moe = next((k for k in MOE_KEYS if raw.get(k)), None)
+        if moe:
+            raise ConfigError(f"{where}: a mixture-of-experts model ({moe}={raw[moe]}, model_type "
+                              f"{raw.get('model_type')!r}): MoE is not supported by the model core yet") from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# abstract, sharded train state and batch
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def state_shardings(state, cfg: ModelConfig, rules, mesh):
+    """NamedShardings for every leaf of a train state: a leaf with the shape of a parameter (the param itself, a
+    LoRA base, the optimizer's moments of it) takes the parameter's logical axes through the rule table; everything
+    else (adapters, low-rank moments, counters, RNG) is replicated."""
+    from jaxswift.parallel.rules import partition_spec
+    from jaxswift.train.trainer import param_logical_axes
+
+    leaves, treedef = jax.tree.flatten(state)
+    axes = treedef.flatten_up_to(param_logical_axes(state, cfg))
+    return treedef.unflatten(NamedSharding(mesh, partition_spec(a, x.shape, rules.params, mesh))
+                             for a, x in zip(axes, leaves))
+
+
+def abstract_params_for(cfg: ModelConfig, args: PlanArguments):
+    """(abstract params, trainable mask, prepare_params) as SFT would set them up, allocating nothing."""
+    from jaxswift.models.spec import abstract_params
+    from jaxswift.tuners import lora
+
+    params = abstract_params(cfg)
+    if args.tuner_type == "full":
+        return params, jax.tree.map(lambda _: True, params), None
+    if args.quant_method is not None:
+        from jaxswift.quant.nf4 import abstract_quantized_params
+
+        params = abstract_quantized_params(cfg, args.quant_method, params)
+    from jaxswift.train.trainer import _target_modules
+
+    lora_cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                               target_modules=_target_modules(args.target_modules))
+    params = jax.eval_shape(lambda p: lora.add_lora(p, cfg, lora_cfg, jax.random.key(0)), params)
+    return params, lora.trainable_mask(params), (lora.with_dropout if args.lora_dropout > 0 else None)
+
+
+def plan_optimizer(cfg: ModelConfig, args: PlanArguments):
+    """SFT's optimizer (global-norm clipping + AdamW), or GaLore-AdamW on attention and MLP matrices."""
+    import optax
+
+    from jaxswift.optim.factory import OptimizerConfig, decay_mask, make_optimizer
+
+    opt_cfg = OptimizerConfig()
+    if not args.use_galore:
+        return make_optimizer(opt_cfg, total_steps=1000)[0]
+    from jaxswift.optim.galore import galore_adamw, galore_mask_for
+
+    return optax.chain(optax.clip_by_global_norm(opt_cfg.max_grad_norm), galore_adamw(
+        opt_cfg.learning_rate, rank=args.galore_rank, update_proj_gap=args.galore_update_interval,
+        scale=args.galore_scale, weight_decay=opt_cfg.weight_decay, galore_mask=galore_mask_for(cfg),
+        decay_mask=decay_mask))
+
+
+def abstract_batch(rows: int, length: int, sharding) -> dict:
+    """One [A=1, B, T] SFT batch as ShapeDtypeStructs."""
+    from jaxswift.data.packing import BATCH_DTYPES
+
+    return {k: jax.ShapeDtypeStruct((1, rows, length), dt, sharding=sharding) for k, dt in BATCH_DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# counting
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _dot_flops(eqn) -> int:
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+    rhs_free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+    return 2 * math.prod(lhs) * math.prod(rhs_free)
+
+
+def _sub_jaxprs(value):
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        return [value.jaxpr]
+    if isinstance(value, jax.extend.core.Jaxpr):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    return []
+
+
+def matmul_flops(jaxpr) -> int:
+    """FLOPs of every dot_general in a jaxpr (2 per multiply-add), a scan body counted `length` times, the costlier
+    branch of a cond; a while loop's body once (its trip count is not static)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            total += _dot_flops(eqn)
+            continue
+        inner = [matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if not inner:
+            continue
+        if eqn.primitive.name == "cond":
+            total += max(inner)
+        else:
+            total += sum(inner) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Per-device bytes of one compiled train step, and its FLOPs."""
+
+    model: str
+    tuner_type: str
+    mesh: str
+    devices: int
+    platform: str
+    batch_rows: int  # global rows per step (per-device batch x data-parallel ways)
+    length: int
+    dtype: str
+    remat: str
+    weights: int
+    optimizer: int
+    batch_and_misc: int
+    temporaries: int
+    unaliased_outputs: int
+    matmul_flops: int  # whole step, all devices
+    xla_flops: float  # XLA cost_analysis, per device, loop bodies once
+    compile_seconds: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + self.batch_and_misc + self.temporaries + self.unaliased_outputs
+
+
+def _compiler_notes(mesh, cfg: ModelConfig) -> tuple[str, ...]:
+    import os
+
+    if mesh.devices.flat[0].platform != "cpu" or cfg.dtype != "bfloat16":
+        return ()
+    if "while-loop-invariant-code-motion" in os.environ.get("XLA_FLAGS", ""):
+        return ("XLA:CPU converts bfloat16 weights to float32 for its matmuls; kept per layer here as with "
+                "--emulate_accelerator (an accelerator runs them in bfloat16 and makes no such copy)",)
+    return ("XLA:CPU converts bfloat16 weights to float32 for its matmuls and hoists the copies out of the layer "
+            "loop: the temporaries include a float32 copy of the layers that an accelerator would not make",)
+
+
+def _tuner_description(args: PlanArguments) -> str:
+    if args.tuner_type == "full":
+        return f"full + GaLore rank {args.galore_rank}" if args.use_galore else "full"
+    return f"LoRA rank {args.lora_rank} over a {args.quant_method or args.dtype} base"
+
+
+def _mesh_description(mesh) -> str:
+    return " x ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "one device"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedStep:
+    """SFT's train step over an abstract, sharded state and batch: ready to lower, never allocated."""
+
+    step: Any  # (state, batch) -> (state, metrics), tracing under the rules' activation constraints
+    state: Any  # TrainState of ShapeDtypeStructs with NamedShardings
+    batch: dict
+    mesh: Any
+    cfg: ModelConfig
+    source: str  # where the model config came from
+
+    def jitted(self):
+        """jit as SFT's `compile_step` does it: state shardings in and out, batch over data, state donated."""
+        shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        batch_sharding = jax.tree.map(lambda x: x.sharding, self.batch)
+        return jax.jit(self.step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                       donate_argnums=0)
+
+    def matmul_flops(self) -> int:
+        return matmul_flops(jax.make_jaxpr(self.step)(self.state, self.batch).jaxpr)
+
+
+def build_step(args: PlanArguments) -> PlannedStep:
+    """The state SFT would build (tuner, optimizer, shardings) and its step, over abstract params."""
+    from jaxswift.parallel.mesh import make_mesh
+    from jaxswift.parallel.rules import activation_sharding, batch_sharding, load_rules
+    from jaxswift.train.state import init_train_state
+    from jaxswift.train.step import make_train_step
+
+    cfg, source = load_plan_config(args.model, args.dtype)
+    cfg = cfg.replace(remat="full" if args.gradient_checkpointing else "none")
+    mesh, rules = make_mesh(args.mesh or "1"), load_rules(args.sharding_rules)
+    params, mask, prepare = abstract_params_for(cfg, args)
+    optimizer = plan_optimizer(cfg, args)
+    state = jax.eval_shape(lambda p: init_train_state(p, mask, optimizer, 0), params)
+    state = _with_shardings(state, state_shardings(state, cfg, rules, mesh))
+    rows = args.per_device_train_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = abstract_batch(rows, args.max_length,
+                           NamedSharding(mesh, PartitionSpec(None, *batch_sharding(rules, mesh).spec)))
+    step_kwargs = {"loss_chunk": args.loss_chunk_size}
+    if prepare is not None:
+        step_kwargs["prepare_params"] = prepare
+    step = make_train_step(cfg, optimizer, **step_kwargs)
+
+    def traced(s, b):
+        with activation_sharding(rules, mesh):
+            return step(s, b)
+
+    return PlannedStep(traced, state, batch, mesh, cfg, source)
+
+
+def plan_train_step(args: PlanArguments) -> MemoryPlan:
+    """Builds SFT's train step over abstract sharded params, lowers and compiles it for the mesh, and measures it."""
+    planned = build_step(args)
+    started = time.perf_counter()
+    compiled = planned.jitted().lower(planned.state, planned.batch).compile()
+    compile_seconds = time.perf_counter() - started
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    state, mesh = planned.state, planned.mesh
+    weights = per_device_bytes(state.trainable) + per_device_bytes(state.frozen)
+    opt = per_device_bytes(state.opt_state)
+    return MemoryPlan(
+        model=planned.source, tuner_type=_tuner_description(args),
+        mesh=_mesh_description(mesh), devices=mesh.size, platform=mesh.devices.flat[0].platform,
+        batch_rows=planned.batch["tokens"].shape[1], length=args.max_length, dtype=args.dtype,
+        remat=planned.cfg.remat, weights=weights, optimizer=opt,
+        batch_and_misc=memory.argument_size_in_bytes - weights - opt, temporaries=memory.temp_size_in_bytes,
+        unaliased_outputs=memory.output_size_in_bytes - memory.alias_size_in_bytes,
+        matmul_flops=planned.matmul_flops(), xla_flops=float(cost.get("flops", float("nan"))),
+        compile_seconds=compile_seconds, notes=_compiler_notes(mesh, planned.cfg))
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:8.3f}"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The table the recipe prints."""
+    rows = [("weights (trainable + frozen)", plan.weights), ("optimizer state", plan.optimizer),
+            ("batch, step counters, RNG", plan.batch_and_misc),
+            ("gradients + activations + temporaries (XLA temp)", plan.temporaries),
+            ("step outputs not aliased to the state", plan.unaliased_outputs), ("total (peak)", plan.total)]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"model {plan.model} | {plan.tuner_type} | {plan.dtype}, remat {plan.remat} | "
+             f"{plan.batch_rows} x {plan.length} tokens per step | mesh {plan.mesh} ({plan.devices} "
+             f"{plan.platform} device{'s' * (plan.devices > 1)})",
+             f"{'memory per device':<{width}}      GiB"]
+    lines += [f"{name:<{width}} {_gib(value)}" for name, value in rows]
+    lines += [f"matmul FLOPs per step: {plan.matmul_flops:.4g} (all devices; {plan.matmul_flops / plan.devices:.4g} "
+              f"per device), counted in the step's jaxpr with loop bodies times their trip counts",
+              f"XLA cost_analysis flops: {plan.xla_flops:.4g} per device (XLA counts each loop body once)",
+              f"compile: {plan.compile_seconds:.1f} s"]
+    lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)
