@@ -305,10 +305,11 @@ def main(argv=None):
 
 def report(rows: list[dict], steps: dict[int, float], args, argv) -> str:
     trip = lambda v: "/".join(f"{x * 1e3:.0f}" for x in v)  # noqa: E731
+    version = importlib.metadata.version
     lines = [f"command: python benchmarks/serve.py {' '.join(argv if argv is not None else sys.argv[1:])}",
              f"machine: {os.cpu_count()} cores, load {' '.join(open('/proc/loadavg').read().split()[:3])}; "
-             f"jax {importlib.metadata.version('jax')}, torch {importlib.metadata.version('torch')}, "
-             f"transformers {importlib.metadata.version('transformers')}; {args.new_tokens} new tokens per request",
+             f"jax {version('jax')}, torch {version('torch')}, transformers {version('transformers')}; "
+             f"{args.new_tokens} new tokens per request",
              "", "| clients | server | output tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | vs HF one at a time |",
              "|---|---|---|---|---|---|"]
     single = {r["clients"]: r["tok_s"] for r in rows if r["name"] == "transformers one at a time"}

@@ -27,6 +27,7 @@ from jaxswift.serve.openai import build_app
 
 KEY = "test-key"
 MODEL = "tiny-chat"
+ADAPTER = "tiny-lora"
 PROMPTS = ["Tell me a story about a cat.", "What is 2 + 2?", "Name three colours.", "Bonjour, ça va ?",
            "Write a haiku about rain.", "日本語で挨拶して", "List some prime numbers.", "Why is the sky blue?"]
 
@@ -77,10 +78,30 @@ def model(tiny_chat_model):
 
 
 @pytest.fixture(scope="module")
-def served(model):
-    engine = JaxEngine(model, max_concurrent_decodes=8, max_model_len=256, page_size=16, prefill_buckets=(64, 128))
+def adapter_dir(tiny_chat_model, tmp_path_factory):
+    """A PEFT LoRA adapter for the tiny model, with random (non-zero) B so that it changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_lora")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_model),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(model, adapter_dir):
+    engine = JaxEngine(model, max_concurrent_decodes=8, max_model_len=256, page_size=16, prefill_buckets=(64, 128),
+                       adapters={ADAPTER: str(adapter_dir)})
     orchestrator = Orchestrator(engine, max_queue=128)
-    app = build_app(orchestrator, model_name=MODEL, api_keys=[KEY])
+    app = build_app(orchestrator, model_name=MODEL, adapter_names=[ADAPTER], api_keys=[KEY])
     with running(app) as url:
         yield Served(url, orchestrator, engine)
     orchestrator.shutdown()
@@ -239,7 +260,31 @@ def test_orchestrator_timeout_and_shutdown(served, model):
 # ---------------------------------------------------------------- OpenAI client: the happy paths
 
 def test_models_list(served):
-    assert [m.id for m in served.client().models.list()] == [MODEL]
+    assert [m.id for m in served.client().models.list()] == [MODEL, ADAPTER]
+
+
+def test_adapter_and_base_requests_mixed_in_one_batch(served, model, adapter_dir):
+    import dataclasses
+
+    import openai
+
+    from jaxswift.checkpoints.peft import load_peft_adapter
+
+    adapted = dataclasses.replace(model, params=load_peft_adapter(model.params, model.config, adapter_dir)[0])
+    expected = {(name, p): greedy_chat(m, p, 12) for name, m in ((MODEL, model), (ADAPTER, adapted))
+                for p in PROMPTS[:3]}
+    assert all(expected[(MODEL, p)] != expected[(ADAPTER, p)] for p in PROMPTS[:3])  # the adapter matters
+
+    async def ask(client, name, prompt):
+        r = await client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
+                                                 max_tokens=12, temperature=0)
+        return r.choices[0].message.content
+
+    async def mixed():
+        async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0) as client:
+            return await asyncio.gather(*(ask(client, name, p) for (name, p) in expected))
+
+    assert asyncio.run(mixed()) == list(expected.values())
 
 
 def test_chat_completion_greedy_streamed_and_not(served, model):
@@ -451,6 +496,7 @@ def test_full_queue_and_concurrency_cap_are_429_while_other_requests_are_served(
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 1000}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 64, "n": 16, "max_tokens": 1}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "unknown_field": 1}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 300}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 256}, 400),

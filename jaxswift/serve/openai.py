@@ -11,6 +11,7 @@ strictly (no type coercion, unknown fields refused) so that nothing a client sen
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
@@ -221,6 +222,7 @@ class OpenAIServer:
         self.metrics = ServerMetrics(orchestrator)
         self.created = int(time.time())
         self.vocab_size = len(self.tokenizer)
+        self.token_text = functools.lru_cache(maxsize=65536)(lambda token_id: self.tokenizer.decode([token_id]))
 
     # ---- models and prompts
     def adapter_for(self, name: str | None) -> int:
@@ -267,10 +269,6 @@ class OpenAIServer:
             raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                            param=param)
 
-    @functools.lru_cache(maxsize=65536)
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
     # ---- requests
     def check_fits(self, prompts: list[list[int]], max_tokens: int):
         limit = self.engine.max_model_len
@@ -303,6 +301,9 @@ class OpenAIServer:
                 for ids in prompts for j in range(body.n)]
 
     def submit(self, requests: list[GenerationRequest], sink, client: str):
+        if len(requests) > self.orchestrator.max_queue:  # would never fit: the client's mistake, not a busy server
+            raise APIError(400, f"n x prompts = {len(requests)} requests; this server queues at most "
+                                f"{self.orchestrator.max_queue} at once", param="n")
         release = self.limits.admit(client)
         try:
             return self.orchestrator.submit(requests, sink), release
@@ -425,8 +426,6 @@ async def _run(server: OpenAIServer, request: Request, shape: _Shape, body: _Sam
 
 async def _next_chunk(sink: AsyncSink, request: Request | None):
     """The next (index, chunk); raises APIError(499) when a waiting non-streaming client has gone."""
-    import asyncio
-
     while True:
         try:
             return await asyncio.wait_for(sink.queue.get(), DISCONNECT_POLL_S)
