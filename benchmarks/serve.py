@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--clients", default="1,8,32", help="concurrency levels, comma separated")
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--via", choices=("orchestrator", "http"), default="orchestrator")
-    p.add_argument("--max_model_len", type=int, default=512)
+    p.add_argument("--max_model_len", type=int, default=256)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     p.add_argument("--skip_hf_single_above", type=int, default=1000,
                    help="skip transformers one-at-a-time above this concurrency (it is the slowest part)")

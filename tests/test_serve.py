@@ -177,6 +177,8 @@ def test_incremental_detokenizer_matches_full_decode_and_never_emits_broken_char
     assert "".join(pieces) == smol_tokenizer.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
     assert len(ids) > len([p for p in pieces if p])  # some characters did span several tokens
+    eos = smol_tokenizer.eos_token_id
+    assert [detok.push(t) for t in (eos, eos, ids[0])] == ["", "", smol_tokenizer.decode(ids[:1])]
 
 
 @pytest.mark.parametrize("pieces, stops, expected, stopped", [
@@ -382,6 +384,13 @@ def test_stop_string_across_token_boundaries(served, model):
     assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
     streamed = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
     assert "".join(streamed) == full[:full.index(stop)]
+    # a stop token id ends the request too (even with ignore_eos), without being part of the output
+    stop_id = full_ids[5]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                  extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]})
+    kept = full_ids[:full_ids.index(stop_id)]
+    assert r.choices[0].text == model.tokenizer.decode(kept) and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == len(kept)
 
 
 # ---------------------------------------------------------------- load, disconnects

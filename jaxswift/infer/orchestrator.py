@@ -113,7 +113,12 @@ class IncrementalDetokenizer:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         seen = decode(self.ids[self.prefix_offset:self.read_offset])
         full = decode(self.ids[self.prefix_offset:])
-        if len(full) <= len(seen) or full.endswith("\ufffd"):
+        if full.endswith("\ufffd"):  # a character's first bytes: wait for the rest
+            return ""
+        if full == seen:  # special tokens (skipped): move past them so the window stays short
+            self.read_offset = len(self.ids)
+            return ""
+        if len(full) < len(seen):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(seen):]
@@ -177,7 +182,7 @@ class _Live:
     def take_token(self, result: ResultTokens, row: int) -> bool:
         """Handles one sampled token; True when the request has ended (the caller then frees its slot)."""
         token, done = int(result.tokens[row]), bool(result.done[row])
-        ends_by_token = done and token in self.end_ids and not self.request.sampling.ignore_eos
+        ends_by_token = done and token in self.end_ids
         chunk = Chunk()
         if not ends_by_token:
             self.completion_tokens += 1
@@ -234,7 +239,7 @@ class Orchestrator:
         self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
         self.max_queue = max_queue
         self.request_timeout = request_timeout
-        self._end_ids = frozenset(int(i) for i in getattr(engine, "eos_ids", ()))
+        self._eos_ids = frozenset(int(i) for i in getattr(engine, "eos_ids", ()))
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: dict[int, _Live] = {}
         self._free_slots = list(range(engine.max_concurrent_decodes))[::-1]
@@ -273,8 +278,9 @@ class Orchestrator:
             for i, r in enumerate(requests):
                 timeout = self.request_timeout if r.timeout is None else r.timeout
                 deadline = None if timeout is None else ticket.submitted_at + timeout
-                extra_ends = frozenset(r.sampling.stop_token_ids)
-                self._waiting.append(_Live(ticket, i, r, self.tokenizer, deadline, self._end_ids | extra_ends))
+                eos = frozenset() if r.sampling.ignore_eos else self._eos_ids
+                end_ids = eos | frozenset(int(t) for t in r.sampling.stop_token_ids)
+                self._waiting.append(_Live(ticket, i, r, self.tokenizer, deadline, end_ids))
             self._wake.notify()
         return ticket
 
