@@ -1,0 +1,204 @@
+"""Rollouts: G sampled completions per prompt with the log-prob of every sampled token, from the current params.
+
+One interface, two backends:
+
+    rollout(params, prompts_ids, cfg, sampling=..., num_generations=G, eos_ids=..., pad_id=..., key=...)
+        -> Rollout(prompt_ids [N, P] left-padded, completion_ids [N, C], completion_mask [N, C], logprobs [N, C], ...)
+
+`sample_with_logprobs` is jaxswift's batched generation loop (infer/generate.py's prefill + jitted while-loop over a
+KV cache) extended to report, for each sampled token, its log-prob under the temperature-scaled distribution
+log_softmax(logits / temperature) before top-k / top-p filtering: exactly what the trainer recomputes (TRL divides
+the logits by the temperature too). `engine_rollout` drives infer/engine.py's JaxEngine (continuous batching over
+a paged KV cache); the engine reports log-probs before temperature (as vLLM), which equal the trainer's at
+temperature 1. Rows are ordered prompt by prompt: the G completions of prompt i are rows i*G .. i*G+G-1.
+
+With LoRA the params are the train state's (base + adapters, no merged copy); with full tuning they are the
+trained params themselves, so every rollout samples from the latest weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxswift.infer.generate import left_pad
+from jaxswift.infer.sampling import SamplingParams, sample
+from jaxswift.models.config import ModelConfig
+from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_completion_length: int = 256
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 for rollouts (sampling, not greedy), got {self.temperature}")
+        if self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        SamplingParams(self.temperature, self.top_p, self.top_k)  # its own range checks
+
+
+@dataclasses.dataclass
+class Rollout:
+    """N = prompts x G rows (numpy). completion_mask is 1 on tokens the policy generated (eos included) and 0 on
+    padding and on environment tokens (multi-turn); logprobs are 0 where the mask is 0."""
+    prompt_ids: np.ndarray  # [N, P] left-padded
+    prompt_positions: np.ndarray  # [N, P]
+    prompt_segments: np.ndarray  # [N, P] 1 on prompt tokens, 0 on padding
+    completion_ids: np.ndarray  # [N, C]
+    completion_mask: np.ndarray  # [N, C] float32
+    logprobs: np.ndarray  # [N, C] float32, at temperature (see module docstring)
+    truncated: np.ndarray  # [N] bool: hit max_completion_length without eos
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.completion_mask.sum(1).astype(np.int64)
+
+
+def _last_logits(params, tokens, cfg, positions, segments, cache):
+    h, cache = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments, cache=cache)
+    return logits_from_hidden(params, h[:, -1:], cfg)[:, 0], cache
+
+
+def _token_logprob(logits_BV, tok_B, temperature: float):
+    logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / temperature, axis=-1)
+    return jnp.take_along_axis(logp, tok_B[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"))
+def sample_with_logprobs(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, *, cfg: ModelConfig,
+                         max_new_tokens: int, sampling: SamplingParams):
+    """(tokens [B, C], logprobs [B, C], lengths [B]): C = max_new_tokens; after eos, the eos id and logprob 0."""
+    B, P = tokens_BP.shape
+    params = unstack_layers(params)
+    cache = init_cache(cfg, B, P + max_new_tokens, per_layer=True)
+    logits, cache = _last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
+    fill = eos_ids[0]
+
+    def cond(state):
+        step, _, _, _, done, _, _, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, logits, cache, pos, done, out, logps, lengths, key = state
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, fill, sample(logits, sub, sampling))
+        logps = logps.at[:, step].set(jnp.where(done, 0.0, _token_logprob(logits, tok, sampling.temperature)))
+        out = out.at[:, step].set(tok)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(tok, eos_ids)
+        logits, cache = _last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
+        return step + 1, logits, cache, pos + 1, done, out, logps, lengths, key
+
+    state = (jnp.zeros((), jnp.int32), logits, cache, positions_BP[:, -1] + 1, jnp.zeros((B,), bool),
+             jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.float32),
+             jnp.zeros((B,), jnp.int32), key)
+    out = jax.lax.while_loop(cond, body, state)
+    return out[5], out[6], out[7]
+
+
+def _mask(lengths: np.ndarray, width: int) -> np.ndarray:
+    return (np.arange(width)[None, :] < lengths[:, None]).astype(np.float32)
+
+
+def _truncated(tokens: np.ndarray, lengths: np.ndarray, eos_ids) -> np.ndarray:
+    last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+    return (lengths == tokens.shape[1]) & ~np.isin(last, np.asarray(eos_ids))
+
+
+def rollout(params, prompts_ids: list[list[int]], cfg: ModelConfig, *, sampling: RolloutSampling,
+            num_generations: int, eos_ids, pad_id: int, key) -> Rollout:
+    """G completions per prompt from jaxswift's jitted generation loop (one batch of N = len(prompts) x G rows)."""
+    repeated = [ids for ids in prompts_ids for _ in range(num_generations)]
+    tokens, positions, segments = left_pad(repeated, pad_id)
+    params_sampling = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    out, logps, lengths = sample_with_logprobs(params, tokens, positions, segments, jnp.asarray(eos_ids, jnp.int32),
+                                               key, cfg=cfg, max_new_tokens=sampling.max_completion_length,
+                                               sampling=params_sampling)
+    out, logps, lengths = np.asarray(out), np.asarray(logps), np.asarray(lengths)
+    mask = _mask(lengths, out.shape[1])
+    return Rollout(tokens, positions, segments, out, mask, logps * mask, _truncated(out, lengths, eos_ids))
+
+
+def engine_rollout(engine, params, prompts_ids: list[list[int]], *, sampling: RolloutSampling,
+                   num_generations: int, seed: int) -> Rollout:
+    """The same rollout from a JaxEngine (continuous batching: a finished slot takes the next request at once).
+    `params` as the engine takes them (unstack_layers of the train state's). Log-probs before temperature."""
+    from jaxswift.infer.engine_api import RequestSampling
+
+    requests = [(i, ids) for i, ids in enumerate(p for p in prompts_ids for _ in range(num_generations))]
+    C = sampling.max_completion_length
+    out = np.full((len(requests), C), engine.eos_ids[0], np.int32)
+    logps = np.zeros((len(requests), C), np.float32)
+    lengths = np.zeros((len(requests),), np.int64)
+    state, free, running, queue = engine.init_decode_state(), list(range(engine.max_concurrent_decodes)), {}, \
+        list(requests)
+
+    def record(row, token, logprob):
+        out[row, lengths[row]] = token
+        logps[row, lengths[row]] = logprob
+        lengths[row] += 1
+
+    while queue or running:
+        while queue and free and engine.can_admit(len(queue[0][1]), C):
+            row, ids = queue.pop(0)
+            req = RequestSampling(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                  max_tokens=C, seed=seed * 1_000_003 + row, logprobs=0)
+            padded, n = engine.pad_prompt(ids)
+            prefix, first = engine.prefill(params, padded, n, req)
+            record(row, int(first.tokens[0]), float(first.logprobs[0]))
+            if first.done[0]:
+                continue
+            slot = free.pop()
+            state = engine.insert(prefix, state, slot)
+            running[slot] = row
+        state, result = engine.generate(params, state)
+        for slot, row in list(running.items()):
+            if result.valid[slot]:
+                record(row, int(result.tokens[slot]), float(result.logprobs[slot]))
+            if result.done[slot]:
+                state = engine.free_resource(state, slot)
+                free.append(slot)
+                del running[slot]
+    tokens, positions, segments = left_pad([ids for _, ids in requests], engine._pad_id)
+    mask = _mask(lengths, C)
+    return Rollout(tokens, positions, segments, out, mask, logps * mask, _truncated(out, lengths, engine.eos_ids))
+
+
+# --------------------------------------------------------------------------------------- training-side log-probs
+
+
+def sequences(r: Rollout) -> dict[str, np.ndarray]:
+    """The training layout of a rollout: [N, P + C] tokens, positions and segment ids (prompt padding 0)."""
+    C = r.completion_ids.shape[1]
+    starts = r.prompt_segments.sum(1)  # prompt lengths: the completion's first position
+    completion_pos = starts[:, None] + np.arange(C)[None, :]
+    return {"tokens": np.concatenate([r.prompt_ids, r.completion_ids], 1).astype(np.int32),
+            "positions": np.concatenate([r.prompt_positions, completion_pos], 1).astype(np.int32),
+            "segment_ids": np.concatenate([r.prompt_segments, np.ones((len(starts), C), np.int32)], 1)
+            .astype(np.int32)}
+
+
+def completion_logps(params, tokens_BT, positions_BT, segments_BT, cfg: ModelConfig, *, prompt_length: int,
+                     temperature: float, with_entropy: bool = False):
+    """log p(completion token) [B, C] under log_softmax(logits / temperature) (float32), C = T - prompt_length;
+    and the per-token entropy of that distribution when asked."""
+    h = hidden_states(params, tokens_BT, cfg, positions=positions_BT, segment_ids=segments_BT)[0]
+    h_BCD = h[:, prompt_length - 1:-1]
+    logits = logits_from_hidden(params, h_BCD, cfg).astype(jnp.float32) / temperature
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    targets = tokens_BT[:, prompt_length:]
+    logps = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
+    if not with_entropy:
+        return logps
+    probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+    entropy = jax.lax.stop_gradient(log_z) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
+    return logps, entropy
