@@ -214,3 +214,31 @@ def test_multi_turn_rollout_masks_observations(tiny, tmp_path):
         hidden = ids[(mask == 0) & (np.arange(48) < turns[-1] + 1)].tolist()
         assert all(t in hidden for t in observation)  # the observation's tokens are in the sequence, unmasked
     np.testing.assert_allclose(r.logprobs, recomputed(tiny, r, 1.0) * r.completion_mask, atol=1e-4)
+
+
+def test_reward_model_reward_matches_transformers(tiny_chat_model, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxswift.checkpoints.safetensors_io import write_safetensors
+
+    folder = tmp_path / "rm"
+    shutil.copytree(tiny_chat_model, folder)
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(0, 0.5, (1, 64)).astype(np.float32), np.array([0.3], np.float32)
+    write_safetensors(folder / "value_head.safetensors", {"v_head.summary.weight": w, "v_head.summary.bias": b})
+    (reward,) = rw.resolve_reward_funcs([f"rm:{folder}"], rw.RewardSettings()).values()
+    prompts, completions = ["What is 1 + 2?", "Name a colour."], ["3", "A long answer: blue, like the sea."]
+    got = reward(prompts, completions)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    want = []
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor([reward._ids(p, c)])
+        with torch.no_grad():
+            h = hf.model(ids).last_hidden_state[0, -1].numpy()
+        want.append(float(h @ w[0] + b[0]))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(ConfigError, match="no value_head.safetensors"):
+        rw.resolve_reward_funcs([f"rm:{tiny_chat_model}"], rw.RewardSettings())

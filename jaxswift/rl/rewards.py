@@ -1,5 +1,5 @@
 """Reward functions: built-ins users know from ms-swift (accuracy, format, cosine, repetition, soft_overlong) and
-plugins `--reward_funcs mymodule:fn` (or `path/to/file.py:fn`).
+plugins `--reward_funcs mymodule:fn` (or `path/to/file.py:fn`), and a trained reward model (`rm:PATH`).
 
 A reward function has TRL's signature: `fn(prompts, completions, **columns) -> list[float]`, one value per
 completion. `prompts` and `completions` are lists of strings; every other column of the dataset rows arrives as a
@@ -240,6 +240,8 @@ def resolve_reward_funcs(names: Sequence[str], settings: RewardSettings) -> dict
             raise ConfigError(f"--reward_funcs lists {name} twice")
         if name in builtins:
             out[name] = builtins[name]
+        elif name.startswith("rm:"):
+            out[name] = RewardModelReward(name[len("rm:"):])
         elif ":" in name:
             out[name] = load_plugin(name)
         else:
@@ -295,3 +297,54 @@ def check_weights(weights: Sequence[float] | None, names: Sequence[str]) -> np.n
         raise ConfigError(f"--reward_weights has {len(weights)} values for {len(names)} reward functions "
                           f"({', '.join(names)})")
     return np.asarray(weights, np.float64)
+
+
+# ---------------------------------------------------------------------------------------------- a reward model
+
+
+class RewardModelReward:
+    """A trained reward model as a reward function: `--reward_funcs rm:PATH`, PATH a full model folder exported by
+    `jaxswift rlhf --rlhf_type rm --tuner_type full` (HF weights + value_head.safetensors, TRL's v_head names). The
+    score is w . h + b on the last token of prompt + completion rendered with the model's chat template."""
+
+    def __init__(self, path: str):
+        import jax
+
+        from jaxswift.api import load_model
+        from jaxswift.checkpoints.safetensors_io import SafetensorsFile
+
+        folder = Path(path).expanduser()
+        head_file = folder / "value_head.safetensors"
+        if not head_file.is_file():
+            raise ConfigError(f"--reward_funcs rm:{path}: no value_head.safetensors in {folder} (export a reward "
+                              "model with `jaxswift rlhf --rlhf_type rm --tuner_type full`)")
+        self.model = load_model(str(folder))
+        if self.model.tokenizer is None:
+            raise ConfigError(f"--reward_funcs rm:{path}: the reward model has no tokenizer")
+        head = SafetensorsFile(head_file)
+        self.w = np.asarray(head.get("v_head.summary.weight"), np.float32).reshape(-1)
+        self.b = np.asarray(head.get("v_head.summary.bias"), np.float32).reshape(())
+        self._score = jax.jit(self._last_token_scores)
+
+    def _last_token_scores(self, params, tokens, positions, segments, last):
+        import jax.numpy as jnp
+
+        from jaxswift.models.transformer import hidden_states
+
+        h = hidden_states(params, tokens, self.model.config, positions=positions, segment_ids=segments)[0]
+        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        return h_last @ self.w + self.b
+
+    def _ids(self, prompt, completion: str) -> list[int]:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        text = self.model.tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}],
+                                                        tokenize=False)
+        return self.model.tokenizer.encode(text, add_special_tokens=False)
+
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        from jaxswift.infer.generate import left_pad
+
+        ids = [self._ids(p, c) for p, c in zip(prompts, completions)]
+        tokens, positions, segments = left_pad(ids, 0)
+        last = np.full((len(ids),), tokens.shape[1] - 1, np.int32)  # left-padded: every row ends at the end
+        return np.asarray(self._score(self.model.params, tokens, positions, segments, last), np.float64).tolist()
