@@ -22,12 +22,13 @@ class RunLogger:
         self.tb = SummaryWriter(str(self.dir / "runs"))
         self.bar = tqdm(total=total_steps, initial=initial_step, disable=not enable_bar, dynamic_ncols=True,
                         desc="train", unit="step")
-        self.start = time.perf_counter()
+        self.start = self.created = time.perf_counter()
         self.tokens = 0.0
 
     def log(self, step: int, record: dict, *, prefix: str = "train"):
         record = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in record.items()}
-        self.jsonl.write(json.dumps({"step": step, "split": prefix, **record}) + "\n")
+        wall = {"elapsed_s": round(time.perf_counter() - self.created, 3)}  # JSONL only: step timing for benchmarks
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **record, **wall}) + "\n")
         for key, value in record.items():
             if isinstance(value, float) and math.isfinite(value):
                 self.tb.add_scalar(f"{prefix}/{key}", value, step)
