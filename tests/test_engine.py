@@ -75,11 +75,266 @@ def drive(engine, requests, *, arrivals=None, params=None):
     return tokens, results
 
 
-def test_staggered_greedy_with_chunked_prefill_equals_generate(tiny):
-    engine = JaxEngine(tiny, max_concurrent_decodes=3, max_model_len=128, page_size=8, prefill_buckets=(16, 32))
-    prompts = random_prompts([5, 17, 40, 70, 3])  # 40 and 70 exceed the largest bucket: chunked prefill
+def tiny_engine(model, **sizes):
+    return JaxEngine(model, **{**dict(max_concurrent_decodes=3, max_model_len=128, page_size=8,
+                                      prefill_buckets=(16, 32)), **sizes})
+
+
+def greedy(model, ids, n=20):
+    """jaxswift.generate_ids alone (always 20 tokens, one compile: greedy tokens do not depend on the length)."""
+    return jaxswift.generate_ids(model, [ids], max_new_tokens=20, ignore_eos=True)[0][:n]
+
+
+def test_staggered_greedy_with_chunked_prefill_and_full_context_equals_generate(tiny):
+    engine = tiny_engine(tiny)
+    # 40, 70 and 120 exceed the largest bucket (32): chunked prefill. 120 + 8 tokens fill max_model_len 128.
+    prompts = random_prompts([5, 17, 40, 70, 3, 120])
     sampling = RequestSampling(max_tokens=20, ignore_eos=True)
-    got, _ = drive(engine, [(p, sampling) for p in prompts], arrivals=[0, 2, 3, 3, 9])
-    for i, p in enumerate(prompts):
-        assert got[i] == jaxswift.generate_ids(tiny, [p], max_new_tokens=20, ignore_eos=True)[0], i
+    got, results = drive(engine, [(p, sampling) for p in prompts], arrivals=[0, 2, 3, 3, 9, 10])
+    for i, p in enumerate(prompts[:5]):
+        assert got[i] == greedy(tiny, p), i
+    assert got[5] == greedy(tiny, prompts[5], 8) and results[5][-1]["done"]
     assert engine.kv_pages_used == 0
+
+
+QUESTIONS = ["What is 2+2?", "Name a fruit.", "Say hello in French.", "What colour is the sky?",
+             "Write a haiku about rain.", "Why do cats purr?", "List three prime numbers.",
+             "Explain gravity to a child in one long paragraph."]
+
+
+def test_smollm2_eight_staggered_prompts_equal_generate_and_transformers():
+    import transformers
+
+    from jaxswift.checkpoints.registry import resolve_model_path
+
+    model = jaxswift.load_model("smollm2-135m-instruct")
+    prompts = [jaxswift.api.chat_prompt_ids(model, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    engine = JaxEngine(model, max_concurrent_decodes=4, max_model_len=256, page_size=16, prefill_buckets=(64, 128))
+    sampling = RequestSampling(max_tokens=64, ignore_eos=True)
+    got, _ = drive(engine, [(p, sampling) for p in prompts], arrivals=[0, 0, 3, 5, 5, 9, 20, 30])
+    assert engine.kv_pages_used == 0 and not engine._pages.promised
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+    for i, ids in enumerate(prompts):
+        assert got[i] == jaxswift.generate_ids(model, [ids], max_new_tokens=64, ignore_eos=True)[0], i
+        with torch.no_grad():  # an explicit mask: SmolLM2's pad id is <|im_end|>
+            out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=64, min_new_tokens=64, do_sample=False, eos_token_id=None,
+                                     pad_token_id=model.tokenizer.pad_token_id)
+        assert got[i] == out[0, len(ids):].tolist(), i
+
+
+# --- sampling: vLLM's formulas, transcribed in float64 numpy -------------------------------------------------------
+
+
+def vllm_processed_logits(logits, prompt_mask, counts, temperature, min_p, top_k, top_p, repetition, presence,
+                          frequency):
+    """One row, as vLLM's sampler: penalties (repetition over prompt+output, frequency, presence), temperature,
+    min_p, then top-k and top-p on the ascending sort."""
+    x = logits.astype(np.float64)
+    output_mask = counts > 0
+    penalty = np.where(prompt_mask | output_mask, repetition, 1.0)
+    x = np.where(x > 0, x / penalty, x * penalty)
+    x = x - frequency * counts - presence * output_mask
+    penalized = x.copy()
+    x = x / (temperature if temperature > 0 else 1.0)
+    probs = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    x = np.where(probs < min_p * probs.max(), -np.inf, x)
+    ascending = np.sort(x)
+    if 0 < top_k < x.size:
+        x = np.where(x < ascending[x.size - top_k], -np.inf, x)
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    finite = sorted_x[np.isfinite(sorted_x)]
+    probs = np.exp(sorted_x - finite.max())
+    probs = probs / probs.sum()
+    remove = np.cumsum(probs) <= 1 - top_p
+    remove[-1] = False
+    x[order[remove]] = -np.inf
+    return penalized, x
+
+
+def test_penalties_min_p_top_k_top_p_equal_vllm_formulas():
+    import jax.numpy as jnp
+
+    from jaxswift.infer.sampling import SlotSampling, penalized_logits, sampling_logits
+
+    rng = np.random.default_rng(0)
+    S, V = 6, 97
+    logits = rng.normal(0, 3, (S, V)).astype(np.float32)
+    prompt_mask = rng.random((S, V)) < 0.2
+    counts = rng.integers(0, 4, (S, V)) * (rng.random((S, V)) < 0.15)
+    rows = dict(temperature=[0.0, 0.7, 1.0, 1.3, 0.5, 1.0], min_p=[0.0, 0.05, 0.0, 0.2, 0.01, 0.0],
+                top_k=[0, 5, 20, 0, 40, 1], top_p=[1.0, 0.9, 0.5, 0.8, 1.0, 1.0],
+                repetition=[1.0, 1.3, 0.8, 1.1, 1.0, 2.0], presence=[0.0, 0.5, -0.4, 1.5, 0.2, 0.0],
+                frequency=[0.0, 0.3, 0.6, -0.5, 0.0, 1.0])
+    s = SlotSampling(*(jnp.asarray(rows[name], jnp.float32) for name in ("temperature", "top_p")),
+                     jnp.asarray(rows["top_k"], jnp.int32),
+                     *(jnp.asarray(rows[name], jnp.float32) for name in ("min_p", "repetition", "presence",
+                                                                         "frequency")),
+                     jnp.zeros((S, 2), jnp.uint32))
+    penalized = penalized_logits(jnp.asarray(logits), jnp.asarray(prompt_mask), jnp.asarray(counts, jnp.int32), s)
+    final = np.asarray(sampling_logits(penalized, s))
+    for i in range(S):
+        want_penalized, want = vllm_processed_logits(logits[i], prompt_mask[i], counts[i],
+                                                     **{name: values[i] for name, values in rows.items()})
+        np.testing.assert_allclose(np.asarray(penalized[i]), want_penalized, rtol=1e-6, atol=1e-6)
+        assert (np.isinf(final[i]) == np.isinf(want)).all(), i
+        kept = np.isfinite(want)
+        np.testing.assert_allclose(final[i][kept], want[kept], rtol=1e-6, atol=1e-6)
+    kept_per_row = np.isfinite(final).sum(axis=1)
+    assert kept_per_row[5] == 1 and kept_per_row[0] == V and 1 < kept_per_row[1] <= 5  # the test can fail
+
+
+
+def test_samples_follow_the_processed_distribution():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxswift.infer.sampling import SlotSampling, sample_slots
+
+    rng = np.random.default_rng(1)
+    S, V, N = 3, 12, 4000
+    logits = rng.normal(0, 1.5, (S, V)).astype(np.float32)
+    rows = dict(temperature=[0.0, 0.8, 1.2], min_p=[0.0, 0.0, 0.1], top_k=[0, 6, 0], top_p=[1.0, 0.9, 0.85],
+                repetition=[1.0, 1.0, 1.2], presence=[0.0, 0.3, 0.0], frequency=[0.0, 0.0, 0.2])
+    prompt_mask, counts = rng.random((S, V)) < 0.3, rng.integers(0, 3, (S, V))
+    s = SlotSampling(jnp.asarray(rows["temperature"], jnp.float32), jnp.asarray(rows["top_p"], jnp.float32),
+                     jnp.asarray(rows["top_k"], jnp.int32),
+                     *(jnp.asarray(rows[name], jnp.float32) for name in ("min_p", "repetition", "presence",
+                                                                         "frequency")),
+                     jnp.asarray([[7, 0], [8, 0], [9, 1]], jnp.uint32))
+    draws = jax.vmap(lambda i: sample_slots(jnp.asarray(logits), jnp.asarray(prompt_mask),
+                                            jnp.asarray(counts, jnp.int32), s, jnp.full((S,), i)))(jnp.arange(N))
+    draws = np.asarray(draws)
+    for i in range(S):
+        penalized, final = vllm_processed_logits(logits[i], prompt_mask[i], counts[i],
+                                                 **{name: values[i] for name, values in rows.items()})
+        if rows["temperature"][i] == 0:
+            assert (draws[:, i] == np.argmax(penalized)).all()
+            continue
+        probs = np.exp(final - final[np.isfinite(final)].max())
+        probs /= probs.sum()
+        frequencies = np.bincount(draws[:, i], minlength=V) / N
+        assert (frequencies[probs == 0] == 0).all(), i
+        np.testing.assert_allclose(frequencies, probs, atol=0.03)
+
+
+# --- pages, stopping, bad inputs (tiny model) ----------------------------------------------------------------------
+
+
+def test_page_exhaustion_makes_requests_wait_and_never_corrupts(tiny):
+    engine = tiny_engine(tiny, max_model_len=64, num_pages=6)
+    long_ids, small_ids, blocked_ids = random_prompts([20, 5, 10], seed=1)
+    state = engine.init_decode_state()
+    assert engine.can_admit(20, 20)  # worst case: positions 0..38 -> 5 pages of 8
+    padded, n = engine.pad_prompt(long_ids)
+    prefix, first = engine.prefill(engine.params, padded, n, RequestSampling(max_tokens=20, ignore_eos=True))
+    state = engine.insert(prefix, state, 0)
+    assert engine.kv_pages_used == 3  # the prompt's pages only; the rest is reserved
+    assert not engine.can_admit(10, 10)  # needs 3 pages, 1 is left unpromised
+    assert engine.can_admit(5, 4)
+    padded, n = engine.pad_prompt(small_ids)
+    small_prefix, small_first = engine.prefill(engine.params, padded, n,
+                                               RequestSampling(max_tokens=4, ignore_eos=True))
+    state = engine.insert(small_prefix, state, 1)
+    assert not engine.can_admit(5, 4)
+    padded, n = engine.pad_prompt(blocked_ids)
+    blocked, _ = engine.prefill(engine.params, padded, n, RequestSampling(max_tokens=10, ignore_eos=True))
+    with pytest.raises(RuntimeError, match="can_admit"):
+        engine.insert(blocked, state, 2)  # refused before touching anything
+    outputs, finished = {0: [int(first.tokens[0])], 1: [int(small_first.tokens[0])]}, set()
+    while len(finished) < 2:
+        state, result = engine.generate(engine.params, state)
+        for slot in np.flatnonzero(result.valid):
+            outputs[slot].append(int(result.tokens[slot]))
+        for slot in np.flatnonzero(result.done):
+            state = engine.free_resource(state, slot)
+            finished.add(slot)
+    assert outputs[0] == greedy(tiny, long_ids, 20) and outputs[1] == greedy(tiny, small_ids, 4)
+    assert engine.kv_pages_used == 0 and engine.can_admit(10, 10)
+
+
+def test_max_tokens_one_stop_ids_eos_and_ignore_eos(tiny):
+    engine = tiny_engine(tiny)
+    ids = random_prompts([9], seed=2)[0]
+    reference = greedy(tiny, ids, 12)
+    k = next(i for i in range(2, 12) if reference[i] not in reference[:i])  # stop there, not before
+    stop = reference[k]
+
+    got, results = drive(engine, [(ids, RequestSampling(max_tokens=1))])
+    assert got[0] == reference[:1] and results[0][0]["done"] and results[0][0]["lengths"] == 1
+    assert engine.kv_pages_used == 0
+    got, results = drive(engine, [(ids, RequestSampling(max_tokens=12, stop_token_ids=(stop,)))])
+    assert got[0] == reference[:k + 1] and results[0][-1]["done"] and results[0][-1]["lengths"] == k + 1
+
+    eos_model = jaxswift.api.Model(tiny.config.replace(eos_token_ids=(stop,)), tiny.params)
+    eos_engine = tiny_engine(eos_model)
+    assert eos_engine.eos_ids == (stop,)
+    assert drive(eos_engine, [(ids, RequestSampling(max_tokens=12))])[0][0] == reference[:k + 1]
+    assert drive(eos_engine, [(ids, RequestSampling(max_tokens=12, ignore_eos=True))])[0][0] == reference
+
+
+def test_bad_inputs_name_what_is_wrong(tiny):
+    engine = tiny_engine(tiny)
+    with pytest.raises(ConfigError, match="prompt has 0 tokens"):
+        engine.pad_prompt([])
+    with pytest.raises(ConfigError, match="max_model_len 128"):
+        engine.pad_prompt([5] * 128)
+    with pytest.raises(ConfigError, match="max_model_len 128"):
+        engine.can_admit(128, 1)
+    with pytest.raises(ConfigError, match="max_tokens"):
+        engine.can_admit(5, 0)
+    padded, n = engine.pad_prompt([5, 6, 7])
+    for field, value in [("temperature", -0.5), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5),
+                         ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("max_tokens", 0),
+                         ("logprobs", 21), ("stop_token_ids", (VOCAB,)), ("adapter", 1)]:
+        with pytest.raises(ConfigError, match=f"sampling {field} must be"):
+            engine.prefill(engine.params, padded, n, RequestSampling(**{field: value}))
+    with pytest.raises(ConfigError, match="multiples of page_size 8"):
+        tiny_engine(tiny, prefill_buckets=(20,))
+    with pytest.raises(ConfigError, match="page_size"):
+        tiny_engine(tiny, page_size=0)
+    with pytest.raises(KeyError, match="unknown adapter 'x'"):
+        engine.adapter_index("x")
+
+
+# --- seeds, logprobs -----------------------------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(tiny):
+    engine = tiny_engine(tiny, max_concurrent_decodes=4)
+    ids, other, third = random_prompts([7, 12, 30], seed=3)
+    target = RequestSampling(temperature=1.0, top_p=0.95, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = drive(engine, [(ids, target)])[0][0]
+    companions = [(other, RequestSampling(temperature=0.8, seed=5, max_tokens=16, ignore_eos=True)),
+                  (third, RequestSampling(max_tokens=10, repetition_penalty=1.2, ignore_eos=True)),
+                  (other, RequestSampling(temperature=1.0, max_tokens=16, ignore_eos=True))]
+    mixed = drive(engine, companions + [(ids, target)], arrivals=[0, 0, 1, 3])[0]
+    assert mixed[3] == alone
+    import dataclasses
+    assert drive(engine, [(ids, dataclasses.replace(target, seed=99))])[0][0] != alone
+    assert alone != greedy(tiny, ids, 16)
+
+
+def test_logprobs_equal_log_softmax_of_transformers_logits(tiny, tiny_folder):
+    engine = tiny_engine(tiny)
+    ids, other = random_prompts([6, 11], seed=4)
+    requests = [(ids, RequestSampling(max_tokens=8, logprobs=5, ignore_eos=True)),
+                (other, RequestSampling(temperature=1.5, seed=3, max_tokens=8, logprobs=0, ignore_eos=True))]
+    got, results = drive(engine, requests, arrivals=[0, 2])
+    reference = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    for (prompt, sampling), tokens, steps in zip(requests, got.values(), results.values()):
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + tokens])).logits[0].double()
+        logprobs = torch.log_softmax(logits, dim=-1).numpy()[len(prompt) - 1:-1]
+        chosen = logprobs[np.arange(len(tokens)), tokens]
+        np.testing.assert_allclose([s["logprobs"] for s in steps], chosen, atol=2e-5)
+        for step, row in zip(steps, logprobs):
+            top = np.argsort(-row)[:sampling.logprobs]
+            assert step["top_ids"][:len(top)].tolist() == top.tolist()  # k: the batch's largest request
+            np.testing.assert_allclose(step["top_logprobs"][:len(top)], row[top], atol=2e-5)
+    assert [len(step["top_ids"]) for step in results[0]] == [5] * 8
+    assert [len(step["top_ids"]) for step in results[1]][0] == 0  # its prefill: alone, logprobs=0

@@ -21,7 +21,6 @@ The page allocator and each slot's position live on the host, in the engine: one
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -68,10 +67,10 @@ class Prefix:
     done: bool
 
 
-def _finished(tokens_S, generated_S, positions_S, stop_ids_SX, max_tokens_S, max_model_len: int):
-    """The request ends with this token: a stop id / eos, max_tokens reached, or the context is full."""
-    return (jnp.any(tokens_S[:, None] == stop_ids_SX, axis=-1) | (generated_S >= max_tokens_S)
-            | (positions_S + 1 >= max_model_len))
+def _finished(tokens_S, generated_S, stop_ids_SX, max_tokens_S):
+    """The request ends with this token: a stop id / eos, or max_tokens reached (the engine caps max_tokens so
+    that prompt + completion fit max_model_len)."""
+    return jnp.any(tokens_S[:, None] == stop_ids_SX, axis=-1) | (generated_S >= max_tokens_S)
 
 
 def _prompt_kv(params, tokens_T, length, cfg: ModelConfig, chunk: int):
@@ -96,23 +95,29 @@ def _prompt_kv(params, tokens_T, length, cfg: ModelConfig, chunk: int):
     return cache.k, cache.v, last
 
 
-def _prefill(params, tokens_T, length, sampling: SlotSampling, stop_ids_X, max_tokens, adapter, *,
-             cfg: ModelConfig, chunk: int, num_top: int, max_model_len: int):
+def _prefill(params, tokens_T, length, adapter, *, cfg: ModelConfig, chunk: int):
+    """The prompt's keys/values, the logits after it [1, V] and its token set [1, V] (one compile per bucket)."""
     params = with_adapter_index(params, adapter[None])
     k, v, last = _prompt_kv(params, tokens_T, length, cfg, chunk)
-    logits = logits_from_hidden(params, last, cfg)[:, 0]  # [1, V]
+    logits = logits_from_hidden(params, last, cfg)[:, 0]
     V = logits.shape[-1]
     prompt_ids = jnp.where(jnp.arange(tokens_T.shape[0]) < length, tokens_T, V)
     prompt_mask = jnp.zeros((1, V), bool).at[0, prompt_ids].set(True, mode="drop")
-    counts = jnp.zeros((1, V), jnp.int32)
+    return k, v, logits, prompt_mask
+
+
+def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X, max_tokens, adapter, *,
+                 num_top: int):
+    """The first token and the request's slot arrays (one compile for every bucket)."""
+    counts = jnp.zeros(logits.shape, jnp.int32)
     first = sample_slots(logits, prompt_mask, counts, sampling, jnp.zeros((1,), jnp.int32))
     chosen, top_ids, top_logprobs = token_logprobs(logits, first, num_top)
     one = jnp.ones((1,), jnp.int32)
-    done = _finished(first, one, length[None], stop_ids_X[None], max_tokens[None], max_model_len)
+    done = _finished(first, one, stop_ids_X[None], max_tokens[None])
     slot = dict(tokens=first, positions=length[None], generated=one, active=~done, max_tokens=max_tokens[None],
                 stop_ids=stop_ids_X[None], adapter=adapter[None], sampling=sampling, prompt_mask=prompt_mask,
                 output_counts=counts.at[0, first[0]].add(1))
-    return k, v, slot, (first, jnp.ones((1,), bool), one, done, chosen, top_ids, top_logprobs)
+    return slot, (first, jnp.ones((1,), bool), one, done, chosen, top_ids, top_logprobs)
 
 
 def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
@@ -131,7 +136,7 @@ def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
     return state._replace(k_pages=tuple(ks), v_pages=tuple(vs), **updated)
 
 
-def _generate(params, state: DecodeState, table_BC, *, cfg: ModelConfig, num_top: int, max_model_len: int):
+def _generate(params, state: DecodeState, table_BC, *, cfg: ModelConfig, num_top: int):
     params = with_adapter_index(params, state.adapter)
     P = state.k_pages[0].shape[-1]
     C = table_BC.shape[1]
@@ -144,7 +149,7 @@ def _generate(params, state: DecodeState, table_BC, *, cfg: ModelConfig, num_top
     tokens = sample_slots(logits, state.prompt_mask, state.output_counts, state.sampling, state.generated)
     chosen, top_ids, top_logprobs = token_logprobs(logits, tokens, num_top)
     generated = state.generated + active
-    done = active & _finished(tokens, generated, pos + 1, state.stop_ids, state.max_tokens, max_model_len)
+    done = active & _finished(tokens, generated, state.stop_ids, state.max_tokens)
     S = tokens.shape[0]
     state = state._replace(
         k_pages=ks, v_pages=vs, tokens=jnp.where(active, tokens, state.tokens), positions=pos + active,
@@ -158,8 +163,9 @@ def _free(state: DecodeState, slot) -> DecodeState:
 
 
 # Module-level, so engines of the same model and sizes share compiled functions.
-_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "chunk", "num_top", "max_model_len"))
-_generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top", "max_model_len"), donate_argnums=(1,))
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "chunk"))
+_first_token_jit = jax.jit(_first_token, static_argnames=("num_top",))
+_generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top"), donate_argnums=(1,))
 _insert_jit = jax.jit(_insert, donate_argnums=(0,))
 _free_jit = jax.jit(_free, donate_argnums=(0,))
 
@@ -189,9 +195,8 @@ class JaxEngine(Engine):
         pad = getattr(model.tokenizer, "pad_token_id", None) if model.tokenizer is not None else None
         self._pad_id = int(pad if pad is not None else self.eos_ids[0])
         self._seeds = np.random.default_rng()
-        static = dict(cfg=cfg, max_model_len=max_model_len)
-        self._prefill_fn = functools.partial(_prefill_jit, **static)
-        self._generate_fn = functools.partial(_generate_jit, **static)
+        # The compiled functions see only the shapes of the model, so engines of variants share them.
+        self._shape_cfg = cfg.replace(bos_token_id=None, eos_token_ids=(), pad_token_id=None)
         self._reset_host()
 
     # --- sizes ----------------------------------------------------------------------------------------------------
@@ -270,11 +275,13 @@ class JaxEngine(Engine):
         if not 0 < true_length <= T or T % self.page_size or (T > self.max_prefill_length
                                                               and T % self.max_prefill_length):
             raise ConfigError(f"prefill got {T} padded tokens with true_length {true_length}: use pad_prompt")
-        num_top = MAX_TOP_LOGPROBS if sampling.logprobs else 0
-        k, v, slot, out = self._prefill_fn(
-            params, padded_tokens, jnp.int32(true_length), self._slot_sampling(sampling), self._stop_ids(sampling),
-            jnp.int32(sampling.max_tokens), jnp.int32(sampling.adapter), chunk=min(T, self.max_prefill_length),
-            num_top=num_top)
+        k, v, logits, prompt_mask = _prefill_jit(params, padded_tokens, jnp.int32(true_length),
+                                                 jnp.int32(sampling.adapter), cfg=self._shape_cfg,
+                                                 chunk=min(T, self.max_prefill_length))
+        max_tokens = min(sampling.max_tokens, self._max_len - true_length)  # prompt + completion fit the context
+        slot, out = _first_token_jit(logits, prompt_mask, jnp.int32(true_length), self._slot_sampling(sampling),
+                                     self._stop_ids(sampling), jnp.int32(max_tokens), jnp.int32(sampling.adapter),
+                                     num_top=MAX_TOP_LOGPROBS if sampling.logprobs else 0)
         first = self._result(jax.device_get(out), [sampling])
         return Prefix(k, v, int(true_length), sampling, slot, bool(first.done[0])), first
 
@@ -333,7 +340,7 @@ class JaxEngine(Engine):
         table = self._pages.table[:, :self._gather_pages()]
         requests = [r if a else None for r, a in zip(self._requests, self._active)]
         num_top = MAX_TOP_LOGPROBS if any(r is not None and r.logprobs for r in requests) else 0
-        state, out = self._generate_fn(params, decode_state, table, num_top=num_top)
+        state, out = _generate_jit(params, decode_state, table, cfg=self._shape_cfg, num_top=num_top)
         result = self._result(jax.device_get(out), requests)
         self._positions += result.valid
         self._active &= ~result.done

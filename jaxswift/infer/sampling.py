@@ -145,14 +145,14 @@ def slot_keys(seed_S2, token_index_S) -> jax.Array:
 def sample_slots(logits_SV, prompt_mask_SV, output_counts_SV, s: SlotSampling, token_index_S) -> jax.Array:
     """Next token per slot [S]: argmax of the penalized logits where temperature is 0, else a seeded draw."""
     penalized = penalized_logits(logits_SV, prompt_mask_SV, output_counts_SV, s)
-    greedy = jnp.argmax(penalized, axis=-1)
+    greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
 
-    def draw(x):
+    def draw():
         keys = slot_keys(s.seed, token_index_S)
-        return jax.vmap(jax.random.categorical)(keys, sampling_logits(x, s))
+        return jax.vmap(jax.random.categorical)(keys, sampling_logits(penalized, s)).astype(jnp.int32)
 
-    drawn = _when(jnp.any(s.temperature > 0), draw, greedy)
-    return jnp.where(s.temperature > 0, drawn, greedy).astype(jnp.int32)
+    drawn = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda: greedy)
+    return jnp.where(s.temperature > 0, drawn, greedy)
 
 
 def token_logprobs(logits_SV, tokens_S, num_top: int):
