@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import field
 from pathlib import Path
@@ -290,8 +291,6 @@ class MemoryPlan:
 
 
 def _compiler_notes(mesh, cfg: ModelConfig) -> tuple[str, ...]:
-    import os
-
     if mesh.devices.flat[0].platform != "cpu" or cfg.dtype != "bfloat16":
         return ()
     if "while-loop-invariant-code-motion" in os.environ.get("XLA_FLAGS", ""):
