@@ -338,3 +338,46 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(tiny, tiny_folder):
             np.testing.assert_allclose(step["top_logprobs"][:len(top)], row[top], atol=2e-5)
     assert [len(step["top_ids"]) for step in results[0]] == [5] * 8
     assert [len(step["top_ids"]) for step in results[1]][0] == 0  # its prefill: alone, logprobs=0
+
+
+# --- multi-LoRA ----------------------------------------------------------------------------------------------------
+
+
+def save_random_adapter(model, folder, lora_cfg, seed):
+    """A PEFT adapter folder with random (non-zero) A and B."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxswift.checkpoints.peft import save_peft_adapter
+    from jaxswift.tuners.lora import add_lora, is_lora
+
+    rng = np.random.default_rng(seed)
+    params = add_lora(model.params, model.config, lora_cfg, jax.random.key(seed))
+    params = jax.tree.map(lambda w: w.replace(b=jnp.asarray(rng.normal(0, 0.5, w.b.shape), jnp.float32))
+                          if is_lora(w) else w, params, is_leaf=is_lora)
+    return save_peft_adapter(params, model.config, lora_cfg, folder)
+
+
+def test_multi_lora_mixed_batch_equals_each_adapter_alone(tiny, tmp_path):
+    from jaxswift.checkpoints.peft import load_peft_adapter
+    from jaxswift.errors import CheckpointError
+    from jaxswift.tuners.lora import LoraConfig
+
+    folders = {"all": save_random_adapter(tiny, tmp_path / "all", LoraConfig(rank=4, alpha=8), 1),
+               "qv": save_random_adapter(tiny, tmp_path / "qv", LoraConfig(rank=8, alpha=16,
+                                                                           target_modules=("q_proj", "v_proj")), 2)}
+    engine = tiny_engine(tiny, adapters={name: str(f) for name, f in folders.items()})
+    assert (engine.adapter_index("all"), engine.adapter_index("qv")) == (1, 2)
+    p0, p1, p2 = random_prompts([6, 13, 21], seed=5)
+    plan = [(p0, 0), (p1, 1), (p2, 2), (p0, 1), (p1, 2), (p2, 0)]
+    requests = [(p, RequestSampling(max_tokens=12, ignore_eos=True, adapter=a)) for p, a in plan]
+    got, _ = drive(engine, requests, arrivals=[0, 0, 1, 2, 2, 4])
+    models = [tiny] + [jaxswift.api.Model(tiny.config, load_peft_adapter(tiny.params, tiny.config, f)[0])
+                       for f in folders.values()]
+    for i, (p, a) in enumerate(plan):
+        assert got[i] == greedy(models[a], p, 12), (i, a)
+    assert got[0] != got[3] and got[1] != got[4]  # the adapters change the output
+
+    dora = save_random_adapter(tiny, tmp_path / "dora", LoraConfig(rank=4, use_dora=True), 3)
+    with pytest.raises(CheckpointError, match="DoRA adapters cannot share a base"):
+        tiny_engine(tiny, adapters={"dora": str(dora)})
