@@ -60,7 +60,7 @@ def load_model(name_or_path: str, dtype: str | None = None, *, shardings=None, l
         config, raw = read_hf_config(path, dtype=dtype)
         if "quantization_config" in raw:  # GPTQ / AWQ / FP8 / int8: leaves that dequantize inside the matmul
             from jaxswift.checkpoints.quantized import load_quantized_params
-            params = load_quantized_params(path, config, raw["quantization_config"])
+            params = load_quantized_params(path, config, raw["quantization_config"], shardings)
         else:
             params = load_hf_params(path, config, shardings)
         tokenizer = _load_tokenizer(path) if load_tokenizer else None

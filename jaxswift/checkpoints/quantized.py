@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxswift.checkpoints.safetensors_io import iter_folder_tensors
-from jaxswift.errors import CheckpointError
+from jaxswift.errors import CheckpointError, ConfigError
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.families import weight_maps
 from jaxswift.quant.awq import from_awq_tensors
@@ -70,9 +70,11 @@ def _linear_leaf(tensors: dict, prefix: str, qc: dict, shape: tuple, where: str)
     raise CheckpointError(f"{where}: tensors {sorted(tensors)} of {prefix} fit no {method} layout")
 
 
-def load_quantized_params(folder: str | Path, cfg: ModelConfig, quantization_config: dict) -> dict:
+def load_quantized_params(folder: str | Path, cfg: ModelConfig, quantization_config: dict, shardings=None) -> dict:
     """params for `cfg` from a quantized HF folder; non-linear tensors are converted to cfg's dtype."""
     folder = Path(folder)
+    if shardings is not None:
+        raise ConfigError(f"{folder}: quantized checkpoints load onto one device for now (no shardings)")
     qc = check_quantization_config(quantization_config, str(folder / "config.json"))
     tensors = {name: array for name, array, _ in iter_folder_tensors(folder)}
     params: dict = {}

@@ -8,6 +8,7 @@ each layer is calibrated on what the layers before it will really produce.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -57,7 +58,7 @@ def calibration_tokens(datasets: list[str], tokenizer, *, n_samples: int, seqlen
 
 
 class _Tap:
-    """A weight leaf that records its input (flattened to [N, I]) before the plain matmul; eager use only."""
+    """A weight leaf that records its input (flattened to [N, I], float32) while tracing, then does the matmul."""
 
     def __init__(self, weight, key: str, record: dict):
         self.weight, self.key, self.record = weight, key, record
@@ -67,12 +68,13 @@ class _Tap:
         x_spec, w_spec = inputs.split(",")
         n_in = sum(c in w_spec and c not in out for c in x_spec)  # contracted axes lead the weight
         in_features = int(np.prod(self.weight.shape[:n_in]))
-        self.record.setdefault(self.key, np.asarray(x, np.float32).reshape(-1, in_features))
+        self.record.setdefault(self.key, x.astype(jnp.float32).reshape(-1, in_features))
         return linear(equation, x, self.weight)
 
 
-def layer_inputs(layer: dict, x_BTD, window: int, cfg: ModelConfig, positions, segments) -> dict[str, np.ndarray]:
-    """{group's first key: [N, I] float32 input} for one float layer."""
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def layer_inputs(layer: dict, x_BTD, window, cfg: ModelConfig, positions, segments) -> dict:
+    """{group's first key: [N, I] float32 input} of one float layer's matmuls."""
     record: dict = {}
     tapped = dict(layer)
     for group in INPUT_GROUPS:
@@ -80,6 +82,9 @@ def layer_inputs(layer: dict, x_BTD, window: int, cfg: ModelConfig, positions, s
             tapped[key] = _Tap(layer[key], group[0], record)
     decoder_layer(x_BTD, tapped, window, cfg, positions, segments)
     return record
+
+
+_run_layer = jax.jit(decoder_layer, static_argnames=("cfg",))
 
 
 def quantize_layer_by_layer(params: dict, cfg: ModelConfig, tokens_BT: np.ndarray,
@@ -93,13 +98,12 @@ def quantize_layer_by_layer(params: dict, cfg: ModelConfig, tokens_BT: np.ndarra
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     segments = jnp.ones((B, T), jnp.int32)
     x = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
-    run = jax.jit(decoder_layer, static_argnames=("cfg",))
     exported = []
     for i in range(cfg.num_layers):
         layer = jax.tree.map(lambda a: a[i].astype(jnp.float32), params["layers"])
         window = cfg.window_per_layer[i]
-        inputs = layer_inputs(layer, x, window, cfg, positions, segments)
+        inputs = jax.tree.map(np.asarray, layer_inputs(layer, x, window, cfg, positions, segments))
         done, to_run = quantize_layer(i, layer, inputs)
         exported.append(done)
-        x = run(x, to_run, window, cfg, positions, segments)[0]
+        x = _run_layer(x, to_run, window, cfg, positions, segments)[0]
     return exported

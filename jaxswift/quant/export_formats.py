@@ -84,7 +84,7 @@ def _gptq_layer(spec: QuantSpec):
         done = dict(layer)
         for keys in INPUT_GROUPS:
             x = inputs[keys[0]]
-            hessian = (2.0 / x.shape[0]) * (x.T.astype(np.float64) @ x.astype(np.float64))
+            hessian = (2.0 / x.shape[0]) * (x.T @ x)
             w = np.concatenate([_flat(layer[k], k) for k in keys], axis=1)
             q = gptq.gptq_quantize(w, hessian, bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
                                    desc_act=spec.desc_act, where=f"layer {i} {'/'.join(keys)}")

@@ -57,37 +57,40 @@ def minmax_params(w_OC, bits: int, sym: bool):
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym"))
 def _quantize_block(w_OB, u_BB, *, bits: int, group_size: int, sym: bool):
-    """GPTQ over one block of columns: returns codes [O, Bk], the scaled errors [O, Bk], scales and zeros [Gb, O].
+    """GPTQ over one block of whole groups: codes [O, Bk], the scaled errors [O, Bk], scales and zeros [Gb, O].
 
     u_BB is upper triangular, so subtracting err * u[j] from the whole block only touches columns j and later.
     """
-    O, width = w_OB.shape
-    n_groups = width // group_size
+    codes, errors, scales, zeros = [], [], [], []
+    w = w_OB
+    for start in range(0, w_OB.shape[1], group_size):
+        scale, zero = minmax_params(w[:, start:start + group_size], bits, sym)
 
-    def column(j, carry):
-        w, codes, errors, scales, zeros = carry
-        group = jax.lax.dynamic_slice_in_dim(w, (j // group_size) * group_size, group_size, axis=1)
-        fresh = minmax_params(group, bits, sym)
-        starts = j % group_size == 0
-        scale = jnp.where(starts, fresh[0], scales[j // group_size])
-        zero = jnp.where(starts, fresh[1], zeros[j // group_size])
-        scales, zeros = scales.at[j // group_size].set(scale), zeros.at[j // group_size].set(zero)
-        col = w[:, j]
-        code = jnp.clip(jnp.round(col / scale) + zero, 0, 2 ** bits - 1)
-        err = (col - (code - zero) * scale) / u_BB[j, j]
-        w = w - err[:, None] * u_BB[j][None, :]
-        return w, codes.at[:, j].set(code), errors.at[:, j].set(err), scales, zeros
+        def column(j, carry):
+            w, group_codes, group_errors = carry
+            col = jax.lax.dynamic_index_in_dim(w, start + j, axis=1, keepdims=False)
+            code = jnp.clip(jnp.round(col / scale) + zero, 0, 2 ** bits - 1)
+            err = (col - (code - zero) * scale) / u_BB[start + j, start + j]
+            w = w - err[:, None] * jax.lax.dynamic_index_in_dim(u_BB, start + j, axis=0)
+            return w, group_codes.at[:, j].set(code), group_errors.at[:, j].set(err)
 
-    init = (w_OB, jnp.zeros_like(w_OB), jnp.zeros_like(w_OB), jnp.zeros((n_groups, O), jnp.float32),
-            jnp.zeros((n_groups, O), jnp.float32))
-    _, codes, errors, scales, zeros = jax.lax.fori_loop(0, width, column, init)
-    return codes, errors, scales, zeros
+        empty = jnp.zeros((w.shape[0], group_size), jnp.float32)
+        w, group_codes, group_errors = jax.lax.fori_loop(0, group_size, column, (w, empty, empty))
+        codes.append(group_codes)
+        errors.append(group_errors)
+        scales.append(scale)
+        zeros.append(zero)
+    return jnp.concatenate(codes, axis=1), jnp.concatenate(errors, axis=1), jnp.stack(scales), jnp.stack(zeros)
 
 
 def _upper_cholesky_of_inverse(hessian: np.ndarray) -> np.ndarray:
-    h = hessian.astype(np.float64)
-    inverse = np.linalg.inv(np.linalg.cholesky(h))
-    return np.linalg.cholesky(inverse.T @ inverse).T  # U with U^T U = H^-1
+    """U upper triangular with U^T U = H^-1, from one Cholesky: with J the index reversal and J H J = R R^T,
+    H^-1 = (J R^-1 J)^T (J R^-1 J), and J R^-1 J is upper triangular."""
+    from scipy.linalg import solve_triangular
+
+    r = np.linalg.cholesky(np.asarray(hessian[::-1, ::-1], np.float32))  # float32, as the reference does
+    r_inv = solve_triangular(r, np.eye(len(r), dtype=np.float32), lower=True)
+    return np.ascontiguousarray(r_inv[::-1, ::-1])
 
 
 def _prepared_hessian(hessian: np.ndarray, w_OI: np.ndarray, damp: float):
@@ -110,7 +113,7 @@ def gptq_quantize(w_IO: np.ndarray, hessian: np.ndarray, *, bits: int, group_siz
     h = _prepared_hessian(hessian, w, damp)
     perm = np.argsort(-np.diag(h), kind="stable") if desc_act else np.arange(I)
     w, h = w[:, perm], h[np.ix_(perm, perm)]
-    u = _upper_cholesky_of_inverse(h).astype(np.float32)
+    u = _upper_cholesky_of_inverse(h)
     gs = I if group_size == -1 else group_size
     block = gs * max(1, BLOCK // gs)
     codes, scales, zeros = [], [], []
