@@ -23,6 +23,17 @@ class OptimizerConfig:
     lr_scheduler_type: str = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    # GaLore (galore_torch's GaLoreAdamW) on the leaves the galore mask marks; Q-GaLore with galore_quantization
+    use_galore: bool = False
+    galore_rank: int = 128
+    galore_update_interval: int = 200
+    galore_scale: float = 0.25
+    galore_quantization: bool = False
+    galore_proj_bits: int = 4
+    galore_proj_group_size: int = 256
+    galore_cos_threshold: float = 0.4
+    galore_gamma_proj: int = 2
+    galore_queue_size: int = 5
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -43,14 +54,37 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, galore_mask=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """galore_mask (with cfg.use_galore): per trainable leaf a galore.Matrix (projected) or False (AdamW), as a
+    pytree or a callable of the params (see `galore.galore_mask_for`)."""
     schedule = learning_rate_schedule(cfg, total_steps)
     parts = []
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    if cfg.use_galore:
+        parts.append(_galore(cfg, schedule, galore_mask))
+    else:
+        parts.append(optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                                 weight_decay=cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
+
+
+def _galore(cfg: OptimizerConfig, schedule, galore_mask) -> optax.GradientTransformation:
+    if galore_mask is None:
+        raise ConfigError("--use_galore needs the GaLore target matrices (galore_mask)")
+    common = dict(rank=cfg.galore_rank, update_proj_gap=cfg.galore_update_interval, scale=cfg.galore_scale,
+                  weight_decay=cfg.weight_decay, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                  galore_mask=galore_mask, decay_mask=decay_mask)
+    if not cfg.galore_quantization:
+        from jaxswift.optim.galore import galore_adamw
+
+        return galore_adamw(schedule, **common)
+    from jaxswift.optim.qgalore import qgalore_adamw
+
+    return qgalore_adamw(schedule, proj_bits=cfg.galore_proj_bits, proj_group_size=cfg.galore_proj_group_size,
+                         cos_threshold=cfg.galore_cos_threshold, gamma_proj=cfg.galore_gamma_proj,
+                         queue_size=cfg.galore_queue_size, **common)
 
 
 def decay_mask(params):

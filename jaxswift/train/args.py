@@ -45,6 +45,23 @@ class SftArguments:
     init_weights: str = field(default="true", metadata={"help": "true | gaussian | pissa"})
     freeze_parameters: list[str] = field(default_factory=list, metadata={"help": "regexes (full tuning)"})
     trainable_parameters: list[str] = field(default_factory=list, metadata={"help": "regexes, override freezing"})
+    quant_method: Optional[str] = field(default=None, metadata={
+        "help": "QLoRA: nf4 | int8 (base projections stored quantized, dequantized in the matmul; lora only)"})
+    # GaLore / Q-GaLore (full tuning): low-rank projected AdamW on the attention and MLP matrices
+    use_galore: bool = False
+    galore_rank: int = 128
+    galore_update_interval: int = field(default=200, metadata={"help": "steps between projector refreshes"})
+    galore_scale: float = 0.25
+    galore_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "all-linear (attention + MLP) or module names (q_proj ... / wq ...)"})
+    galore_quantization: bool = field(default=False, metadata={
+        "help": "Q-GaLore: int8 weights with stochastic rounding, 4-bit projectors, lazy subspace updates"})
+    galore_proj_bits: int = 4
+    galore_proj_group_size: int = 256
+    galore_weight_group_size: int = 256
+    galore_cos_threshold: float = 0.4
+    galore_gamma_proj: int = 2
+    galore_queue_size: int = 5
     # optimization
     learning_rate: float = 3e-4
     weight_decay: float = 0.1
@@ -102,6 +119,34 @@ class SftArguments:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+        self._check_memory_flags()
+
+    def _check_memory_flags(self):
+        """QLoRA needs LoRA; GaLore needs full tuning (LoRA adapters are already low rank: nothing to project)."""
+        if self.quant_method is not None:
+            if self.quant_method not in ("nf4", "int8"):
+                raise ConfigError(f"--quant_method {self.quant_method!r}: expected nf4 | int8 (QLoRA base weights)")
+            if self.tuner_type != "lora":
+                raise ConfigError(f"--quant_method {self.quant_method} stores the frozen base quantized, which needs "
+                                  f"--tuner_type lora (got {self.tuner_type})")
+            if self.use_dora or self.init_weights == "pissa":
+                raise ConfigError("--quant_method: DoRA and PiSSA read or rewrite the base weights in float; use "
+                                  "plain LoRA or rsLoRA with a quantized base")
+        if self.galore_quantization and not self.use_galore:
+            raise ConfigError("--galore_quantization true is Q-GaLore and needs --use_galore true")
+        if not self.use_galore:
+            return
+        if self.tuner_type != "full":
+            raise ConfigError("--use_galore projects full-rank gradients: use --tuner_type full (LoRA adapters are "
+                              "already low rank)")
+        for name in ("galore_rank", "galore_update_interval", "galore_proj_group_size", "galore_weight_group_size",
+                     "galore_queue_size", "galore_gamma_proj"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.galore_scale <= 0:
+            raise ConfigError(f"--galore_scale must be positive, got {self.galore_scale}")
+        if self.galore_proj_bits not in (4, 8):
+            raise ConfigError(f"--galore_proj_bits {self.galore_proj_bits}: expected 4 or 8")
 
 
 def _read_yaml(path: str, fields: set[str]) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def run_rlhf(args: RlhfArguments, *, progress: bool = True) -> RlhfResult:
                      args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps, length=length,
                      packing=args.packing, seed=args.seed)
     total_steps = _total_steps(args, plan)
-    optimizer, schedule = build_optimizer(args, total_steps)
+    optimizer, schedule = build_optimizer(args, total_steps, cfg)
 
     demo = (lambda p, c: _demo(model, p, c, args.demo_question, args.demo_max_new_tokens)) if not obj.value_head \
         else (lambda p, c: None)

@@ -16,6 +16,7 @@ import optax
 from jaxswift.losses.lm import chunked_nll_sum
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
+from jaxswift.optim.qgalore import apply_updates, float_view
 from jaxswift.train.state import TrainState, combine
 
 BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
@@ -39,7 +40,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         def loss_fn(t):
             params = prepare_params(combine(t, frozen), rng)
             return nll_sums(params, micro, cfg, loss_chunk)
-        (nll, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        # Q-GaLore's 8-bit weights are differentiated at their dequantized view (identity for float params)
+        (nll, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(float_view(trainable))
         return nll, weight, grads
 
     def step(state: TrainState, batch: dict):
@@ -52,7 +54,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             total_nll, total_weight, total_grads = carry
             return (total_nll + nll, total_weight + weight, jax.tree.map(jnp.add, total_grads, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        zeros = jax.tree.map(jnp.zeros_like, float_view(state.trainable))
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
         (nll, weight, grads), _ = jax.lax.scan(accumulate, init, ({k: batch[k] for k in BATCH_KEYS}, micro_rngs))
         denom = jnp.maximum(weight, 1.0)
@@ -61,7 +63,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        new_trainable = optax.apply_updates(state.trainable, updates)
+        new_trainable = apply_updates(state.trainable, updates, jax.random.fold_in(rng, 1 << 30))  # stochastic rounding
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = state.replace(
             step=state.step + 1,

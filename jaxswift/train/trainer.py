@@ -22,6 +22,7 @@ from jaxswift.errors import ConfigError, DataError, JaxswiftError
 from jaxswift.models.families import weight_maps
 from jaxswift.models.spec import param_specs
 from jaxswift.optim.factory import OptimizerConfig, make_optimizer
+from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.mesh import make_mesh
 from jaxswift.parallel.rules import activation_sharding, load_rules, partition_spec
 from jaxswift.train.args import SftArguments
@@ -112,13 +113,24 @@ def prepare_tuner(model: Model, args: SftArguments, cfg):
         mask = full_tuning_mask(model.params, cfg, args.freeze_parameters, args.trainable_parameters)
         if not any(jax.tree.leaves(mask)):
             raise ConfigError("--freeze_parameters froze every parameter: nothing to train")
+        if args.galore_quantization:  # Q-GaLore: the projected matrices kept as 8-bit codes
+            from jaxswift.optim.qgalore import quantize_weights
+
+            params = quantize_weights(model.params, galore_targets(cfg, args.galore_target_modules)(model.params),
+                                      args.galore_weight_group_size)
+            return params, jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), mask, params), None, None
         return model.params, mask, None, None
     from jaxswift.tuners import lora
 
     lora_cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                target_modules=_target_modules(args.target_modules),
                                use_rslora=args.use_rslora, use_dora=args.use_dora, init=args.init_weights)
-    params = lora.add_lora(model.params, cfg, lora_cfg, jax.random.key(args.seed))
+    base = model.params
+    if args.quant_method is not None:  # QLoRA: the frozen projections stored quantized, adapters in float32
+        from jaxswift.quant.nf4 import quantize_params
+
+        base = quantize_params(base, cfg, args.quant_method)
+    params = lora.add_lora(base, cfg, lora_cfg, jax.random.key(args.seed))
     return params, lora.trainable_mask(params), lora_cfg, (lora.with_dropout if args.lora_dropout > 0 else None)
 
 
@@ -200,12 +212,41 @@ def start_run(args: SftArguments) -> RunContext:
     return RunContext(args, out_dir, mesh, rules, mesh.shape["data"] * mesh.shape["fsdp"], model, cfg)
 
 
-def build_optimizer(args: SftArguments, total_steps: int):
+def build_optimizer(args: SftArguments, total_steps: int, cfg=None):
+    """AdamW, or with --use_galore GaLore-AdamW (Q-GaLore with --galore_quantization) on the model `cfg`'s
+    --galore_target_modules and AdamW on the rest."""
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    galore = {k: getattr(args, k) for k in ("use_galore", "galore_rank", "galore_update_interval", "galore_scale",
+                                            "galore_quantization", "galore_proj_bits", "galore_proj_group_size",
+                                            "galore_cos_threshold", "galore_gamma_proj", "galore_queue_size")}
+    mask = galore_targets(cfg, args.galore_target_modules) if args.use_galore else None
     return make_optimizer(OptimizerConfig(
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon, max_grad_norm=args.max_grad_norm,
-        lr_scheduler_type=args.lr_scheduler_type, warmup_steps=warmup), total_steps)
+        lr_scheduler_type=args.lr_scheduler_type, warmup_steps=warmup, **galore), total_steps, galore_mask=mask)
+
+
+def galore_targets(cfg, target_modules: list[str]):
+    """params -> per leaf a galore.Matrix on the targeted projections (all-linear: attention + MLP), False elsewhere
+    (embeddings, norms, lm_head: AdamW). A callable, so frozen holes (None) in the trainable tree stay holes."""
+    from jaxswift.optim.galore import galore_mask_for
+    from jaxswift.tuners.lora import resolve_targets
+
+    if cfg is None:
+        raise ConfigError("--use_galore: build_optimizer needs the model config to find the target matrices")
+    try:
+        names = set(resolve_targets(cfg, _target_modules(target_modules)))
+    except ConfigError as e:
+        raise ConfigError(f"--galore_target_modules: {e}") from None
+    layouts = galore_mask_for(cfg)["layers"]
+
+    def mask(params):
+        def one(path, _):
+            keys = [getattr(k, "key", None) for k in path]
+            return layouts[keys[1]] if keys[0] == "layers" and keys[-1] in names else False
+        return jax.tree_util.tree_map_with_path(one, params)
+
+    return mask
 
 
 def init_state(ctx: RunContext, params, mask, optimizer, messages: list[str]):
@@ -347,7 +388,7 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
                     args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps,
                     length=length, packing=args.packing, seed=args.seed)
     total_steps = _total_steps(args, plan)
-    optimizer, schedule = build_optimizer(args, total_steps)
+    optimizer, schedule = build_optimizer(args, total_steps, cfg)
 
     demo_before = _demo(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
     params, mask, lora_cfg, prepare = prepare_tuner(model, args, cfg)
@@ -362,7 +403,7 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
 
     loop = train_loop(ctx, state, step_fn, plan, total_steps=total_steps, start_step=start_step,
                       schedule=schedule, evaluate=evaluate, messages=messages, progress=progress)
-    final_params = loop.state.params
+    final_params = float_view(loop.state.params)  # Q-GaLore's 8-bit weights back to floats for the export
     export_dir = _export(model, final_params, cfg, lora_cfg, args, ctx.out_dir)
     plot_loss(ctx.out_dir / "logging.jsonl", ctx.out_dir / "loss.png")
     demo_after = _demo(model, final_params, cfg, args.demo_question, args.demo_max_new_tokens)

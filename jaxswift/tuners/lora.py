@@ -322,7 +322,9 @@ def _blank(w: LoraWeight, fields, value=None) -> LoraWeight:
 def trainable_mask(params):
     """Same structure as params: True at LoRA a / b / magnitude, False everywhere else (for optax)."""
     def one(x):
-        return _blank(_blank(x, _TRAINABLE, True), _FROZEN, False) if is_lora(x) else False
+        # a quantized base (nf4, int8) is a pytree of its own: False on each of its leaves
+        frozen = lambda f: jax.tree.map(lambda _: False, f)  # noqa: E731
+        return _blank(_blank(x, _TRAINABLE, True), _FROZEN, frozen) if is_lora(x) else False
     return jax.tree.map(one, params, is_leaf=is_lora)
 
 
