@@ -11,6 +11,7 @@ highest resident size during the steps minus the size just before them (when onl
 live), plus the bytes of the live state and batch: every byte the step holds at its busiest moment.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -76,6 +78,14 @@ def test_fsdp_shards_weights_and_optimizer_state(tmp_path):
     assert per_device_bytes(planned.state.opt_state) == 2 * expected + 8  # mu, nu; Adam and schedule step counts
     assert planned.batch["tokens"].shape == (1, 8, 2048)
     assert planned.batch["tokens"].sharding.shard_shape((1, 8, 2048)) == (1, 1, 2048)
+
+
+def test_dtype_changes_of_the_state_are_reported(tmp_path):
+    """A state leaf the step returns in another dtype cannot reuse its donated buffer: the planner names it."""
+    planned = build_step(PlanArguments(model=_config_file(tmp_path), tuner_type="lora", dtype="float32"))
+    assert planned.dtype_changes() == []
+    widened = dataclasses.replace(planned, step=lambda s, b: (s.replace(step=s.step.astype(jnp.float32)), {}))
+    assert widened.dtype_changes() == [("int32", "float32", 4)]
 
 
 def _nf4_bytes(values: int) -> int:

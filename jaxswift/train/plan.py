@@ -331,6 +331,14 @@ class PlannedStep:
     def matmul_flops(self) -> int:
         return matmul_flops(jax.make_jaxpr(self.step)(self.state, self.batch).jaxpr)
 
+    def dtype_changes(self) -> list[tuple[str, str, int]]:
+        """(dtype in, dtype out, bytes per device) of each state leaf the step returns in another dtype: it cannot
+        reuse its donated buffer, and the next step sees new input types (a recompilation)."""
+        new_state, _ = jax.eval_shape(self.step, self.state, self.batch)
+        return [(jnp.dtype(old.dtype).name, jnp.dtype(new.dtype).name,
+                 per_device_bytes(jax.ShapeDtypeStruct(old.shape, new.dtype, sharding=old.sharding)))
+                for old, new in zip(jax.tree.leaves(self.state), jax.tree.leaves(new_state)) if old.dtype != new.dtype]
+
 
 def build_step(args: PlanArguments) -> PlannedStep:
     """The state SFT would build (tuner, optimizer, shardings) and its step, over abstract params."""
@@ -381,7 +389,17 @@ def plan_train_step(args: PlanArguments) -> MemoryPlan:
         batch_and_misc=memory.argument_size_in_bytes - weights - opt, temporaries=memory.temp_size_in_bytes,
         unaliased_outputs=memory.output_size_in_bytes - memory.alias_size_in_bytes,
         matmul_flops=planned.matmul_flops(), xla_flops=float(cost.get("flops", float("nan"))),
-        compile_seconds=compile_seconds, notes=_compiler_notes(mesh, planned.cfg))
+        compile_seconds=compile_seconds, notes=_compiler_notes(mesh, planned.cfg) + _dtype_notes(planned))
+
+
+def _dtype_notes(planned: PlannedStep) -> tuple[str, ...]:
+    changes = planned.dtype_changes()
+    if not changes:
+        return ()
+    kinds = sorted({f"{a} -> {b}" for a, b, _ in changes})
+    return (f"{len(changes)} state leaves come back from the step in another dtype ({', '.join(kinds)}; "
+            f"{sum(n for *_, n in changes) / GiB:.3f} GiB per device): they cannot reuse the donated buffers "
+            "(see the unaliased outputs), and the next step recompiles for the new types",)
 
 
 def _gib(n: float) -> str:
