@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxswift.api import Model, chat, load_model
 from jaxswift.checkpoints.hf import save_hf
 from jaxswift.checkpoints.state import StateCheckpointer, resolve_resume, restore_state
-from jaxswift.data.formats import build_sft_examples, split_train_val
+from jaxswift.data.cache import Subset, cache_sft_dataset, split_indices
 from jaxswift.errors import ConfigError, DataError, JaxswiftError
 from jaxswift.models.families import weight_maps
 from jaxswift.models.spec import param_specs
@@ -157,19 +157,23 @@ def _demo(model: Model, params, cfg, question: str, max_new_tokens: int) -> str 
                 max_new_tokens=max_new_tokens)
 
 
-def _load_data(args: SftArguments, tokenizer, log_fn):
+def _load_data(args: SftArguments, tokenizer, log_fn, cache_dir: Path):
+    """(train, val, stats): the datasets tokenized once into memory-mapped token caches under `cache_dir`, so a
+    dataset larger than memory trains with only its offsets in RAM (each step reads just its rows)."""
     if tokenizer is None:
         raise ConfigError(f"{args.model}: the model has no tokenizer, which SFT needs to encode chats")
     common = dict(max_length=args.max_length, truncation_strategy=args.truncation_strategy,
                   loss_scale=args.loss_scale, system=args.system, seed=args.seed)
-    train, stats = build_sft_examples(args.dataset, tokenizer, **common)
+    cache_dir = cache_dir / f"process{jax.process_index()}"
+    train, stats = cache_sft_dataset(args.dataset, tokenizer, cache_dir / "train", **common)
     log_fn(f"train data: {stats.summary()}")
     if args.val_dataset:
-        val, val_stats = build_sft_examples(args.val_dataset, tokenizer, **common)
+        val, val_stats = cache_sft_dataset(args.val_dataset, tokenizer, cache_dir / "val", **common)
         log_fn(f"val data: {val_stats.summary()}")
     else:
-        train, val = split_train_val(train, args.split_dataset_ratio, args.seed)
-    if not train:
+        train_idx, val_idx = split_indices(len(train), args.split_dataset_ratio, args.seed)
+        train, val = Subset(train, train_idx), Subset(train, val_idx)
+    if not len(train):
         raise DataError(f"--dataset {' '.join(args.dataset)}: no usable training example ({stats.summary()})")
     return train, val, stats
 
@@ -382,7 +386,7 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
     ctx = start_run(args)
     model, cfg = ctx.model, ctx.cfg
     messages = []
-    train_examples, val_examples, _ = _load_data(args, model.tokenizer, messages.append)
+    train_examples, val_examples, _ = _load_data(args, model.tokenizer, messages.append, ctx.out_dir / "data_cache")
     length = args.packing_length or args.max_length if args.packing else args.max_length
     plan = StepPlan(train_examples, rows_per_step=args.per_device_train_batch_size * ctx.dp *
                     args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps,
