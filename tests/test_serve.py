@@ -532,22 +532,32 @@ def test_fuzzed_request_bodies_never_get_a_5xx(served):
                         st.text(max_size=20))
     junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
         st.text(max_size=8), inner, max_size=3), max_leaves=6)
-    small = st.integers(-2, 4)
-    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
-                                     "content": st.one_of(st.text(max_size=30), junk)})
-    common = {"model": st.one_of(st.just(MODEL), junk), "max_tokens": st.one_of(small, junk),
-              "temperature": st.one_of(st.floats(-1, 3), junk), "top_p": st.one_of(st.floats(-1, 2), junk),
-              "n": st.one_of(small, junk), "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3)), junk),
-              "logprobs": st.one_of(st.booleans(), small, junk), "seed": st.one_of(st.integers(-5, 2 ** 64), junk),
-              "stream": st.booleans(), "top_k": st.one_of(small, junk), "ignore_eos": st.one_of(st.booleans(), junk)}
-    chat = st.fixed_dictionaries({}, optional={**common, "messages": st.one_of(st.lists(message, max_size=3), junk),
-                                               "top_logprobs": st.one_of(small, junk)})
-    completion = st.fixed_dictionaries({}, optional={**common, "prompt": st.one_of(
-        st.text(max_size=40), st.lists(st.integers(-5, 60000), max_size=5), junk)})
-    bodies = st.one_of(st.tuples(st.just("/v1/chat/completions"), chat),
-                       st.tuples(st.just("/v1/completions"), completion),
+    valid = {"model": st.just(MODEL), "max_tokens": st.integers(1, 4), "temperature": st.floats(0, 2),
+             "top_p": st.floats(0.01, 1), "top_k": st.integers(-1, 50), "min_p": st.floats(0, 1),
+             "n": st.integers(1, 2), "seed": st.integers(0, 2 ** 63 - 1), "stream": st.booleans(),
+             "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3)),
+             "presence_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.5, 2),
+             "ignore_eos": st.booleans()}
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=30)})
+    valid_chat = {**valid, "messages": st.lists(message, min_size=1, max_size=3), "logprobs": st.booleans()}
+    valid_completion = {**valid, "prompt": st.one_of(st.text(min_size=1, max_size=40),
+                                                     st.lists(st.integers(0, 49151), min_size=1, max_size=5)),
+                        "logprobs": st.integers(0, 3)}
+    chat_required, completion_required = {"messages", "max_tokens"}, {"prompt", "max_tokens"}  # short answers
+
+    def bodies_for(fields: dict, required: set):
+        exact = st.fixed_dictionaries({k: fields[k] for k in required},
+                                      optional={k: v for k, v in fields.items() if k not in required})
+        mutated = st.fixed_dictionaries({"max_tokens": st.one_of(fields["max_tokens"], junk)},
+                                        optional={k: st.one_of(v, junk) for k, v in fields.items() if k != "max_tokens"})
+        return st.one_of(exact, mutated)
+
+    bodies = st.one_of(st.tuples(st.just("/v1/chat/completions"), bodies_for(valid_chat, chat_required)),
+                       st.tuples(st.just("/v1/completions"), bodies_for(valid_completion, completion_required)),
                        st.tuples(st.sampled_from(["/tokenize", "/detokenize"]), junk),
                        st.tuples(st.just("/v1/completions"), st.binary(max_size=30)))
+
+    statuses = []
 
     @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(bodies)
@@ -555,11 +565,13 @@ def test_fuzzed_request_bodies_never_get_a_5xx(served):
         path, body = case
         raw = body if isinstance(body, bytes) else None
         status, _, answer = post(served.url + path, body, raw=raw)
+        statuses.append(status)
         assert status < 500, (case, answer)
         if status >= 400:
             assert_envelope(answer, status)
 
     check()
+    assert 200 in statuses and 400 in statuses  # the fuzzer reached generation as well as validation
     assert served.idle()
 
 
