@@ -20,14 +20,14 @@ class ServeArguments:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "HF folder, .gguf file or embedded name"})
     adapters: list[str] = field(default_factory=list, metadata={"help": "name=DIR PEFT LoRA adapters, one model "
                                                                         "id each"})
-    served_model_name: Optional[str] = field(default=None, metadata={"help": "model id of the base (default: "
-                                                                              "--model)"})
+    served_model_name: Optional[str] = field(default=None, metadata={"help": "model id of the base; unset: "
+                                                                              "the --model text"})
     host: str = "127.0.0.1"
     port: int = 8000
     max_num_seqs: int = field(default=8, metadata={"help": "requests decoded together (engine slots)"})
     max_model_len: int = field(default=2048, metadata={"help": "prompt + completion tokens per request"})
     page_size: int = field(default=16, metadata={"help": "tokens per KV-cache page"})
-    num_pages: Optional[int] = field(default=None, metadata={"help": "KV-cache pages (default: every slot full)"})
+    num_pages: Optional[int] = field(default=None, metadata={"help": "KV-cache pages; unset: every slot full"})
     dtype: Optional[str] = None
     api_key: list[str] = field(default_factory=list, metadata={"help": "accepted Bearer keys (none: no auth)"})
     rate_limit: Optional[str] = field(default=None, metadata={"help": "per client, e.g. 60/minute"})
