@@ -222,3 +222,19 @@ def test_resume_without_checkpoint(tiny_chat_model, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         run_sft(sft_args(tiny_chat_model, tmp_path / "o", resume_from_checkpoint="latest", mesh="1"),
                 progress=False)
+
+
+def test_fsdp_shards_optimizer_state_like_the_weights(tiny_chat_model, tmp_path):
+    from jaxswift.train.trainer import build_optimizer, init_state, prepare_tuner, start_run
+
+    args = sft_args(tiny_chat_model, tmp_path, tuner_type="full", mesh="fsdp=8")
+    ctx = start_run(args)
+    params, mask, _, _ = prepare_tuner(ctx.model, args, ctx.cfg)
+    optimizer, _ = build_optimizer(args, 10, ctx.cfg)
+    state, _ = init_state(ctx, params, mask, optimizer, [])
+    weight = state.trainable["layers"]["wq"]
+    moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+               if "wq" in jax.tree_util.keystr(path)]
+    assert "fsdp" in str(weight.sharding.spec)
+    assert moments and all(m.sharding.spec == weight.sharding.spec for m in moments)
+    assert all(m.addressable_shards[0].data.size * 8 == m.size for m in moments)  # one eighth per device

@@ -157,16 +157,10 @@ def _with_shardings(tree, shardings):
 
 
 def state_shardings(state, cfg: ModelConfig, rules, mesh):
-    """NamedShardings for every leaf of a train state: a leaf with the shape of a parameter (the param itself, a
-    LoRA base, the optimizer's moments of it) takes the parameter's logical axes through the rule table; everything
-    else (adapters, low-rank moments, counters, RNG) is replicated."""
-    from jaxswift.parallel.rules import partition_spec
-    from jaxswift.train.trainer import param_logical_axes
+    """The SFT trainer's shardings for every leaf of a train state (see `trainer.tree_shardings`)."""
+    from jaxswift.train.trainer import tree_shardings
 
-    leaves, treedef = jax.tree.flatten(state)
-    axes = treedef.flatten_up_to(param_logical_axes(state, cfg))
-    return treedef.unflatten(NamedSharding(mesh, partition_spec(a, x.shape, rules.params, mesh))
-                             for a, x in zip(axes, leaves))
+    return tree_shardings(state, cfg, rules, mesh)
 
 
 def abstract_params_for(cfg: ModelConfig, args: PlanArguments):

@@ -89,13 +89,18 @@ def param_logical_axes(params, cfg):
     return jax.tree_util.tree_map_with_path(axes, params)
 
 
+def tree_shardings(tree, cfg, rules, mesh):
+    """NamedShardings for a params tree or a whole train state: a leaf with the shape of a parameter (the param, a
+    LoRA base, the optimizer's moments of it) takes that parameter's logical axes through the rule table (so fsdp
+    shards weights and optimizer state alike); other leaves (adapters, low-rank moments, counters) are replicated."""
+    leaves, treedef = jax.tree.flatten(tree)
+    axes = treedef.flatten_up_to(param_logical_axes(tree, cfg))
+    return treedef.unflatten(NamedSharding(mesh, partition_spec(a, x.shape, rules.params, mesh))
+                             for a, x in zip(axes, leaves))
+
+
 def shard_params(params, cfg, rules, mesh):
-    axes = param_logical_axes(params, cfg)
-    leaves, treedef = jax.tree.flatten(params)
-    axes_leaves = treedef.flatten_up_to(axes)
-    shardings = [NamedSharding(mesh, partition_spec(a, x.shape, rules.params, mesh)) for a, x in
-                 zip(axes_leaves, leaves)]
-    return jax.tree.unflatten(treedef, [jax.device_put(x, s) for x, s in zip(leaves, shardings)])
+    return jax.tree.map(jax.device_put, params, tree_shardings(params, cfg, rules, mesh))
 
 
 def _target_modules(values: list[str]):
@@ -256,7 +261,9 @@ def galore_targets(cfg, target_modules: list[str]):
 def init_state(ctx: RunContext, params, mask, optimizer, messages: list[str]):
     """(sharded train state, start step): fresh, or restored from --resume_from_checkpoint."""
     params = shard_params(params, ctx.cfg, ctx.rules, ctx.mesh)
-    state = jax.jit(lambda p: init_train_state(p, mask, optimizer, ctx.args.seed))(params)
+    init = lambda p: init_train_state(p, mask, optimizer, ctx.args.seed)  # noqa: E731
+    shardings = tree_shardings(jax.eval_shape(init, params), ctx.cfg, ctx.rules, ctx.mesh)
+    state = jax.jit(init, out_shardings=shardings)(params)
     del params
     if not ctx.args.resume_from_checkpoint:
         return state, 0
