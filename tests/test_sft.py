@@ -238,3 +238,21 @@ def test_fsdp_shards_optimizer_state_like_the_weights(tiny_chat_model, tmp_path)
     assert "fsdp" in str(weight.sharding.spec)
     assert moments and all(m.sharding.spec == weight.sharding.spec for m in moments)
     assert all(m.addressable_shards[0].data.size * 8 == m.size for m in moments)  # one eighth per device
+
+
+def test_bfloat16_state_keeps_its_dtypes_across_a_step(tiny_chat_model, tmp_path):
+    from jaxswift.train.trainer import build_optimizer, init_state, prepare_tuner, start_run
+    from jaxswift.train.step import make_train_step
+
+    args = sft_args(tiny_chat_model, tmp_path, tuner_type="full", mesh="1", dtype="bfloat16")
+    ctx = start_run(args)
+    params, mask, _, _ = prepare_tuner(ctx.model, args, ctx.cfg)
+    optimizer, _ = build_optimizer(args, 10, ctx.cfg)
+    state, _ = init_state(ctx, params, mask, optimizer, [])
+    tokens = np.arange(32, dtype=np.int32).reshape(1, 1, 32) % 50 + 3
+    batch = dict(tokens=tokens, targets=np.roll(tokens, -1, -1), loss_weights=np.ones(tokens.shape, np.float32),
+                 segment_ids=np.ones_like(tokens), positions=np.arange(32, dtype=np.int32)[None, None])
+    new_state, _ = jax.jit(make_train_step(ctx.cfg, optimizer))(state, batch)
+    dtypes = lambda s: [x.dtype for x in jax.tree.leaves(s)]  # noqa: E731
+    assert jnp.bfloat16 in dtypes(state.opt_state)
+    assert dtypes(new_state) == dtypes(state)

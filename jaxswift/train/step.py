@@ -59,7 +59,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
         (nll, weight, grads), _ = jax.lax.scan(accumulate, init, ({k: batch[k] for k in BATCH_KEYS}, micro_rngs))
         denom = jnp.maximum(weight, 1.0)
         loss = nll / denom
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        # keep each gradient in its parameter's dtype: a bfloat16 state must come back as bfloat16 (its donated
+        # buffers reused, no recompilation on the second step)
+        grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
