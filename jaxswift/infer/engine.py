@@ -37,13 +37,13 @@ from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
 
 MAX_STOP_TOKEN_IDS = 16
-MIN_GATHER_TOKENS = 256  # decode gathers at least this many positions per slot (fewer compiled variants)
+MIN_GATHER_TOKENS = 128  # decode gathers at least this many positions per slot (fewer compiled variants)
 
 
 class DecodeState(NamedTuple):
     """Device arrays of every slot (S = max_concurrent_decodes), donated to each step."""
-    k_pages: tuple  # per layer [pages, K, H, P]
-    v_pages: tuple  # per layer [pages, K, P, H]
+    k_pages: tuple  # per layer [K, pages, P, H]
+    v_pages: tuple  # per layer [K, pages, P, H]
     tokens: jax.Array  # [S] the last sampled token: the next step's input
     positions: jax.Array  # [S] its position (where the next step writes its key/value)
     generated: jax.Array  # [S] tokens generated so far
@@ -126,11 +126,10 @@ def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
     ks, vs = [], []
     for k_pool, v_pool, k_KHT, v_KTH in zip(state.k_pages, state.v_pages, k, v):
         K, H, T = k_KHT.shape
-        P = k_pool.shape[-1]
-        k_CKHP = k_KHT.reshape(K, H, T // P, P).transpose(2, 0, 1, 3)
-        v_CKPH = v_KTH.reshape(K, T // P, P, H).transpose(1, 0, 2, 3)
-        ks.append(k_pool.at[pages_C].set(k_CKHP.astype(k_pool.dtype)))
-        vs.append(v_pool.at[pages_C].set(v_CKPH.astype(v_pool.dtype)))
+        P = k_pool.shape[2]
+        k_KCPH = k_KHT.transpose(0, 2, 1).reshape(K, T // P, P, H)
+        ks.append(k_pool.at[:, pages_C].set(k_KCPH.astype(k_pool.dtype)))
+        vs.append(v_pool.at[:, pages_C].set(v_KTH.reshape(K, T // P, P, H).astype(v_pool.dtype)))
     fields = {name: getattr(state, name) for name in slot_fields}
     updated = jax.tree.map(lambda whole, one: whole.at[slot].set(one[0].astype(whole.dtype)), fields, slot_fields)
     return state._replace(k_pages=tuple(ks), v_pages=tuple(vs), **updated)
@@ -138,7 +137,7 @@ def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
 
 def _generate(params, state: DecodeState, table_BC, *, cfg: ModelConfig, num_top: int):
     params = with_adapter_index(params, state.adapter)
-    P = state.k_pages[0].shape[-1]
+    P = state.k_pages[0].shape[2]
     C = table_BC.shape[1]
     active, pos = state.active, state.positions
     page = jnp.take_along_axis(table_BC, jnp.minimum(pos // P, C - 1)[:, None], axis=1)[:, 0]

@@ -1,6 +1,6 @@
 """The paged KV cache: device pools of fixed-size pages and the host-side allocator that hands them out.
 
-Each layer has one key pool [pages, K, H, P] and one value pool [pages, K, P, H] (see models/attention.py).
+Each layer has one key pool and one value pool, each [K, pages, P, H] (see models/attention.py).
 Page 0 is scratch: free slots write there and their page-table rows point there, so a finished request can
 never write into a page that was handed to someone else. Pages 1..num_pages are allocated.
 
@@ -26,10 +26,9 @@ def pages_for(tokens: int, page_size: int) -> int:
 def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
     """(k pools, v pools), one per layer, with the scratch page in front of `num_pages` allocatable ones."""
     dtype = dtype or cfg.compute_dtype
-    k_shape = (num_pages + 1, cfg.num_kv_heads, cfg.head_dim, page_size)
-    v_shape = (num_pages + 1, cfg.num_kv_heads, page_size, cfg.head_dim)
-    return (tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
-            tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)))
+    shape = (cfg.num_kv_heads, num_pages + 1, page_size, cfg.head_dim)
+    return (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
 class PageAllocator:

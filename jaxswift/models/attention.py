@@ -1,9 +1,10 @@
 """Decoding over a paged KV cache: one new token per row, keys and values in fixed-size pages.
 
 Legend as in transformer.py, plus for pages: C pages gathered per row, P tokens per page (page size).
-One pool per layer: keys k [pages, K, H, P] (transposed within a page, as the contiguous cache keeps them) and
-values v [pages, K, P, H]. A row's page table [B, C] lists its pages in order, so page c holds the row's
-positions c*P .. c*P + P - 1; page 0 is a scratch page that free rows write into and nobody reads.
+One pool per layer for keys and one for values, each [K, pages, P, H]. A row's page table [B, C] lists its pages
+in order, so page c holds the row's positions c*P .. c*P + P - 1; page 0 is a scratch page that free rows write
+into and nobody reads. The kv-heads axis leads so that gathering a batch's pages (axis 1) gives [K, B, C, P, H],
+which is already the batched-matmul operand [Z, S, H] (Z = K * B here, kv heads major) without a transpose.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxswift.models.config import ModelConfig
-from jaxswift.models.transformer import _MASKED, ACT, _mlp, _qkv, linear, rms_norm
 from jaxswift.models.hints import constrain
+from jaxswift.models.transformer import _MASKED, ACT, _mlp, _qkv, linear, rms_norm
 
 
 def write_token_kv(k_pool, v_pool, k_BKH, v_BKH, page_B, offset_B):
     """The pools with each row's new key/value written at (its page, its offset in the page)."""
-    k_pool = k_pool.at[page_B, :, :, offset_B].set(k_BKH.astype(k_pool.dtype))
-    v_pool = v_pool.at[page_B, :, offset_B, :].set(v_BKH.astype(v_pool.dtype))
+    k_pool = k_pool.at[:, page_B, offset_B].set(k_BKH.transpose(1, 0, 2).astype(k_pool.dtype))
+    v_pool = v_pool.at[:, page_B, offset_B].set(v_BKH.transpose(1, 0, 2).astype(v_pool.dtype))
     return k_pool, v_pool
 
 
@@ -29,17 +30,18 @@ def paged_attention(q_BNH, k_pool, v_pool, table_BC, position_B, window) -> jax.
     window > 0 keeps only keys less than `window` positions back (sliding-window layers).
     """
     B, N, H = q_BNH.shape
-    K, P = k_pool.shape[1], k_pool.shape[-1]
-    C = table_BC.shape[1]
-    k_BCKHP = jnp.take(k_pool, table_BC, axis=0).astype(q_BNH.dtype)
-    v_BCKPH = jnp.take(v_pool, table_BC, axis=0).astype(q_BNH.dtype)
-    q_BKGH = q_BNH.reshape(B, K, N // K, H)
-    scores = jnp.einsum("BKGH,BCKHP->BKGCP", q_BKGH, k_BCKHP, preferred_element_type=jnp.float32) * H ** -0.5
-    distance_BCP = position_B[:, None, None] - jnp.arange(C * P, dtype=jnp.int32).reshape(1, C, P)
-    visible = (distance_BCP >= 0) & ((window == 0) | (distance_BCP < window))
-    scores = jnp.where(visible[:, None, None], scores, _MASKED).reshape(B, K, N // K, C * P)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BCKPH.dtype).reshape(B, K, N // K, C, P)
-    return jnp.einsum("BKGCP,BCKPH->BKGH", probs, v_BCKPH).reshape(B, N, H)
+    K, P = k_pool.shape[0], k_pool.shape[2]
+    G, S = N // K, table_BC.shape[1] * P
+    k_ZSH = jnp.take(k_pool, table_BC, axis=1).reshape(K * B, S, H).astype(q_BNH.dtype)
+    v_ZSH = jnp.take(v_pool, table_BC, axis=1).reshape(K * B, S, H).astype(q_BNH.dtype)
+    q_ZGH = q_BNH.reshape(B, K, G, H).transpose(1, 0, 2, 3).reshape(K * B, G, H)
+    scores = jnp.einsum("ZGH,ZSH->ZGS", q_ZGH, k_ZSH, preferred_element_type=jnp.float32) * H ** -0.5
+    distance_BS = position_B[:, None] - jnp.arange(S, dtype=jnp.int32)
+    visible_BS = (distance_BS >= 0) & ((window == 0) | (distance_BS < window))
+    scores = jnp.where(visible_BS[None, :, None], scores.reshape(K, B, G, S), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_ZSH.dtype).reshape(K * B, G, S)
+    out = jnp.einsum("ZGS,ZSH->ZGH", probs, v_ZSH)
+    return out.reshape(K, B, G, H).transpose(1, 0, 2, 3).reshape(B, N, H)
 
 
 def paged_decoder_layer(x_BD, layer, window, cfg: ModelConfig, position_B, pages, page_B, offset_B, table_BC):
