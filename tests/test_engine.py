@@ -103,27 +103,33 @@ QUESTIONS = ["What is 2+2?", "Name a fruit.", "Say hello in French.", "What colo
 
 
 def test_smollm2_eight_staggered_prompts_equal_generate_and_transformers():
+    """The engine's 64 greedy tokens per prompt equal jaxswift.generate_ids on that prompt alone, and are
+    transformers' greedy choice at every step: the argmax of its logits given the prompt and the tokens before
+    (teacher forcing; by induction the very sequence transformers' greedy generate produces, in one forward)."""
     import transformers
 
     from jaxswift.checkpoints.registry import resolve_model_path
 
     model = jaxswift.load_model("smollm2-135m-instruct")
     prompts = [jaxswift.api.chat_prompt_ids(model, [{"role": "user", "content": q}]) for q in QUESTIONS]
-    engine = JaxEngine(model, max_concurrent_decodes=4, max_model_len=256, page_size=16, prefill_buckets=(64, 128))
+    engine = JaxEngine(model, max_concurrent_decodes=6, max_model_len=256, page_size=16, prefill_buckets=(64,))
     sampling = RequestSampling(max_tokens=64, ignore_eos=True)
     got, _ = drive(engine, [(p, sampling) for p in prompts], arrivals=[0, 0, 3, 5, 5, 9, 20, 30])
     assert engine.kv_pages_used == 0 and not engine._pages.promised
+    for i, ids in enumerate(prompts):
+        assert got[i] == jaxswift.generate_ids(model, [ids], max_new_tokens=64, ignore_eos=True)[0], i
 
     path = resolve_model_path("smollm2-135m-instruct")
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                   dtype=torch.float32).eval()
+    sequences = [ids + got[i] for i, ids in enumerate(prompts)]
+    width = max(map(len, sequences))  # right padding: causal attention keeps it out of every real token's view
+    batch = torch.tensor([seq + [0] * (width - len(seq)) for seq in sequences])
+    with torch.no_grad():
+        choices = reference(batch).logits.argmax(-1)
     for i, ids in enumerate(prompts):
-        assert got[i] == jaxswift.generate_ids(model, [ids], max_new_tokens=64, ignore_eos=True)[0], i
-        with torch.no_grad():  # an explicit mask: SmolLM2's pad id is <|im_end|>
-            out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                     max_new_tokens=64, min_new_tokens=64, do_sample=False, eos_token_id=None,
-                                     pad_token_id=model.tokenizer.pad_token_id)
-        assert got[i] == out[0, len(ids):].tolist(), i
+        assert choices[i, len(ids) - 1:len(ids) + 63].tolist() == got[i], i
+    assert len({tuple(g) for g in got.values()}) == 8
 
 
 # --- sampling: vLLM's formulas, transcribed in float64 numpy -------------------------------------------------------
