@@ -293,6 +293,10 @@ def test_bad_inputs_name_what_is_wrong(tiny):
         engine.can_admit(128, 1)
     with pytest.raises(ConfigError, match="max_tokens"):
         engine.can_admit(5, 0)
+    with pytest.raises(ConfigError, match="could never run"):
+        tiny_engine(tiny, num_pages=2).can_admit(20, 20)
+    with pytest.raises(ConfigError, match=r"token ids must be in \[0, 256\), got \[256, -1\]"):
+        engine.pad_prompt([5, 256, -1])
     padded, n = engine.pad_prompt([5, 6, 7])
     for field, value in [("temperature", -0.5), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5),
                          ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("max_tokens", 0),

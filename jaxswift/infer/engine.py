@@ -15,7 +15,8 @@ pools (models/attention.py) with the layers unrolled, gathering only as many pag
 request needs (rounded up to a power of two, one compiled function each); the decode state is donated so the pools
 are updated in place. Sampling is per slot (sampling.sample_slots) inside the same jitted step.
 
-The page allocator and each slot's position live on the host, in the engine: one engine serves one decode state.
+The page allocator and each slot's position live on the host, in the engine: one engine serves one decode state,
+driven from one thread (the orchestrator's).
 """
 
 from __future__ import annotations
@@ -238,13 +239,20 @@ class JaxEngine(Engine):
                               f"{self._max_len - 1} (max_model_len {self._max_len} includes the completion)")
         if max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
-        return self._pages.can_reserve(self._worst_case_pages(prompt_length, max_tokens))
+        pages = self._worst_case_pages(prompt_length, max_tokens)
+        if pages > self._num_pages:
+            raise ConfigError(f"a request of {prompt_length} prompt tokens and max_tokens {max_tokens} needs {pages} "
+                              f"KV pages, more than the engine's {self._num_pages}: it could never run")
+        return self._pages.can_reserve(pages)
 
     def pad_prompt(self, token_ids: list[int]) -> tuple[np.ndarray, int]:
         n = len(token_ids)
         if n == 0 or n >= self._max_len:
             raise ConfigError(f"the prompt has {n} tokens; this engine takes 1 to {self._max_len - 1} "
                               f"(max_model_len {self._max_len} includes the completion)")
+        bad = [t for t in token_ids if not 0 <= int(t) < self.config.vocab_size]
+        if bad:
+            raise ConfigError(f"prompt token ids must be in [0, {self.config.vocab_size}), got {bad[:5]}")
         bucket = next((b for b in self._buckets if b >= n), None)
         if bucket is None:  # chunked prefill: a multiple of the largest bucket
             bucket = pages_for(n, self._buckets[-1]) * self._buckets[-1]
