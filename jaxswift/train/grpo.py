@@ -173,7 +173,7 @@ class Generator:
     logps_fn: Callable  # jitted (params, tokens, positions, segments) -> [N, C]
     reference: Callable  # state -> reference params (adapters off / a frozen copy); None when beta = 0
     sample: Callable  # (params, prompt rows, key) -> (Rollout, env rewards or None)
-    messages: list[str] = dataclasses.field(default_factory=list)
+    completions_log: Path | None = None
 
     def prompt_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.args.seed, epoch]).permutation(len(self.prompts))
@@ -198,7 +198,19 @@ class Generator:
         columns["completion_lengths"] = r.lengths.tolist()
         if env_rewards is not None:
             columns["env_reward"] = list(env_rewards)
-        return rw.score(self.reward_funcs, [row.prompt for row in expanded], completions, columns)
+        scores = rw.score(self.reward_funcs, [row.prompt for row in expanded], completions, columns)
+        self._log_completions(expanded, completions, scores)
+        return scores
+
+    def _log_completions(self, rows: list[PromptRow], completions: list[str], scores: np.ndarray):
+        """The first group of every rollout, with its rewards, to output_dir/completions.jsonl (TRL's
+        log_completions)."""
+        if self.completions_log is None:
+            return
+        with open(self.completions_log, "a") as f:
+            for row, text, s in list(zip(rows, completions, scores))[:self.args.num_generations]:
+                f.write(json.dumps({"prompt": row.prompt, "completion": text,
+                                    **{n: float(v) for n, v in zip(self.reward_funcs, s)}}) + "\n")
 
     def sample_groups(self, state, generation: int):
         """(prompt rows, rollout, rewards [N, R]); with dynamic sampling, groups whose rewards are all equal are
@@ -325,7 +337,7 @@ class GrpoResult:
     first_step_seconds: float
 
 
-def _samplers(args: GrpoArguments, model, cfg, eos_ids, pad_id):
+def _samplers(args: GrpoArguments, model, cfg, eos_ids, pad_id, longest_prompt: int):
     """(params, rows, key) -> (Rollout, env rewards | None), by backend and turn count."""
     sampling = RolloutSampling(args.temperature, args.top_p, args.top_k, args.max_completion_length)
     G = args.num_generations
@@ -341,11 +353,11 @@ def _samplers(args: GrpoArguments, model, cfg, eos_ids, pad_id):
         from jaxswift.infer.engine import JaxEngine
         from jaxswift.models.transformer import unstack_layers
 
-        longest = args.max_length + args.max_completion_length
         engine = JaxEngine(dataclasses.replace(model, config=cfg.replace(remat="none")),
                            max_concurrent_decodes=min(64, args.per_device_train_batch_size
                                                       * args.gradient_accumulation_steps),
-                           max_model_len=int(2 ** np.ceil(np.log2(longest + 1))))
+                           max_model_len=int(2 ** np.ceil(np.log2(longest_prompt + args.max_completion_length + 1))))
+        engine.params = None  # the engine samples the train state's params, passed per call: no copy kept
 
         def sample(params, rows, key):
             seed = int(jax.random.randint(key, (), 0, 2 ** 30))
@@ -417,7 +429,9 @@ def run_grpo(args: GrpoArguments, *, progress: bool = True) -> GrpoResult:
         p, t, pos, seg, cfg, prompt_length=t.shape[1] - args.max_completion_length, temperature=temperature))
     generator = Generator(args, cfg, model.tokenizer, prompts, funcs, weights, prompts_per_step,
                           args.gradient_accumulation_steps, logps_fn, _reference(args, ctx, lora_cfg),
-                          _samplers(args, model, cfg, eos_ids, pad_id))
+                          _samplers(args, model, cfg, eos_ids, pad_id, max(len(p.ids) for p in prompts)),
+                          completions_log=ctx.out_dir / "completions.jsonl")
+    model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
     step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(funcs), temperature=temperature,
                           has_old=args.num_iterations > 1, prepare_params=prepare)
     compiled = compile_step(ctx, step, state)
