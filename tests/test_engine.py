@@ -270,6 +270,7 @@ def test_max_tokens_one_stop_ids_eos_and_ignore_eos(tiny):
     k = next(i for i in range(2, 12) if reference[i] not in reference[:i])  # stop there, not before
     stop = reference[k]
 
+    engine.warmup()
     got, results = drive(engine, [(ids, RequestSampling(max_tokens=1))])
     assert got[0] == reference[:1] and results[0][0]["done"] and results[0][0]["lengths"] == 1
     assert engine.kv_pages_used == 0

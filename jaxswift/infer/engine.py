@@ -353,6 +353,27 @@ class JaxEngine(Engine):
         self._active &= ~result.done
         return state, result
 
+    def warmup(self, params=None) -> DecodeState:
+        """Compiles prefill, insert and first-token sampling for every bucket, and the decode step for every
+        gather size, with and without logprobs, so that no request waits for a compile (a server calls this
+        before taking traffic; prompts beyond the largest bucket still compile per chunk count). Returns a fresh
+        decode state (the previous one is reset)."""
+        params = self.params if params is None else params
+        state = self.init_decode_state()
+        for bucket in self._buckets:
+            for logprobs in (None, 1):
+                prefix, _ = self.prefill(params, np.zeros((bucket,), np.int32), 1,
+                                         RequestSampling(max_tokens=2, logprobs=logprobs, ignore_eos=True))
+            state = self.free_resource(self.insert(prefix, state, 0), 0)
+        pages = pages_for(MIN_GATHER_TOKENS, self.page_size)
+        while True:
+            table = self._pages.table[:, :min(pages, self._pages_per_slot)]
+            for num_top in (0, MAX_TOP_LOGPROBS):
+                state, _ = _generate_jit(params, state, table, cfg=self._shape_cfg, num_top=num_top)
+            if pages >= self._pages_per_slot:
+                return self.init_decode_state()
+            pages *= 2
+
     @staticmethod
     def _result(out, requests: list[RequestSampling | None]) -> ResultTokens:
         tokens, valid, lengths, done, chosen, top_ids, top_logprobs = (np.asarray(x) for x in out)

@@ -54,7 +54,7 @@ class ResultTokens:
     tokens [S]: the token sampled this step; valid [S]: the slot was occupied and produced `tokens`; lengths [S]:
     tokens generated so far by the slot's request (this one included); done [S]: the request ended with this token
     (eos / stop token id / max_tokens / context full): the orchestrator then frees the slot. logprobs [S]: the
-    chosen token's log-prob under the sampling distribution's logits before temperature (as vLLM reports);
+    chosen token's log-prob, log_softmax of the raw logits (before penalties and temperature: vLLM's default);
     top_ids / top_logprobs [S, k]: the k best alternatives, k the largest `logprobs` among the slots (may be 0).
     A prefill's ResultTokens has S = 1.
     """
