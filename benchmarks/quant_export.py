@@ -1,6 +1,6 @@
 """Perplexity of SmolLM2-135M-Instruct exported as GPTQ-4, AWQ-4, FP8 and int8, loaded back, vs the float model.
 
-    python benchmarks/quant_export.py                 # full: 128 x 256 calibration tokens, 16 x 256 held out
+    python benchmarks/quant_export.py                 # full: 64 x 128 calibration tokens, 16 x 128 held out
     python benchmarks/quant_export.py --smoke         # tiny sizes, seconds
 
 Calibration and held-out text are English docstrings of two disjoint sets of Python standard library modules
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     import jaxswift
     from jaxswift.quant.export_formats import QuantSpec, quantize_model, save_quantized
 
-    n_calib, n_eval, length = (4, 2, 64) if args.smoke else (128, 16, 256)
+    n_calib, n_eval, length = (4, 2, 64) if args.smoke else (64, 16, 128)
     model = jaxswift.load_model("smollm2-135m-instruct")
     calibration = windows(model.tokenizer, docstring_text(CALIBRATION_MODULES), n_calib, length)
     held_out = windows(model.tokenizer, docstring_text(HELD_OUT_MODULES), n_eval, length)
@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     print(f"machine: {os.cpu_count()} CPUs; calibration {n_calib} x {length} tokens, held out {n_eval} x {length}")
     print(f"| format | perplexity | vs float | transformers | quantize s |\n|---|---|---|---|---|")
     print(f"| float32 | {base:.3f} | 1.000 | | |")
-    specs = {"gptq": QuantSpec("gptq", 4, 64), "awq": QuantSpec("awq", 4, 64), "fp8": QuantSpec("fp8", 8),
+    specs = {"gptq": QuantSpec("gptq", 4, 32, desc_act=True, sym=False), "awq": QuantSpec("awq", 4, 32),
+             "fp8": QuantSpec("fp8", 8),
              "int8": QuantSpec("int8", 8)}
     for name in args.methods.split(","):
         spec = specs[name]
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
             loaded = jaxswift.load_model(out)
             ppl = perplexity(loaded.params, loaded.config, held_out)
             hf = f"{transformers_perplexity(out, held_out):.3f}" if name in ("fp8", "int8") else "needs gptqmodel"
-        label = f"{name}-{spec.bits}" + (f" g{spec.group_size}" if name in ("gptq", "awq") else "")
+        label = f"{name}-{spec.bits}" + (f" g{spec.group_size}" if name in ("gptq", "awq") else "") + \
+            (" act-order asym" if name == "gptq" else "")
         print(f"| {label} | {ppl:.3f} | {ppl / base:.3f} | {hf} | {seconds:.0f} |", flush=True)
     return 0
 

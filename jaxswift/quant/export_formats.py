@@ -57,10 +57,11 @@ def check_spec(spec: QuantSpec, cfg: ModelConfig) -> None:
         if spec.group_size != -1 and (spec.group_size <= 0 or dim % spec.group_size):
             raise ConfigError(f"--group_size {spec.group_size} does not divide the model's {name} ({dim}), an input "
                               "dimension of its projections; use a common divisor or -1 (per channel)")
-    if spec.method == "awq" and any(d % 8 for d in (cfg.hidden_size, cfg.intermediate_size,
-                                                       cfg.num_kv_heads * cfg.head_dim)):
-        raise ConfigError("AWQ's GEMM layout packs 8 outputs per int32: every output dimension must be a multiple "
-                          "of 8")
+    per_word = 32 // spec.bits  # zeros (and AWQ's weights) are packed along the outputs
+    outputs = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+    if any(d % per_word for d in outputs):
+        raise ConfigError(f"{spec.method} packs {per_word} outputs per int32, so every projection's output size "
+                          f"must be a multiple of {per_word}; this model's are {sorted(set(outputs))}")
 
 
 def _flat(w: np.ndarray, key: str) -> np.ndarray:
