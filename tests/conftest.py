@@ -40,3 +40,26 @@ def tiny_chat_model(tmp_path_factory, smol_tokenizer):
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     smol_tokenizer.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct as jaxswift loads it (float32), shared by the tests that need it."""
+    import jaxswift
+
+    return jaxswift.load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """(model, tokenizer): transformers loading the same GGUF, float32, eval mode — the parity reference."""
+    import torch
+    import transformers
+
+    from jaxswift.checkpoints.registry import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer

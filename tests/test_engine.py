@@ -102,15 +102,11 @@ QUESTIONS = ["What is 2+2?", "Name a fruit.", "Say hello in French.", "What colo
              "Explain gravity to a child in one long paragraph."]
 
 
-def test_smollm2_eight_staggered_prompts_equal_generate_and_transformers():
+def test_smollm2_eight_staggered_prompts_equal_generate_and_transformers(smollm2, smollm2_hf):
     """The engine's 64 greedy tokens per prompt equal jaxswift.generate_ids on that prompt alone, and are
     transformers' greedy choice at every step: the argmax of its logits given the prompt and the tokens before
     (teacher forcing; by induction the very sequence transformers' greedy generate produces, in one forward)."""
-    import transformers
-
-    from jaxswift.checkpoints.registry import resolve_model_path
-
-    model = jaxswift.load_model("smollm2-135m-instruct")
+    model = smollm2
     prompts = [jaxswift.api.chat_prompt_ids(model, [{"role": "user", "content": q}]) for q in QUESTIONS]
     engine = JaxEngine(model, max_concurrent_decodes=6, max_model_len=256, page_size=16, prefill_buckets=(64,))
     sampling = RequestSampling(max_tokens=64, ignore_eos=True)
@@ -119,9 +115,7 @@ def test_smollm2_eight_staggered_prompts_equal_generate_and_transformers():
     for i, ids in enumerate(prompts):
         assert got[i] == jaxswift.generate_ids(model, [ids], max_new_tokens=64, ignore_eos=True)[0], i
 
-    path = resolve_model_path("smollm2-135m-instruct")
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                  dtype=torch.float32).eval()
+    reference = smollm2_hf[0]
     sequences = [ids + got[i] for i, ids in enumerate(prompts)]
     width = max(map(len, sequences))  # right padding: causal attention keeps it out of every real token's view
     batch = torch.tensor([seq + [0] * (width - len(seq)) for seq in sequences])

@@ -126,16 +126,10 @@ def _packed_logps(model, items):
     return np.asarray(stats.logps[0])  # [items, 2]
 
 
-def test_smollm2_pair_logps_equal_transformers(smol_tokenizer):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from jaxswift.checkpoints.registry import resolve_model_path
-
+def test_smollm2_pair_logps_equal_transformers(smol_tokenizer, smollm2, smollm2_hf):
     items, _ = build_preference_items(["builtin:preference_demo#3"], smol_tokenizer, kto=False, max_length=256)
-    ours = _packed_logps(jaxswift.load_model("smollm2-135m-instruct"), items)
-    path = resolve_model_path("smollm2-135m-instruct")
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ours = _packed_logps(smollm2, items)
+    hf = smollm2_hf[0]
     theirs = np.array([[_hf_sequence_logps(hf, s) for s in item.sequences] for item in items])
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)  # summed over each reply: 4e-5 seen on CPU
     assert (ours < -1).all()

@@ -7,10 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import jaxswift
-from jaxswift.checkpoints.registry import resolve_model_path
 
 CHAT = [
     {"role": "system", "content": "You are a concise assistant."},
@@ -22,18 +20,14 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ours():
-    return jaxswift.load_model("smollm2-135m-instruct")
+@pytest.fixture
+def ours(smollm2):
+    return smollm2
 
 
-@pytest.fixture(scope="module")
-def reference():
-    path = resolve_model_path("smollm2-135m-instruct")
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tokenizer
+@pytest.fixture
+def reference(smollm2_hf):
+    return smollm2_hf
 
 
 def prompt_ids(tokenizer, messages):
