@@ -87,6 +87,11 @@ def answers_equal(predicted: str, reference: str) -> bool:
 
 # -------------------------------------------------------------------------------------------------------- built-ins
 
+
+def _texts(completions) -> list[str]:
+    """Completions as strings; TRL hands conversational ones as [{"role": "assistant", "content": ...}]."""
+    return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+
 SOLUTION_COLUMNS = ("solution", "answer", "ground_truth")
 
 
@@ -101,6 +106,7 @@ def _solutions(columns: dict, n: int) -> list[str]:
 def accuracy(prompts, completions, **columns) -> list[float]:
     """1.0 when the completion's final answer equals the row's solution (\\boxed{} / #### / <answer> / last
     number), else 0.0."""
+    completions = _texts(completions)
     solutions = _solutions(columns, len(completions))
     return [float(answers_equal(extract_answer(c), extract_answer(s))) for c, s in zip(completions, solutions)]
 
@@ -110,6 +116,7 @@ _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DO
 
 def format_reward(prompts, completions, **columns) -> list[float]:
     """1.0 for `<think>...</think><answer>...</answer>` and nothing else, else 0.0."""
+    completions = _texts(completions)
     return [float(bool(_FORMAT.match(c))) for c in completions]
 
 
@@ -118,6 +125,7 @@ _ANSWER_FORMAT = re.compile(r"^\s*<answer>.*?</answer>\s*$", re.DOTALL)
 
 def answer_format(prompts, completions, **columns) -> list[float]:
     """1.0 for a completion that is exactly `<answer>...</answer>`, else 0.0."""
+    completions = _texts(completions)
     return [float(bool(_ANSWER_FORMAT.match(c))) for c in completions]
 
 
@@ -127,6 +135,7 @@ _PLAIN_ANSWER = re.compile(r"^[\d\s+\-*/x=().,]*?-?\d+\.?$")
 def plain_answer(prompts, completions, **columns) -> list[float]:
     """1.0 for one short line of arithmetic ending in a number ('12 + 5 = 17', '17'), with nothing after it
     (the built-in arithmetic task's format), else 0.0."""
+    completions = _texts(completions)
     return [float("\n" not in c.strip() and bool(_PLAIN_ANSWER.match(c.strip()))) for c in completions]
 
 
@@ -158,6 +167,7 @@ class RepetitionReward:
     max_penalty: float = -1.0
 
     def __call__(self, prompts, completions, **columns) -> list[float]:
+        completions = _texts(completions)
         out = []
         for text in completions:
             words = text.lower().split()

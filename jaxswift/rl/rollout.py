@@ -129,9 +129,10 @@ def rollout(params, prompts_ids: list[list[int]], cfg: ModelConfig, *, sampling:
 
 
 def engine_rollout(engine, params, prompts_ids: list[list[int]], *, sampling: RolloutSampling,
-                   num_generations: int, seed: int) -> Rollout:
+                   num_generations: int, seed: int, ignore_eos: bool = False) -> Rollout:
     """The same rollout from a JaxEngine (continuous batching: a finished slot takes the next request at once).
-    `params` as the engine takes them (unstack_layers of the train state's). Log-probs before temperature."""
+    `params` as the engine takes them (unstack_layers of the train state's). Log-probs before temperature.
+    ignore_eos: every row makes exactly max_completion_length tokens (benchmarks)."""
     from jaxswift.infer.engine_api import RequestSampling
 
     requests = [(i, ids) for i, ids in enumerate(p for p in prompts_ids for _ in range(num_generations))]
@@ -151,7 +152,7 @@ def engine_rollout(engine, params, prompts_ids: list[list[int]], *, sampling: Ro
         while queue and free and engine.can_admit(len(queue[0][1]), C):
             row, ids = queue.pop(0)
             req = RequestSampling(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                                  max_tokens=C, seed=seed * 1_000_003 + row, logprobs=0)
+                                  max_tokens=C, seed=seed * 1_000_003 + row, logprobs=0, ignore_eos=ignore_eos)
             padded, n = engine.pad_prompt(ids)
             prefix, first = engine.prefill(params, padded, n, req)
             record(row, int(first.tokens[0]), float(first.logprobs[0]))
