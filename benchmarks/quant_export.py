@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     held_out = windows(model.tokenizer, docstring_text(HELD_OUT_MODULES), n_eval, length)
     base = perplexity(model.params, model.config, held_out)
     print(f"machine: {os.cpu_count()} CPUs; calibration {n_calib} x {length} tokens, held out {n_eval} x {length}")
-    print(f"| format | perplexity | vs float | transformers | quantize s |\n|---|---|---|---|---|")
+    print("| format | perplexity | vs float | transformers | quantize s |\n|---|---|---|---|---|")
     print(f"| float32 | {base:.3f} | 1.000 | | |")
     specs = {"gptq": QuantSpec("gptq", 4, 32, desc_act=True, sym=False), "awq": QuantSpec("awq", 4, 32),
              "fp8": QuantSpec("fp8", 8),

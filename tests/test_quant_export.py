@@ -53,7 +53,8 @@ def test_gptq_packing_matches_autogptq_unpacking(bits):
     assert packed.dtype == np.int32 and packed.shape == (64 * bits // 32, 24)
     per_word = 32 // bits
     rows = np.arange(64)[:, None]
-    reference = (packed.view(np.uint32)[rows // per_word, np.arange(24)] >> (bits * (rows % per_word))) & (2 ** bits - 1)
+    words = packed.view(np.uint32)[rows // per_word, np.arange(24)]
+    reference = (words >> (bits * (rows % per_word))) & (2 ** bits - 1)
     np.testing.assert_array_equal(reference, codes)
     np.testing.assert_array_equal(unpack_int32(packed, bits, axis=0), codes)
 
@@ -174,7 +175,8 @@ def test_export_then_load_gives_the_quantizer_weights(tiny, exported, name):
         assert (qc["version"], qc["zero_point"], qc["group_size"]) == ("gemm", True, 32)
     if spec.method in ("fp8", "int8"):
         group = qc["config_groups"]["group_0"]["weights"]
-        assert (group["type"], group["strategy"]) == (("float", "tensor") if spec.method == "fp8" else ("int", "channel"))
+        expected = ("float", "tensor") if spec.method == "fp8" else ("int", "channel")
+        assert (group["type"], group["strategy"]) == expected
 
 
 def test_quantized_model_runs_close_to_float_and_identically_after_reload(tiny, exported):
