@@ -9,13 +9,12 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+import transformers
 from gguf.quants import dequantize, quantize
 
 from jaxswift.checkpoints.gguf import SUPPORTED_TYPES, read_gguf
 from jaxswift.checkpoints.registry import EMBEDDED_MODELS, resolve_model_path
 from jaxswift.errors import CheckpointError, ConfigError
-
-transformers = pytest.importorskip("transformers")
 
 # --------------------------------------------------------------------------- the real SmolLM2 file
 
