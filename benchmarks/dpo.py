@@ -6,7 +6,7 @@
 
 Both sides train the same thing end to end through their public trainers: LoRA (rank 8, alpha 32, dropout 0,
 every linear layer), DPO sigmoid loss, beta 0.1, reference = the base with adapters off, AdamW with a constant
-learning rate, no gradient checkpointing, float32, `--pairs` pairs per step, on the same synthetic conversational
+learning rate, no gradient checkpointing, no packing, float32, `--pairs` pairs per step, on the same synthetic conversational
 pairs (prompt + chosen / rejected replies of about the requested length, rendered with the model's chat template).
 Each side runs `--warmup + --timed` steps; the time of a step is the wall time between consecutive step ends
 (jaxswift: the `elapsed_s` of logging.jsonl at --logging_steps 1; TRL: a TrainerCallback's on_step_end), and the
@@ -87,6 +87,7 @@ def run_jaxswift(args, pairs: list[dict], work: Path) -> dict:
         lora_rank=8, lora_alpha=32, lora_dropout=0.0, target_modules=["all-linear"], learning_rate=5e-6,
         lr_scheduler_type="constant", warmup_ratio=0.0, per_device_train_batch_size=args.pairs, max_steps=steps,
         gradient_accumulation_steps=1, max_length=1024, gradient_checkpointing=False, dtype="float32", mesh="1",
+        packing=False,  # one pair per row, so both sides train on exactly --pairs pairs a step
         logging_steps=1, save_steps=10 ** 9, split_dataset_ratio=0.0, demo_question="", output_dir=str(out),
         disable_tqdm=True, seed=args.seed)
     t0 = time.perf_counter()
