@@ -29,3 +29,10 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def print_outcome(result, demo_question: str):
+    """What every training recipe prints last: the demo answer before and after, and where the model went."""
+    if result.demo_before is not None:
+        print(f"\nQ: {demo_question}\nbefore: {result.demo_before}\nafter:  {result.demo_after}")
+    print(f"\nsaved to {result.output_dir} (final model: {result.export_dir})")

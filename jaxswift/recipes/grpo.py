@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxswift.recipes.common import run_main
+from jaxswift.recipes.common import print_outcome, run_main
 
 
 def main(argv: list[str]) -> int:
@@ -23,9 +23,7 @@ def main(argv: list[str]) -> int:
     result = run_grpo(args)
     print(f"mean reward: first quarter of the steps {result.reward_first:.3f} -> last quarter "
           f"{result.reward_last:.3f} over {len(result.history)} steps")
-    if result.demo_before is not None:
-        print(f"\nQ: {args.demo_question}\nbefore: {result.demo_before}\nafter:  {result.demo_after}")
-    print(f"\nsaved to {result.output_dir} (final model: {result.export_dir})")
+    print_outcome(result, args.demo_question)
     return 0
 
 

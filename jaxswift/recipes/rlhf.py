@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxswift.recipes.common import run_main
+from jaxswift.recipes.common import print_outcome, run_main
 
 SHOWN = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl", "log_odds_ratio")
 
@@ -30,9 +30,7 @@ def main(argv: list[str]) -> int:
         where = "validation items" if result.eval_metrics else "training items"
         shown = ", ".join(f"{k} {result.final_metrics[k]:.3f}" for k in SHOWN if k in result.final_metrics)
         print(f"{args.rlhf_type} on the {where}: {shown}")
-    if result.demo_before is not None:
-        print(f"\nQ: {args.demo_question}\nbefore: {result.demo_before}\nafter:  {result.demo_after}")
-    print(f"\nsaved to {result.output_dir} (final model: {result.export_dir})")
+    print_outcome(result, args.demo_question)
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxswift.recipes.common import run_main
+from jaxswift.recipes.common import print_outcome, run_main
 
 
 def main(argv: list[str]) -> int:
@@ -24,9 +24,7 @@ def main(argv: list[str]) -> int:
         print(f"loss: first {losses[0]:.4f} -> last {losses[-1]:.4f} over {len(losses)} steps")
     if result.eval_losses:
         print(f"eval loss: {list(result.eval_losses.values())[-1]:.4f}")
-    if result.demo_before is not None:
-        print(f"\nQ: {args.demo_question}\nbefore: {result.demo_before}\nafter:  {result.demo_after}")
-    print(f"\nsaved to {result.output_dir} (final model: {result.export_dir})")
+    print_outcome(result, args.demo_question)
     return 0
 
 
