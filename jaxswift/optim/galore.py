@@ -101,6 +101,13 @@ def _one_minus_pow(b, t):
     return 1.0 if b == 0 else -jnp.expm1(t * math.log(b))
 
 
+def _adam_moments(x, mu, nu, b1, b2, eps, step_scale):
+    """(bias-corrected Adam direction, new mu, new nu) for one (projected) gradient, as galore_torch's AdamW."""
+    mu = b1 * mu + (1 - b1) * x
+    nu = b2 * nu + (1 - b2) * x * x
+    return mu / (jnp.sqrt(nu) + eps) * step_scale, mu, nu
+
+
 def _to_torch(x, mat: Matrix):
     """[batch..., in..., out...] -> [batch..., m, n] (torch's (out, in))."""
     batch, m, n = mat.split(x.shape)
@@ -163,9 +170,7 @@ def galore(rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, *, 
             r = min(rank, *x.shape[-2:])
             p = jax.lax.cond(refresh, lambda: _projector(x, r), lambda: p)
             x = _project(x, p)
-        mu = b1 * mu + (1 - b1) * x
-        nu = b2 * nu + (1 - b2) * x * x
-        n = mu / (jnp.sqrt(nu) + eps) * step_scale
+        n, mu, nu = _adam_moments(x, mu, nu, b1, b2, eps, step_scale)
         if isinstance(mat, Matrix):
             n = scale * _back(n, p, g.shape, mat)
         return n.astype(g.dtype), mu, nu, p

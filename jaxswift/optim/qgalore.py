@@ -30,8 +30,8 @@ import optax
 from flax import struct
 
 from jaxswift.errors import ConfigError
-from jaxswift.optim.galore import (Matrix, MaskTree, _back, _check_args, _low_rank_shapes, _lr_and_trailing_decay,
-                                   _one_minus_pow, _project, _projector, _resolve, _to_torch)
+from jaxswift.optim.galore import (Matrix, MaskTree, _adam_moments, _back, _check_args, _low_rank_shapes,
+                                   _lr_and_trailing_decay, _one_minus_pow, _project, _projector, _resolve, _to_torch)
 from jaxswift.quant.nf4 import pack_nibbles, unpack_nibbles
 
 F32 = jnp.float32
@@ -237,9 +237,7 @@ def qgalore(rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, *,
             ps = jax.lax.cond(jnp.any(due), lambda: refresh(x, ps, due, count), lambda: ps)
             p = ps.proj.dequantize(F32)
             x = _project(x, p)
-        mu = b1 * mu + (1 - b1) * x
-        nu = b2 * nu + (1 - b2) * x * x
-        n = mu / (jnp.sqrt(nu) + eps) * step_scale
+        n, mu, nu = _adam_moments(x, mu, nu, b1, b2, eps, step_scale)
         if isinstance(mat, Matrix):
             n = scale * _back(n, p, g.shape, mat)
         return n.astype(g.dtype), mu, nu, ps
