@@ -33,10 +33,20 @@ def read_hf_config(folder: str | Path, dtype: str | None = None) -> tuple[ModelC
     return config_from_hf(raw, where=str(path), dtype=dtype), raw
 
 
-def _set_path(tree: dict, path: tuple[str, ...], value):
+def set_path(tree: dict, path: tuple[str, ...], value):
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def dense_leaf(tensors: dict, names: list[str], m, cfg: ModelConfig, source: str):
+    """One params leaf from plain float tensors (one per layer when `m.per_layer`), in our layout and dtype; for
+    loaders whose other leaves are quantized."""
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}")
+    arrays = [m.to_ours(np.asarray(tensors[n], np.float32)) for n in names]
+    return jnp.asarray(np.stack(arrays) if m.per_layer else arrays[0], cfg.weight_dtype)
 
 
 def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str,
@@ -75,7 +85,7 @@ def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
         raise CheckpointError(f"{source}: missing tensors {', '.join(missing[:3])}{more}")
     params = {}
     for path, buffer in buffers.items():
-        _set_path(params, path, buffer)
+        set_path(params, path, buffer)
     if shardings is None:
         return jax.tree.map(jnp.asarray, params)
     return jax.tree.map(jax.device_put, params, shardings)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxswift.checkpoints.hf import dense_leaf, set_path
 from jaxswift.checkpoints.safetensors_io import iter_folder_tensors
 from jaxswift.errors import CheckpointError, ConfigError
 from jaxswift.models.config import ModelConfig
@@ -88,15 +89,8 @@ def load_quantized_params(folder: str | Path, cfg: ModelConfig, quantization_con
                 leaves.append(_linear_leaf(parts, prefix, qc, _our_shape(cfg, m.path[-1]), f"{folder}: {prefix}"))
             value = _stack(leaves, f"{folder}: {m.hf_name}")
         else:
-            missing = [n for n in names if n not in tensors]
-            if missing:
-                raise CheckpointError(f"{folder}: missing tensor {missing[0]}")
-            arrays = [m.to_ours(np.asarray(tensors[n], np.float32)) for n in names]
-            value = jnp.asarray(np.stack(arrays) if m.per_layer else arrays[0], cfg.weight_dtype)
-        node = params
-        for key in m.path[:-1]:
-            node = node.setdefault(key, {})
-        node[m.path[-1]] = value
+            value = dense_leaf(tensors, names, m, cfg, str(folder))
+        set_path(params, m.path, value)
     return jax.tree.map(jnp.asarray, params)
 
 

@@ -391,7 +391,7 @@ def load_bnb_nf4(folder, dtype: str | None = None):
     load_in_4bit model, or `save_bnb_nf4`): Linear4bit weights become NF4Weight leaves, the rest float arrays."""
     from pathlib import Path
 
-    from jaxswift.checkpoints.hf import read_hf_config
+    from jaxswift.checkpoints.hf import dense_leaf, read_hf_config, set_path
     from jaxswift.checkpoints.safetensors_io import iter_folder_tensors
     from jaxswift.models.families import weight_maps
     from jaxswift.models.spec import param_specs
@@ -409,13 +409,6 @@ def load_bnb_nf4(folder, dtype: str | None = None):
             in_shape, out_shape = spec.shape[1:1 + n_in], spec.shape[1 + n_in:]
             leaf = stack_layers([nf4_from_bnb_tensors(tensors, n, in_shape, out_shape, str(folder)) for n in names])
         else:
-            missing = [n for n in names if n not in tensors]
-            if missing:
-                raise CheckpointError(f"{folder}: missing tensor {missing[0]!r}")
-            arrays = [m.to_ours(np.asarray(tensors[n], np.float32)) for n in names]
-            leaf = jnp.asarray(np.stack(arrays) if m.per_layer else arrays[0], cfg.weight_dtype)
-        node = params
-        for key in m.path[:-1]:
-            node = node.setdefault(key, {})
-        node[m.path[-1]] = leaf
+            leaf = dense_leaf(tensors, names, m, cfg, str(folder))
+        set_path(params, m.path, leaf)
     return cfg, params
