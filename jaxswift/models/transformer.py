@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxswift.models.config import ModelConfig
-from jaxswift.models.hints import constrain
+from jaxswift.models.hints import constrain, override
 from jaxswift.models.rope import apply_rope
 
 ACT = ("batch", "seq", "embed")
@@ -142,8 +142,23 @@ def _mlp(h_BTD, layer):
     return linear("BTF,FD->BTD", jax.nn.silu(gate) * up, layer["w_down"])
 
 
+def self_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, window) -> jax.Array:
+    """Attention of a sequence over itself (no cache): the default of the "self_attention" override."""
+    B, T, K, H = k_BTKH.shape
+    k = k_BTKH.transpose(0, 2, 3, 1).reshape(B * K, H, T)
+    v = v_BTKH.transpose(0, 2, 1, 3).reshape(B * K, T, H)
+    mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
+    return causal_self_attention(q_BTNH, k.astype(q_BTNH.dtype), v.astype(q_BTNH.dtype), mask)
+
+
+def feed_forward(h_BTD, layer, cfg: ModelConfig):
+    """The block's MLP -> (out, aux loss); aux is 0 for a dense MLP."""
+    return _mlp(h_BTD, layer), jnp.zeros((), jnp.float32)
+
+
 def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_ids_BT, kv=None):
-    """One block. `kv` = (k_cache, v_cache, layer_index, cache_positions, cache_segments, write_index) or None.
+    """One block -> (x, new_kv, aux). `kv` = (k_cache, v_cache, layer_index, cache_positions, cache_segments,
+    write_index) or None; aux is the block's auxiliary loss (MoE load balancing; 0 for dense blocks).
 
     With a cache, the new keys/values are written in place (a loop carry, so XLA updates them without copying the
     whole cache every step): into this layer's own k [Z, H, S] / v [Z, S, H] when layer_index is None, else at
@@ -152,13 +167,12 @@ def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_
     B, T, _ = x_BTD.shape
     h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
     q, k, v = _qkv(h, layer, cfg, positions_BT)
-    k = k.transpose(0, 2, 3, 1).reshape(-1, cfg.head_dim, T)  # [Z, H, T]
-    v = v.transpose(0, 2, 1, 3).reshape(-1, T, cfg.head_dim)  # [Z, T, H]
     if kv is None:
-        mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
-        attn = causal_self_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        attn = override("self_attention", self_attention)(q, k, v, positions_BT, segment_ids_BT, window)
         new_kv = None
     else:
+        k = k.transpose(0, 2, 3, 1).reshape(-1, cfg.head_dim, T)  # [Z, H, T]
+        v = v.transpose(0, 2, 1, 3).reshape(-1, T, cfg.head_dim)  # [Z, T, H]
         k_all, v_all, i, cache_pos, cache_seg, index = kv
         zero = jnp.zeros((), jnp.int32)
         if i is None:
@@ -173,8 +187,8 @@ def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_
         attn = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         new_kv = (k_all, v_all)
     x_BTD = x_BTD + linear("BTNH,NHD->BTD", attn, layer["wo"])
-    x_BTD = x_BTD + _mlp(rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps), layer)
-    return constrain(x_BTD, ACT), new_kv
+    ffn, aux = feed_forward(rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps), layer, cfg)
+    return constrain(x_BTD + ffn, ACT), new_kv, aux
 
 
 def _remat(fn, policy: str):
@@ -194,28 +208,45 @@ def _default_positions(tokens_BT, positions, segment_ids, offset=0):
     return positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
 
 
-def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions=None, segment_ids=None,
-                  cache: KVCache | None = None):
-    """Final-normed hidden states [B, T, D] (and the updated cache when one is given).
+def scan_layers(layer_fn, x_BTD, side, layer_xs):
+    """The default of the "run_layers" override: `jax.lax.scan` over the stacked layers, summing their aux."""
+    def body(carry, xs):
+        x, aux = carry
+        x, layer_aux = layer_fn(x, side, xs)
+        return (x, aux + layer_aux), None
+    (x_BTD, aux), _ = jax.lax.scan(body, (x_BTD, jnp.zeros((), jnp.float32)), layer_xs)
+    return x_BTD, aux
 
-    Stacked layers run under `jax.lax.scan`; the tuple of per-layer trees of `unstack_layers` runs unrolled.
+
+def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions=None, segment_ids=None,
+                  cache: KVCache | None = None, return_aux: bool = False):
+    """Final-normed hidden states [B, T, D] and the updated cache (None without one); with return_aux, also the
+    summed auxiliary loss of the blocks (MoE load balancing; 0 for dense models).
+
+    Stacked layers run under `jax.lax.scan` (or the "run_layers" override, e.g. a pipeline); the tuple of
+    per-layer trees of `unstack_layers` runs unrolled.
     """
     positions, segment_ids = _default_positions(tokens_BT, positions, segment_ids)
     x = jnp.take(params["embed"], tokens_BT, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, ACT)
     layers = params["layers"]
+    aux = jnp.zeros((), jnp.float32)
     if cache is not None:
         x, cache = _cached_layers(x, layers, cfg, positions, segment_ids, cache)
     elif isinstance(layers, (list, tuple)):
         for layer, window in zip(layers, cfg.window_per_layer):
-            x = decoder_layer(x, layer, window, cfg, positions, segment_ids)[0]
+            x, _, layer_aux = decoder_layer(x, layer, window, cfg, positions, segment_ids)
+            aux = aux + layer_aux
     else:
-        def body(carry, xs):
-            layer, window = xs
-            return decoder_layer(carry, layer, window, cfg, positions, segment_ids)[0], None
+        def layer_fn(x, side, xs):
+            (layer, window), (pos, seg) = xs, side
+            x, _, layer_aux = decoder_layer(x, layer, window, cfg, pos, seg)
+            return x, layer_aux
         windows = jnp.asarray(cfg.window_per_layer, jnp.int32)
-        x, _ = jax.lax.scan(_remat(body, cfg.remat), x, (layers, windows))
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
+        run_layers = override("run_layers", scan_layers)
+        x, aux = run_layers(_remat(layer_fn, cfg.remat), x, (positions, segment_ids), (layers, windows))
+    h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return (h, cache, aux) if return_aux else (h, cache)
 
 
 def _cached_layers(x, layers, cfg: ModelConfig, positions, segment_ids, cache: KVCache):
@@ -227,8 +258,8 @@ def _cached_layers(x, layers, cfg: ModelConfig, positions, segment_ids, cache: K
     def body(carry, xs):
         x, k, v = carry
         layer, window, i = xs
-        x, (k, v) = decoder_layer(x, layer, window, cfg, positions, segment_ids,
-                                  (k, v, i, cache_pos, cache_seg, cache.index))
+        x, (k, v), _ = decoder_layer(x, layer, window, cfg, positions, segment_ids,
+                                     (k, v, i, cache_pos, cache_seg, cache.index))
         return (x, k, v), None
 
     unrolled, per_layer = isinstance(layers, (list, tuple)), isinstance(cache.k, (list, tuple))

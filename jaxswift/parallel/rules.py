@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -106,9 +107,15 @@ def activation_constraint(rules: ShardingRules, mesh):
     return constrain
 
 
-def activation_sharding(rules: ShardingRules, mesh):
-    """Context manager: model code traced inside it pins activations at block boundaries."""
-    return hints.use_constraint(activation_constraint(rules, mesh))
+@contextlib.contextmanager
+def activation_sharding(rules: ShardingRules, mesh, options=None):
+    """Context manager: model code traced inside it pins activations at block boundaries and runs the parallel
+    strategy of each mesh axis (pipeline, ring attention, expert parallelism: `parallel/strategies.py`);
+    `options` is a strategies.ParallelOptions (defaults when None)."""
+    from jaxswift.parallel.strategies import use_parallel
+
+    with hints.use_constraint(activation_constraint(rules, mesh)), use_parallel(mesh, rules, options):
+        yield
 
 
 def batch_sharding(rules: ShardingRules, mesh, ndim: int = 2) -> NamedSharding:

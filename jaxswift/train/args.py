@@ -93,6 +93,12 @@ class SftArguments:
     # parallelism
     mesh: Optional[str] = field(default=None, metadata={"help": "4x2 (data x tensor) or data=2,fsdp=2,tensor=2"})
     sharding_rules: str = "default"
+    num_microbatches: Optional[int] = field(default=None, metadata={
+        "help": "pipeline (mesh axis stage > 1): microbatches per step; default one per stage"})
+    virtual_stages: int = field(default=1, metadata={"help": "pipeline: layer chunks per stage (> 1: circular)"})
+    pipeline_schedule: str = field(default="auto", metadata={"help": "auto | gpipe | circular"})
+    ring_attention_layout: str = field(default="zigzag", metadata={
+        "help": "sequence parallelism: zigzag | striped | contiguous (causal load balancing)"})
     # demo: the answer to this question before and after training (empty to skip)
     demo_question: str = "Who are you, and who made you?"
     demo_max_new_tokens: int = 48
@@ -105,17 +111,22 @@ class SftArguments:
             "loss_scale": (self.loss_scale, ("default", "last_round", "all")),
             "dtype": (self.dtype, ("float32", "bfloat16")),
             "init_weights": (self.init_weights, ("true", "gaussian", "pissa")),
+            "pipeline_schedule": (self.pipeline_schedule, ("auto", "gpipe", "circular")),
+            "ring_attention_layout": (self.ring_attention_layout, ("zigzag", "striped", "contiguous")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ConfigError(f"--{name} {value!r}: expected one of {' | '.join(allowed)}")
         positive = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps")
+                    "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps",
+                    "virtual_stages")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set --max_steps or --num_train_epochs to a positive number")
+        if self.num_microbatches is not None and self.num_microbatches <= 0:
+            raise ConfigError(f"--num_microbatches must be positive, got {self.num_microbatches}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0:

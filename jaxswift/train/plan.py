@@ -338,6 +338,7 @@ def build_step(args: PlanArguments) -> PlannedStep:
     """The state SFT would build (tuner, optimizer, shardings) and its step, over abstract params."""
     from jaxswift.parallel.mesh import make_mesh
     from jaxswift.parallel.rules import activation_sharding, batch_sharding, load_rules
+    from jaxswift.parallel.strategies import ParallelOptions
     from jaxswift.train.state import init_train_state
     from jaxswift.train.step import make_train_step
 
@@ -357,7 +358,7 @@ def build_step(args: PlanArguments) -> PlannedStep:
     step = make_train_step(cfg, optimizer, **step_kwargs)
 
     def traced(s, b):
-        with activation_sharding(rules, mesh):
+        with activation_sharding(rules, mesh, ParallelOptions.from_args(args)):
             return step(s, b)
 
     return PlannedStep(traced, state, batch, mesh, cfg, source)

@@ -25,6 +25,7 @@ from jaxswift.optim.factory import OptimizerConfig, make_optimizer
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.mesh import make_mesh
 from jaxswift.parallel.rules import activation_sharding, load_rules, partition_spec
+from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.args import SftArguments
 from jaxswift.train.batches import StepPlan, eval_batches
 from jaxswift.train.logging import RunLogger, plot_loss
@@ -209,6 +210,10 @@ class RunContext:
     def batch_sharding(self):
         return _batch_sharding(self.mesh, self.rules)
 
+    @property
+    def parallel(self) -> ParallelOptions:
+        return ParallelOptions.from_args(self.args)
+
 
 def start_run(args: SftArguments) -> RunContext:
     out_dir = Path(args.output_dir)
@@ -278,7 +283,7 @@ def compile_step(ctx: RunContext, step, state, *extra):
     """step(state, batch, *extra) jitted with the state's shardings, the batch sharded over data, the state donated;
     returns fn(state, batch). `extra` (e.g. a frozen reference model) is passed on every call, never donated."""
     def traced(s, b, *e):
-        with activation_sharding(ctx.rules, ctx.mesh):
+        with activation_sharding(ctx.rules, ctx.mesh, ctx.parallel):
             return step(s, b, *e)
 
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
@@ -428,7 +433,7 @@ def _sft_evaluator(ctx: RunContext, state, val_examples):
     eval_step = make_eval_step(ctx.cfg, loss_chunk=ctx.args.loss_chunk_size)
 
     def traced_eval(p, b):
-        with activation_sharding(ctx.rules, ctx.mesh):
+        with activation_sharding(ctx.rules, ctx.mesh, ctx.parallel):
             return eval_step(p, b)
 
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
