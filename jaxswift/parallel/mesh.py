@@ -44,9 +44,15 @@ def mesh_device_count(sizes: dict[str, int]) -> int:
     return math.prod(v for v in sizes.values() if v > 0)
 
 
-def ensure_cpu_devices(spec: str | None) -> None:
-    """Before JAX starts: on a CPU-only machine, ask XLA for as many virtual devices as the mesh needs."""
+def ensure_cpu_devices(spec: str | None, num_processes: int = 1) -> None:
+    """Before JAX starts: on a CPU-only machine, ask XLA for as many virtual devices as the mesh needs. The mesh
+    counts global devices: each of `num_processes` processes gets mesh size / num_processes of them."""
     needed = mesh_device_count(parse_mesh(spec)) if spec else 1
+    if num_processes > 1 and spec:
+        if needed % num_processes:
+            raise ConfigError(f"--mesh {spec!r}: its {needed} devices cannot be split evenly over "
+                              f"--num_processes {num_processes} processes")
+        needed //= num_processes
     if needed <= 1 or "jax" in __import__("sys").modules and _backend_started():
         return
     flags = os.environ.get("XLA_FLAGS", "")
@@ -90,6 +96,9 @@ def make_mesh(spec: str | None, devices=None):
         raise ConfigError(f"--mesh {spec or '(default)'} needs {needed} devices "
                           f"({' x '.join(f'{k}={v}' for k, v in sizes.items() if v > 1) or '1'}), "
                           f"but {len(devices)} are available")
+    if needed < len(devices) and jax.process_count() > 1:
+        raise ConfigError(f"--mesh {spec}: uses {needed} of the {len(devices)} devices of a "
+                          f"{jax.process_count()}-process job; a multi-process mesh must span every device")
     devices = devices[:needed]  # a smaller mesh than the machine is fine (e.g. one device of eight)
     shape = tuple(sizes[a] for a in MESH_AXES)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)

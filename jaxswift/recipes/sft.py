@@ -11,11 +11,12 @@ from jaxswift.recipes.common import print_outcome, run_main
 
 
 def main(argv: list[str]) -> int:
-    from jaxswift.parallel.mesh import ensure_cpu_devices
+    from jaxswift.parallel.distributed import initialize_distributed
     from jaxswift.train.args import SftArguments, parse_args
 
     args = parse_args(SftArguments, argv)
-    ensure_cpu_devices(args.mesh)  # before JAX creates its CPU client
+    # before JAX creates its backend: join a multi-process job, and on CPU make this process's virtual devices
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, mesh=args.mesh)
     from jaxswift.train.trainer import run_sft
 
     result = run_sft(args)

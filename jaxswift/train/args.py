@@ -99,6 +99,10 @@ class SftArguments:
     pipeline_schedule: str = field(default="auto", metadata={"help": "auto | gpipe | circular"})
     ring_attention_layout: str = field(default="zigzag", metadata={
         "help": "sequence parallelism: zigzag | striped | contiguous (causal load balancing)"})
+    # multi-process (docs/multihost.md): else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, TPU/SLURM
+    coordinator_address: Optional[str] = field(default=None, metadata={"help": "HOST:PORT of process 0"})
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
     # demo: the answer to this question before and after training (empty to skip)
     demo_question: str = "Who are you, and who made you?"
     demo_max_new_tokens: int = 48

@@ -11,21 +11,25 @@ from tqdm.auto import tqdm
 
 
 class RunLogger:
-    """Writes every logged record to output_dir/logging.jsonl and TensorBoard (output_dir/runs)."""
+    """Writes every logged record to output_dir/logging.jsonl and TensorBoard (output_dir/runs); with
+    write_files=False (the non-primary processes of a multi-process run) only the progress bar and messages."""
 
-    def __init__(self, output_dir: str | Path, total_steps: int, initial_step: int = 0, enable_bar: bool = True):
+    def __init__(self, output_dir: str | Path, total_steps: int, initial_step: int = 0, enable_bar: bool = True,
+                 write_files: bool = True):
         from tensorboardX import SummaryWriter
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.dir / "logging.jsonl", "a", buffering=1)
-        self.tb = SummaryWriter(str(self.dir / "runs"))
+        self.jsonl = open(self.dir / "logging.jsonl", "a", buffering=1) if write_files else None
+        self.tb = SummaryWriter(str(self.dir / "runs")) if write_files else None
         self.bar = tqdm(total=total_steps, initial=initial_step, disable=not enable_bar, dynamic_ncols=True,
                         desc="train", unit="step")
         self.start = self.created = time.perf_counter()
         self.tokens = 0.0
 
     def log(self, step: int, record: dict, *, prefix: str = "train"):
+        if self.jsonl is None:
+            return
         record = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in record.items()}
         wall = {"elapsed_s": round(time.perf_counter() - self.created, 3)}  # JSONL only: step timing for benchmarks
         self.jsonl.write(json.dumps({"step": step, "split": prefix, **record, **wall}) + "\n")
@@ -47,8 +51,9 @@ class RunLogger:
 
     def close(self):
         self.bar.close()
-        self.tb.close()
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.tb.close()
+            self.jsonl.close()
 
 
 def read_log(path: str | Path) -> list[dict]:

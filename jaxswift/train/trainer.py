@@ -23,6 +23,7 @@ from jaxswift.models.families import weight_maps
 from jaxswift.models.spec import param_specs
 from jaxswift.optim.factory import OptimizerConfig, make_optimizer
 from jaxswift.optim.qgalore import float_view
+from jaxswift.parallel.distributed import gather_to_host, is_primary, put_global_batch
 from jaxswift.parallel.mesh import make_mesh
 from jaxswift.parallel.rules import activation_sharding, load_rules, partition_spec
 from jaxswift.parallel.strategies import ParallelOptions
@@ -218,7 +219,8 @@ class RunContext:
 def start_run(args: SftArguments) -> RunContext:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if is_primary():
+        (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     mesh = make_mesh(args.mesh)
     rules = load_rules(args.sharding_rules)
     model = load_model(args.model, dtype=args.dtype)
@@ -317,7 +319,8 @@ def train_loop(ctx: RunContext, state, step_fn, plan: StepPlan, *, total_steps: 
     """Steps start_step+1 .. total_steps: metrics read one step behind, logs, eval every --eval_steps (when
     `evaluate(state) -> dict` is given), checkpoints every --save_steps and at the end."""
     args = ctx.args
-    logger = RunLogger(ctx.out_dir, total_steps, start_step, enable_bar=progress and not args.disable_tqdm)
+    logger = RunLogger(ctx.out_dir, total_steps, start_step, enable_bar=progress and not args.disable_tqdm,
+                       write_files=is_primary())
     for m in messages:
         logger.write(m)
     logger.write(f"{total_steps} steps x {plan.rows_per_step} rows of {plan.length} tokens "
@@ -371,7 +374,7 @@ def train_loop(ctx: RunContext, state, step_fn, plan: StepPlan, *, total_steps: 
     t0 = time.perf_counter()
     try:
         for step_no in range(start_step + 1, total_steps + 1):
-            batch = jax.device_put(next(batches), ctx.batch_sharding)
+            batch = put_global_batch(next(batches), ctx.batch_sharding)
             state, metrics = step_fn(state, batch)
             if pending is not None:
                 consume(*pending)
@@ -420,8 +423,10 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
     loop = train_loop(ctx, state, step_fn, plan, total_steps=total_steps, start_step=start_step,
                       schedule=schedule, evaluate=evaluate, messages=messages, progress=progress)
     final_params = float_view(loop.state.params)  # Q-GaLore's 8-bit weights back to floats for the export
+    final_params = gather_to_host(final_params)  # multi-process: every process gets the whole model
     export_dir = _export(model, final_params, cfg, lora_cfg, args, ctx.out_dir)
-    plot_loss(ctx.out_dir / "logging.jsonl", ctx.out_dir / "loss.png")
+    if is_primary():
+        plot_loss(ctx.out_dir / "logging.jsonl", ctx.out_dir / "loss.png")
     demo_after = _demo(model, final_params, cfg, args.demo_question, args.demo_max_new_tokens)
     eval_losses = {step: m["loss"] for step, m in loop.eval_metrics.items()}
     return TrainResult(loop.losses, eval_losses, ctx.out_dir, export_dir, demo_before, demo_after,
@@ -442,7 +447,7 @@ def _sft_evaluator(ctx: RunContext, state, val_examples):
     def evaluate(step_state):
         nll = weight = 0.0
         for batch in eval_batches(val_examples, ctx.args.per_device_eval_batch_size * ctx.dp, ctx.args.max_length):
-            n, w = eval_fn(step_state.params, jax.device_put(batch, ctx.batch_sharding))
+            n, w = eval_fn(step_state.params, put_global_batch(batch, ctx.batch_sharding))
             nll, weight = nll + float(n), weight + float(w)
         return {"loss": nll / max(weight, 1.0)}
 
@@ -450,13 +455,16 @@ def _sft_evaluator(ctx: RunContext, state, val_examples):
 
 
 def _export(model: Model, params, cfg, lora_cfg, args: SftArguments, out_dir: Path) -> Path | None:
-    """The final model in the format others load: a PEFT adapter (LoRA) or a full HF folder."""
+    """The final model in the format others load: a PEFT adapter (LoRA) or a full HF folder. Multi-process: written
+    by process 0 only (every process returns its path)."""
+    path = out_dir / ("adapter" if lora_cfg is not None else "model")
+    if not is_primary():
+        return path
     if lora_cfg is not None:
         from jaxswift.checkpoints.peft import save_peft_adapter
 
-        path = out_dir / "adapter"
         save_peft_adapter(params, cfg, lora_cfg, path, base_model_name_or_path=args.model)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(path))
         return path
-    return save_hf(params, cfg.replace(remat="none"), out_dir / "model", tokenizer=model.tokenizer)
+    return save_hf(params, cfg.replace(remat="none"), path, tokenizer=model.tokenizer)
