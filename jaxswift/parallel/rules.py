@@ -30,10 +30,14 @@ class ShardingRules:
 
 
 def _mesh_axes(value, where: str) -> tuple[str, ...]:
+    if value is not None and not isinstance(value, (str, list)):
+        raise ConfigError(f"{where}: expected a mesh axis, a list of mesh axes or null, got {value!r}")
     axes = () if value is None else (value,) if isinstance(value, str) else tuple(value)
     for axis in axes:
         if axis not in MESH_AXES:
             raise ConfigError(f"{where}: unknown mesh axis {axis!r} (mesh axes: {', '.join(MESH_AXES)})")
+    if len(set(axes)) < len(axes):
+        raise ConfigError(f"{where}: a mesh axis appears twice in {list(axes)}")
     return axes
 
 
@@ -59,12 +63,14 @@ def load_rules(name_or_path: str = "default") -> ShardingRules:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        raise ConfigError(f"--sharding_rules {path}: invalid YAML ({e})") from None
     unknown = set(raw) - {"params", "activations"}
     if unknown:
-        raise ConfigError(f"{path}: unknown sections {sorted(unknown)} (expected params, activations)")
-    return ShardingRules(_table(raw.get("params", {}), f"{path}:params"),
-                         _table(raw.get("activations", {}), f"{path}:activations"), str(path))
+        raise ConfigError(f"--sharding_rules {path}: unknown sections {sorted(unknown)} "
+                          f"(expected params, activations)")
+    where = f"--sharding_rules {path}"
+    return ShardingRules(_table(raw.get("params", {}), f"{where}: params"),
+                         _table(raw.get("activations", {}), f"{where}: activations"), where)
 
 
 def partition_spec(logical: tuple, shape: tuple, table: dict, mesh, where: str = "") -> PartitionSpec:
