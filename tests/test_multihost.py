@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxswift.errors import ConfigError
-from jaxswift.parallel.distributed import SINGLE_PROCESS, resolve_launch
+from jaxswift.parallel.distributed import SINGLE_PROCESS, Launch, detected_cluster, resolve_launch
 from jaxswift.parallel.mesh import ensure_cpu_devices
 from jaxswift.train.args import SftArguments, parse_args
 from jaxswift.train.trainer import run_sft
@@ -108,3 +108,21 @@ def test_mesh_devices_are_split_over_processes(monkeypatch):
     with pytest.raises(ConfigError, match=r"--mesh 'data=2,tensor=3': its 6 devices cannot be split evenly over "
                                           r"--num_processes 4"):
         ensure_cpu_devices("data=2,tensor=3", num_processes=4)
+
+
+@pytest.mark.parametrize("tasks, expected", [("4", 4), ("1", 1)])
+def test_slurm_job_is_detected_without_flags(monkeypatch, tasks, expected):
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[1-4]", "SLURM_NTASKS": tasks, "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": tasks}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert detected_cluster() == "slurm"
+    launch = resolve_launch()
+    assert launch.num_processes == expected
+    assert launch == (SINGLE_PROCESS if expected == 1 else Launch(expected, {}, "slurm"))  # jax reads SLURM itself
+
+
+def test_no_cluster_no_flags_is_one_process(monkeypatch):
+    for name in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "JAX_", "JAXSWIFT_", "TPU_"))]:
+        monkeypatch.delenv(name)
+    assert detected_cluster() is None and resolve_launch() == SINGLE_PROCESS
