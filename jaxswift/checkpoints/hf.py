@@ -46,7 +46,8 @@ def dense_leaf(tensors: dict, names: list[str], m, cfg: ModelConfig, source: str
     if missing:
         raise CheckpointError(f"{source}: missing tensor {missing[0]!r}")
     arrays = [m.to_ours(np.asarray(tensors[n], np.float32)) for n in names]
-    return jnp.asarray(np.stack(arrays) if m.per_layer else arrays[0], cfg.weight_dtype)
+    stacked = ((cfg.num_layers,) if m.per_layer else ()) + ((cfg.num_experts,) if m.per_expert else ())
+    return jnp.asarray(np.stack(arrays).reshape(stacked + arrays[0].shape), cfg.weight_dtype)
 
 
 def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str,
@@ -57,10 +58,7 @@ def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
     model once (in the target dtype) plus one tensor.
     """
     maps = weight_maps(cfg)
-    by_name = {}
-    for m in maps:
-        for i in range(cfg.num_layers if m.per_layer else 1):
-            by_name[m.hf_name.format(i=i)] = (m, i)
+    by_name = {name: (m, index) for m in maps for name, index in m.names(cfg)}
     buffers, seen = {}, set()
     np_dtype = np.dtype(cfg.weight_dtype)
     for name, array in tensors:
@@ -68,12 +66,12 @@ def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
             if _IGNORED.match(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue
             raise CheckpointError(f"{source}: unexpected tensor {name!r} for a {cfg.family} model")
-        m, i = by_name[name]
+        m, index = by_name[name]
         value = m.to_ours(np.asarray(array, dtype=np.float32))
         if m.path not in buffers:
-            shape = ((cfg.num_layers,) if m.per_layer else ()) + value.shape
-            buffers[m.path] = np.empty(shape, np_dtype)
-        target = buffers[m.path][i] if m.per_layer else buffers[m.path]
+            stacked = ((cfg.num_layers,) if m.per_layer else ()) + ((cfg.num_experts,) if m.per_expert else ())
+            buffers[m.path] = np.empty(stacked + value.shape, np_dtype)
+        target = buffers[m.path][index]
         if target.shape != value.shape:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, which does not fit "
                                   f"the config (expected {tuple(m.to_hf(np.zeros(target.shape)).shape)})")
@@ -107,11 +105,8 @@ def hf_tensors(params: dict, cfg: ModelConfig, dtype=None) -> dict[str, np.ndarr
         array = np.asarray(jax.device_get(node))
         if dtype is not None:
             array = array.astype(dtype)
-        if m.per_layer:
-            for i in range(cfg.num_layers):
-                out[m.hf_name.format(i=i)] = np.ascontiguousarray(m.to_hf(array[i]))
-        else:
-            out[m.hf_name] = np.ascontiguousarray(m.to_hf(array))
+        for name, index in m.names(cfg):
+            out[name] = np.ascontiguousarray(m.to_hf(array[index]))
     return out
 
 

@@ -18,7 +18,11 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
 FAMILY_ARCHITECTURE = {family: arch for arch, family in ARCHITECTURES.items()}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -63,6 +67,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # mixture of experts (qwen2_moe, qwen3_moe, mixtral); num_experts = 0 for dense models. See models/moe.py.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # F of each routed expert
+    shared_expert_intermediate_size: int = 0  # qwen2_moe: one sigmoid-gated shared expert; 0 = none
+    norm_topk_prob: bool = False  # renormalize the top-k probabilities to sum to 1 (always on for mixtral)
+    router_aux_loss_coef: float = 0.0  # HF's value; it joins the loss only when output_router_logits (as HF)
+    output_router_logits: bool = False
+    router_z_loss_coef: float = 0.0
+    capacity_factor: float | None = None  # None = dropless; else each expert takes ceil(cf * tokens * k / E)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -74,6 +88,22 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok must be in 1..num_experts ({self.num_experts}), "
+                              f"got {self.num_experts_per_tok}")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ConfigError(f"moe_intermediate_size must be > 0, got {self.moe_intermediate_size}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor!r}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def aux_loss_coef(self) -> float:
+        """The load-balancing loss weight that training applies (HF adds it only with output_router_logits)."""
+        return self.router_aux_loss_coef if self.output_router_logits else 0.0
 
     @property
     def window_per_layer(self) -> tuple[int, ...]:
@@ -127,9 +157,9 @@ def _rope_from_hf(d: dict, where: str) -> RopeConfig:
 
 def _sliding_windows(d: dict, family: str, num_layers: int) -> tuple[int, ...]:
     window = d.get("sliding_window")
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         return (int(window),) * num_layers if window else ()
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         layer_types = d.get("layer_types")
         if layer_types is None and d.get("use_sliding_window") and window:
             # Older qwen configs: layers at index >= max_window_layers use the window.
@@ -148,6 +178,36 @@ def _eos_ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _moe_fields(d: dict, family: str, where: str) -> dict:
+    """The MoE fields of a qwen2_moe / qwen3_moe / mixtral config.json; {} for dense families."""
+    if family not in MOE_FAMILIES:
+        return {}
+    experts = d.get("num_experts") or d.get("num_local_experts")
+    if not experts:
+        raise ConfigError(f"{where}: missing required field 'num_experts' (or 'num_local_experts')")
+    # Layers are stacked and scanned, so every block must have the same shape: all MoE or none.
+    step, dense = d.get("decoder_sparse_step", 1), sorted(d.get("mlp_only_layers") or [])
+    if step != 1 or dense:
+        raise ConfigError(f"{where}: decoder_sparse_step={step}, mlp_only_layers={dense}: models that mix dense and "
+                          f"MoE blocks are not supported (every layer must be an MoE block)")
+    if d.get("router_jitter_noise"):
+        raise ConfigError(f"{where}: router_jitter_noise={d['router_jitter_noise']} is not supported (set it to 0)")
+    if family == "qwen2_moe" and not d.get("shared_expert_intermediate_size"):
+        raise ConfigError(f"{where}: missing required field 'shared_expert_intermediate_size'")
+    capacity = d.get("capacity_factor")
+    return dict(
+        num_experts=int(experts),
+        num_experts_per_tok=int(_require(d, "num_experts_per_tok", where)),
+        moe_intermediate_size=int(_require(d, "intermediate_size" if family == "mixtral"
+                                           else "moe_intermediate_size", where)),
+        shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+        norm_topk_prob=True if family == "mixtral" else bool(d.get("norm_topk_prob", False)),
+        router_aux_loss_coef=float(d.get("router_aux_loss_coef") or 0.0),
+        output_router_logits=bool(d.get("output_router_logits", False)),
+        router_z_loss_coef=float(d.get("router_z_loss_coef") or 0.0),
+        capacity_factor=None if capacity is None else float(capacity))
 
 
 def config_from_hf(d: dict[str, Any], *, where: str = "config.json", dtype: str | None = None) -> ModelConfig:
@@ -182,14 +242,16 @@ def config_from_hf(d: dict[str, Any], *, where: str = "config.json", dtype: str 
         rope=_rope_from_hf(d, where),
         max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or bool(d.get("attention_bias", False)),
-        qk_norm=family == "qwen3",
+        qkv_bias=(family == "qwen2" or (family == "qwen2_moe" and bool(d.get("qkv_bias", True)))
+                  or bool(d.get("attention_bias", False))),
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         sliding_windows=_sliding_windows(d, family, num_layers),
         param_dtype=param_dtype,
         dtype=dtype or param_dtype,
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=_eos_ids(d.get("eos_token_id")),
         pad_token_id=d.get("pad_token_id"),
+        **_moe_fields(d, family, where),
     )
 
 
@@ -236,14 +298,38 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                          else (cfg.eos_token_ids[0] if cfg.eos_token_ids else None)),
         "pad_token_id": cfg.pad_token_id,
     }
-    if cfg.family in ("llama", "qwen3"):
+    if cfg.family in ("llama", "qwen3", "qwen3_moe", "mixtral"):
         d["attention_bias"] = cfg.qkv_bias
+    if cfg.family == "qwen2_moe":
+        d["qkv_bias"] = cfg.qkv_bias
+    d.update(_moe_to_hf(cfg))
     windows = set(cfg.window_per_layer) - {0}
-    if cfg.family == "mistral":
+    if cfg.family in ("mistral", "mixtral"):
         d["sliding_window"] = windows.pop() if windows else None
-    elif cfg.family in ("qwen2", "qwen3"):
+    elif cfg.family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         d["use_sliding_window"] = bool(windows)
         d["sliding_window"] = windows.pop() if windows else None
         d["max_window_layers"] = cfg.num_layers
         d["layer_types"] = ["sliding_attention" if w else "full_attention" for w in cfg.window_per_layer]
+    return d
+
+
+def _moe_to_hf(cfg: ModelConfig) -> dict:
+    if not cfg.is_moe:
+        return {}
+    d = {"num_local_experts" if cfg.family == "mixtral" else "num_experts": cfg.num_experts,
+         "num_experts_per_tok": cfg.num_experts_per_tok,
+         "router_aux_loss_coef": cfg.router_aux_loss_coef, "output_router_logits": cfg.output_router_logits}
+    if cfg.family == "mixtral":
+        d["intermediate_size"] = cfg.moe_intermediate_size
+        d["router_jitter_noise"] = 0.0
+    else:
+        d.update(moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                 decoder_sparse_step=1, mlp_only_layers=[])
+    if cfg.family == "qwen2_moe":
+        d["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+    if cfg.router_z_loss_coef:
+        d["router_z_loss_coef"] = cfg.router_z_loss_coef
+    if cfg.capacity_factor is not None:
+        d["capacity_factor"] = cfg.capacity_factor
     return d

@@ -42,9 +42,11 @@ def param_specs(cfg: ModelConfig) -> dict:
         "wv": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), fan_in_axes=(1,)),
         "wo": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed"), fan_in_axes=(1, 2)),
         "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
-        "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_axes=(1,)),
-        "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_axes=(1,)),
-        "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), fan_in_axes=(1,)),
+        **(moe_specs(cfg) if cfg.is_moe else {
+            "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_axes=(1,)),
+            "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), fan_in_axes=(1,)),
+            "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), fan_in_axes=(1,)),
+        }),
     }
     if cfg.qkv_bias:
         layers["bq"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), "zeros")
@@ -60,6 +62,26 @@ def param_specs(cfg: ModelConfig) -> dict:
     }
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), fan_in_axes=(0,))
+    return specs
+
+
+def moe_specs(cfg: ModelConfig) -> dict:
+    """An MoE block's weights: the router, E routed experts (own names, so LoRA's all-linear and the quantizers,
+    which look for w_gate/w_up/w_down, leave them alone), and qwen2_moe's shared expert with its sigmoid gate."""
+    L, D, E, F, S = (cfg.num_layers, cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size,
+                     cfg.shared_expert_intermediate_size)
+    specs = {
+        "router": ParamSpec((L, D, E), ("layers", "embed", None), fan_in_axes=(1,)),
+        "expert_gate": ParamSpec((L, E, D, F), ("layers", "experts", "embed", "mlp"), fan_in_axes=(2,)),
+        "expert_up": ParamSpec((L, E, D, F), ("layers", "experts", "embed", "mlp"), fan_in_axes=(2,)),
+        "expert_down": ParamSpec((L, E, F, D), ("layers", "experts", "mlp", "embed"), fan_in_axes=(2,)),
+    }
+    if S:
+        specs.update(
+            shared_gate=ParamSpec((L, D, S), ("layers", "embed", "mlp"), fan_in_axes=(1,)),
+            shared_up=ParamSpec((L, D, S), ("layers", "embed", "mlp"), fan_in_axes=(1,)),
+            shared_down=ParamSpec((L, S, D), ("layers", "mlp", "embed"), fan_in_axes=(1,)),
+            shared_expert_gate=ParamSpec((L, D), ("layers", "embed"), fan_in_axes=(1,)))
     return specs
 
 

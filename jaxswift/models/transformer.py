@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.hints import constrain, override
+from jaxswift.models.moe import moe_block
 from jaxswift.models.rope import apply_rope
 
 ACT = ("batch", "seq", "embed")
@@ -151,8 +152,11 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, window)
     return causal_self_attention(q_BTNH, k.astype(q_BTNH.dtype), v.astype(q_BTNH.dtype), mask)
 
 
-def feed_forward(h_BTD, layer, cfg: ModelConfig):
-    """The block's MLP -> (out, aux loss); aux is 0 for a dense MLP."""
+def feed_forward(h_BTD, layer, cfg: ModelConfig, segment_ids_BT=None):
+    """The block's MLP -> (out, aux loss); aux is 0 for a dense MLP. A layer with a router is an MoE block
+    (models/moe.py); padding tokens (segment 0) take no expert there."""
+    if "router" in layer:
+        return moe_block(h_BTD, layer, cfg, segment_ids_BT)
     return _mlp(h_BTD, layer), jnp.zeros((), jnp.float32)
 
 
@@ -187,7 +191,7 @@ def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_
         attn = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         new_kv = (k_all, v_all)
     x_BTD = x_BTD + linear("BTNH,NHD->BTD", attn, layer["wo"])
-    ffn, aux = feed_forward(rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps), layer, cfg)
+    ffn, aux = feed_forward(rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps), layer, cfg, segment_ids_BT)
     return constrain(x_BTD + ffn, ACT), new_kv, aux
 
 

@@ -22,10 +22,17 @@ from jaxswift.train.state import TrainState, combine
 BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
 
 
-def nll_sums(params, micro: dict, cfg: ModelConfig, loss_chunk: int):
-    h, _ = hidden_states(params, micro["tokens"], cfg, positions=micro["positions"],
-                         segment_ids=micro["segment_ids"])
-    return chunked_nll_sum(params, h, micro["targets"], micro["loss_weights"].astype(jnp.float32), cfg, loss_chunk)
+def nll_sums(params, micro: dict, cfg: ModelConfig, loss_chunk: int, *, with_aux: bool = True):
+    """(NLL sum, loss-token count) of one microbatch. An MoE model's auxiliary loss (load balancing, router
+    z-loss: a mean over tokens and layers) joins the sum times the microbatch's loss-token count, so that once the
+    step divides by all loss tokens it counts as a loss-token-weighted mean of the microbatches' aux losses, whatever
+    the accumulation split (the routing statistics themselves are per microbatch, as transformers' are per
+    forward). Dense models add nothing."""
+    h, _, aux = hidden_states(params, micro["tokens"], cfg, positions=micro["positions"],
+                              segment_ids=micro["segment_ids"], return_aux=True)
+    nll, weight = chunked_nll_sum(params, h, micro["targets"], micro["loss_weights"].astype(jnp.float32), cfg,
+                                  loss_chunk)
+    return (nll + aux * weight if with_aux and cfg.is_moe else nll), weight
 
 
 def _identity_prepare(params, rng):
@@ -83,11 +90,11 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
 
 
 def make_eval_step(cfg: ModelConfig, *, loss_chunk: int = 512) -> Callable:
-    """(params, batch [A, B, T]) -> (nll sum, weight sum), summed over microbatches."""
+    """(params, batch [A, B, T]) -> (nll sum, weight sum), summed over microbatches (no MoE aux loss)."""
 
     def eval_step(params, batch):
         def one(carry, micro):
-            nll, weight = nll_sums(params, micro, cfg, loss_chunk)
+            nll, weight = nll_sums(params, micro, cfg, loss_chunk, with_aux=False)
             return (carry[0] + nll, carry[1] + weight), None
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (nll, weight), _ = jax.lax.scan(one, init, {k: batch[k] for k in BATCH_KEYS})
