@@ -114,8 +114,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     (the mesh counts global devices: each of N processes gets mesh size / N virtual devices)."""
     launch = resolve_launch(coordinator_address, num_processes, process_id)
     ensure_cpu_devices(mesh, launch.num_processes)
-    if launch.num_processes == 1 or jax.distributed.is_initialized():
-        return jax.process_count() if jax.distributed.is_initialized() else 1
+    if jax.distributed.is_initialized():
+        return jax.process_count()
+    if launch.num_processes == 1:
+        return 1
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes reduce over TCP (gloo)
     log.info("joining a %d-process job (%s)", launch.num_processes, launch.source)
     jax.distributed.initialize(**launch.kwargs)
