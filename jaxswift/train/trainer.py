@@ -25,6 +25,7 @@ from jaxswift.optim.factory import OptimizerConfig, make_optimizer
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, is_primary, put_global_batch
 from jaxswift.parallel.mesh import make_mesh
+from jaxswift.parallel.ring_attention import balanced_step
 from jaxswift.parallel.rules import activation_sharding, load_rules, partition_spec
 from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.args import SftArguments
@@ -222,7 +223,8 @@ def start_run(args: SftArguments) -> RunContext:
     if is_primary():
         (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     mesh = make_mesh(args.mesh)
-    rules = load_rules(args.sharding_rules)
+    sequence_parallel = mesh.shape["sequence"] > 1 and args.sharding_rules == "default"
+    rules = load_rules("sequence" if sequence_parallel else args.sharding_rules)  # ring attention: seq-sharded
     model = load_model(args.model, dtype=args.dtype)
     cfg = model.config.replace(remat="full" if args.gradient_checkpointing else "none")
     return RunContext(args, out_dir, mesh, rules, mesh.shape["data"] * mesh.shape["fsdp"], model, cfg)
@@ -417,7 +419,8 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
     step_kwargs = {"loss_chunk": args.loss_chunk_size}
     if prepare is not None:
         step_kwargs["prepare_params"] = prepare
-    step_fn = compile_step(ctx, make_train_step(cfg, optimizer, **step_kwargs), state)
+    train_step = balanced_step(make_train_step(cfg, optimizer, **step_kwargs), ctx.mesh, ctx.parallel)
+    step_fn = compile_step(ctx, train_step, state)
     evaluate = _sft_evaluator(ctx, state, val_examples) if val_examples else None
 
     loop = train_loop(ctx, state, step_fn, plan, total_steps=total_steps, start_step=start_step,
@@ -435,7 +438,7 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
 
 def _sft_evaluator(ctx: RunContext, state, val_examples):
     """state -> {"loss": mean NLL over the validation tokens}."""
-    eval_step = make_eval_step(ctx.cfg, loss_chunk=ctx.args.loss_chunk_size)
+    eval_step = balanced_step(make_eval_step(ctx.cfg, loss_chunk=ctx.args.loss_chunk_size), ctx.mesh, ctx.parallel)
 
     def traced_eval(p, b):
         with activation_sharding(ctx.rules, ctx.mesh, ctx.parallel):
