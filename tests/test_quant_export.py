@@ -115,6 +115,121 @@ def test_gptq_matches_the_unblocked_float64_algorithm(desc_act):
         assert not np.array_equal(q.g_idx, np.sort(q.g_idx))  # groups follow the act order
 
 
+# ---------------------------------------------------------------- AWQ math
+
+def _tiny_layer(tiny):
+    return {k: np.asarray(v[0], np.float32) for k, v in tiny[1].params["layers"].items()}
+
+
+def _awq_activations(shape, seed=3):
+    """Inputs with a few outlier channels, the case AWQ's activation-aware scales are for."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=shape) * np.where(rng.random(shape[-1]) < 0.05, 20.0, 1.0)).astype(np.float32)
+
+
+def _reference_awq_fake_quantize(w_IO, gs):
+    """AutoAWQ's pseudo_quantize_tensor with zero_point, float64, scales rounded to float16 as they are stored."""
+    groups = w_IO.reshape(-1, gs, w_IO.shape[1])
+    high, low = groups.max(axis=1, keepdims=True), groups.min(axis=1, keepdims=True)
+    scale = (np.maximum(high - low, 1e-5) / 15).astype(np.float16).astype(np.float64)
+    zero = np.clip(-np.round(low / scale), 0, 15)
+    return ((np.clip(np.round(groups / scale) + zero, 0, 15) - zero) * scale).reshape(w_IO.shape)
+
+
+def _reference_block(block, layer, x, cfg):
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    if block == "mlp":
+        return (silu(x @ layer["w_gate"]) * (x @ layer["w_up"])) @ layer["w_down"]
+    if block == "wo":
+        return x @ layer["wo"].reshape(-1, cfg.hidden_size)
+    return x @ layer["w_down"]
+
+
+@pytest.mark.parametrize("block, keys, heads_per_scale", [("mlp", ("w_gate", "w_up"), 1), ("w_down", ("w_down",), 1),
+                                                          ("wo", ("wo",), 2)])
+def test_awq_scale_search_matches_a_float64_transcription_of_autoawq(tiny, block, keys, heads_per_scale):
+    """For each ratio a of the grid: s = x_mean^a / (w_mean^(1-a) + 1e-4), normalised, the block run with
+    quantize(w * s) / s, mean squared error against the float block; the search returns the s of the smallest.
+    o's scales are shared by the query heads of each kv head (2 here), the mean of their statistics."""
+    from jaxswift.quant import awq
+
+    cfg, layer, gs = tiny[1].config, _tiny_layer(tiny), 32
+    w = {k: layer[k].reshape(-1, layer[k].shape[-1]).astype(np.float64) if k != "wo" else
+         layer[k].reshape(-1, cfg.hidden_size).astype(np.float64) for k in layer if k in LINEAR_KEYS}
+    x = _awq_activations((2, 16, w[keys[0]].shape[0]))
+    s_chosen, errors = awq.search_scale({k: jnp.asarray(v) for k, v in layer.items()}, jnp.asarray(x), keys=keys,
+                                        block=block, heads_per_scale=heads_per_scale, bits=4, group_size=gs,
+                                        cfg=cfg, window=0)
+    x64 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    shared = np.concatenate([w[k] for k in keys], axis=1)
+    groups = np.abs(shared).reshape(-1, gs, shared.shape[1])
+    w_mean = (groups / (groups.max(axis=1, keepdims=True) + 1e-6)).reshape(shared.shape).mean(axis=1)
+    x_mean = np.abs(x64).mean(axis=0)
+    tie = lambda v: np.repeat(v.reshape(cfg.num_kv_heads, heads_per_scale, -1).mean(axis=1), heads_per_scale,  # noqa: E731
+                              axis=0).reshape(-1)
+    x_mean, w_mean = tie(x_mean), tie(w_mean)
+    reference = _reference_block(block, w, x64, cfg)
+    expected, scales = [], []
+    for ratio in np.arange(20) / 20:
+        s = np.maximum(x_mean ** ratio / (w_mean ** (1 - ratio) + 1e-4), 1e-4)
+        s = s / np.sqrt(s.max() * s.min())
+        w_q = _reference_awq_fake_quantize(shared * s[:, None], gs) / s[:, None]
+        candidate, start = dict(w), 0
+        for k in keys:
+            candidate[k] = w_q[:, start:start + w[k].shape[1]]
+            start += w[k].shape[1]
+        expected.append(np.mean((_reference_block(block, candidate, x64, cfg) - reference) ** 2))
+        scales.append(s)
+    np.testing.assert_allclose(np.asarray(errors), expected, rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(s_chosen), scales[int(np.argmin(expected))], rtol=1e-5)
+    assert np.argmin(expected) > 0 and np.ptp(expected) > 0.1 * min(expected)  # the activations do matter here
+
+
+def test_awq_clip_search_matches_a_float64_transcription_of_autoawq():
+    """Each (output, group) of w is clipped to max|w| * (1 - k/20), k < 10, with the k whose quantized partial
+    output (that group's inputs only) has the smallest mean squared error over the tokens; the first such k."""
+    from jaxswift.quant import awq
+
+    rng, gs = np.random.default_rng(5), 32
+    w = (rng.standard_t(3, size=(64, 16)) * 0.1).astype(np.float32)  # heavy tails: clipping pays somewhere
+    x = _awq_activations((48, 64))
+    got = np.asarray(awq.search_clip(jnp.asarray(x), jnp.asarray(w), bits=4, group_size=gs))
+    expected = w.astype(np.float64).copy()
+    for g in range(0, 64, gs):
+        x_g, w_g = x[:, g:g + gs].astype(np.float64), w[g:g + gs].astype(np.float64)
+        for o in range(16):
+            column, top = w_g[:, o:o + 1], np.abs(w_g[:, o]).max()
+            errors = [np.mean((x_g @ (_reference_awq_fake_quantize(np.clip(column, -m, m), gs) - column)) ** 2)
+                      for m in top * (1 - np.arange(10) / 20)]
+            best = top * (1 - np.argmin(errors) / 20)
+            expected[g:g + gs, o] = np.clip(w_g[:, o], -best, best)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert np.mean(got != w) > 0.01  # some groups were clipped
+
+
+def test_awq_folded_scales_leave_the_float_layer_unchanged(tiny):
+    """Each scale group's s goes into the rows of its weights and out of the op before (a norm, v's outputs under
+    grouped-query attention, up's outputs): the layer computes the same function."""
+    from jaxswift.models.transformer import decoder_layer
+    from jaxswift.quant import awq
+    from jaxswift.quant.calibration import sequence_positions
+
+    cfg, layer = tiny[1].config, {k: jnp.asarray(v) for k, v in _tiny_layer(tiny).items()}
+    folded, rng = dict(layer), np.random.default_rng(4)
+    for keys, into, _, heads_per_scale in awq.scale_groups(cfg):
+        width = np.prod(layer[keys[0]].shape[:2 if keys[0] == "wo" else 1])
+        s = rng.uniform(0.2, 5.0, width // heads_per_scale).astype(np.float32)
+        if heads_per_scale > 1:  # one scale per kv head channel, repeated over its query heads
+            s = np.repeat(s.reshape(cfg.num_kv_heads, 1, -1), heads_per_scale, axis=1).reshape(-1)
+        folded = awq.fold_scale(folded, keys, into, jnp.asarray(s), cfg)
+    x = jnp.asarray(_awq_activations((2, 16, cfg.hidden_size)))
+    positions, segments = sequence_positions(2, 16)
+    expected = decoder_layer(x, layer, 0, cfg, positions, segments)[0]
+    got = decoder_layer(x, folded, 0, cfg, positions, segments)[0]
+    assert all(not np.allclose(folded[k], layer[k]) for k in ("attn_norm", "wv", "wo", "mlp_norm", "w_up"))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- export -> load round trips
 
 SPECS = {

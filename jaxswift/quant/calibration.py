@@ -18,9 +18,27 @@ import numpy as np
 from jaxswift.errors import ConfigError, DataError
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import decoder_layer, linear
+from jaxswift.quant.qweight import flat_shape, input_axes
 
 # Matmul weights of a layer grouped by the input they share; the first key names the group.
 INPUT_GROUPS = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
+
+
+def flat_weight(w, key: str):
+    """A per-layer weight as [I, O], its contracted axes merged (wo's N, H); numpy or jax, dtype kept."""
+    return w.reshape(flat_shape(w.shape, input_axes(key)))
+
+
+def sequence_positions(batch: int, length: int):
+    """(positions, segment ids) [B, T] of calibration windows: each row one sequence from position 0."""
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return positions, jnp.ones((batch, length), jnp.int32)
+
+
+def subsample_rows(x_NI, n: int):
+    """At most n rows of x, evenly strided (AutoAWQ's n_sample_token subsampling)."""
+    step = max(1, x_NI.shape[0] // n)
+    return x_NI[::step][:n]
 
 
 def _row_text(row, where: str, tokenizer) -> str:
@@ -94,9 +112,7 @@ def quantize_layer_by_layer(params: dict, cfg: ModelConfig, tokens_BT: np.ndarra
     Returns the exported layers (per-layer trees); the caller stacks them.
     """
     tokens = jnp.asarray(tokens_BT)
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    segments = jnp.ones((B, T), jnp.int32)
+    positions, segments = sequence_positions(*tokens.shape)
     x = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
     exported = []
     for i in range(cfg.num_layers):

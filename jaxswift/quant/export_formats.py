@@ -23,7 +23,7 @@ from jaxswift.errors import ConfigError
 from jaxswift.models.config import ModelConfig, config_to_hf
 from jaxswift.models.families import weight_maps
 from jaxswift.quant import awq, gptq
-from jaxswift.quant.calibration import INPUT_GROUPS, quantize_layer_by_layer
+from jaxswift.quant.calibration import INPUT_GROUPS, flat_weight, quantize_layer_by_layer
 from jaxswift.quant.compressed_tensors import compressed_tensors_config, int8_quantize, to_compressed_tensors
 from jaxswift.quant.fp8 import fp8_quantize
 from jaxswift.quant.qweight import LINEAR_KEYS, QuantizedWeight, flat_shape, input_axes, stack_layers
@@ -65,7 +65,7 @@ def check_spec(spec: QuantSpec, cfg: ModelConfig) -> None:
 
 
 def _flat(w: np.ndarray, key: str) -> np.ndarray:
-    return np.asarray(w, np.float32).reshape(flat_shape(w.shape, input_axes(key)))
+    return flat_weight(np.asarray(w, np.float32), key)
 
 
 def _split_outputs(q: QuantizedWeight, layer: dict, keys: tuple[str, ...]) -> dict[str, QuantizedWeight]:
@@ -94,37 +94,6 @@ def _gptq_layer(spec: QuantSpec):
     return quantize
 
 
-def _search_rows(x: np.ndarray) -> np.ndarray:
-    step = max(1, x.shape[0] // awq.SEARCH_TOKENS)
-    return x[::step][:awq.SEARCH_TOKENS]
-
-
-def _awq_layer(spec: QuantSpec):
-    bits, gs = spec.bits, spec.group_size
-
-    def quantize(i: int, layer: dict, inputs: dict):
-        layer = {k: np.asarray(v, np.float32) for k, v in layer.items()}
-        flat = {k: _flat(layer[k], k) for k in LINEAR_KEYS}
-        x_in = {k: _search_rows(inputs[group[0]]) for group in INPUT_GROUPS for k in group}
-        for keys, norm in ((("wq", "wk", "wv"), "attn_norm"), (("w_gate", "w_up"), "mlp_norm"), (("w_down",), None)):
-            shared = np.concatenate([flat[k] for k in keys], axis=1)
-            s = np.asarray(awq.search_scale(x_in[keys[0]], shared, bits=bits, group_size=gs))
-            if norm is not None:
-                layer[norm] = layer[norm] / s
-            else:  # down's input is up's output times the gate: divide up's outputs
-                flat["w_up"] = flat["w_up"] / s[None, :]
-            for k in keys:
-                flat[k] = flat[k] * s[:, None]
-                x_in[k] = x_in[k] / s[None, :]
-        for k in ("wv", "wo", "w_gate", "w_up", "w_down"):
-            flat[k] = np.asarray(awq.search_clip(x_in[k], flat[k], bits=bits, group_size=gs))
-        to_run = dict(layer, **{k: flat[k].reshape(layer[k].shape) for k in LINEAR_KEYS})
-        done = dict(to_run, **{k: awq.awq_quantize(flat[k], bits=bits, group_size=gs, shape=layer[k].shape,
-                                                   where=f"layer {i} {k}") for k in LINEAR_KEYS})
-        return done, to_run
-    return quantize
-
-
 def _round_to_nearest(params: dict, cfg: ModelConfig, spec: QuantSpec) -> list[dict]:
     layers = []
     for i in range(cfg.num_layers):
@@ -144,7 +113,8 @@ def quantize_model(model, spec: QuantSpec, calibration: np.ndarray | None = None
     if spec.method in CALIBRATED:
         if calibration is None or np.size(calibration) == 0:
             raise ConfigError(f"--quant_method {spec.method} needs calibration data: pass --dataset FILE")
-        run = _gptq_layer(spec) if spec.method == "gptq" else _awq_layer(spec)
+        run = _gptq_layer(spec) if spec.method == "gptq" else \
+            awq.layer_quantizer(cfg, spec.bits, spec.group_size, np.shape(calibration))
         layers = quantize_layer_by_layer(model.params, cfg, np.asarray(calibration), run)
     else:
         layers = _round_to_nearest(model.params, cfg, spec)
