@@ -1,6 +1,7 @@
 """Mixture of experts: qwen2_moe / qwen3_moe / mixtral parity with transformers, aux losses, capacity dropping,
 expert parallelism equal to local compute (forward, loss and gradients), its all-to-alls, and bad configs."""
 
+import json
 import math
 
 import jax
@@ -27,7 +28,8 @@ from jaxswift.train.state import init_train_state
 from jaxswift.train.step import make_eval_step, make_train_step
 
 BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.2)
+            num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.2, bos_token_id=0,
+            eos_token_id=1)
 FAMILIES = {
     "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                       intermediate_size=80, norm_topk_prob=False),
@@ -54,10 +56,16 @@ def tokens(batch=2, length=12, seed=0):
 
 
 @pytest.fixture(scope="module")
-def qwen2_moe(tmp_path_factory):
+def qwen2_moe_pair(tmp_path_factory):
+    """(transformers model, jaxswift model) of one tiny qwen2_moe."""
     folder = tmp_path_factory.mktemp("qwen2_moe")
-    make_hf_moe("qwen2_moe", folder)
-    return jaxswift.load_model(str(folder), load_tokenizer=False)
+    hf = make_hf_moe("qwen2_moe", folder)
+    return hf, jaxswift.load_model(str(folder), load_tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(qwen2_moe_pair):
+    return qwen2_moe_pair[1]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -160,7 +168,7 @@ def _traced(rules, mesh, fn, *args):
 
 
 @pytest.mark.parametrize("mesh, capacity_factor", [("expert=4", None), ("data=2,expert=2", 0.75),
-                                                   ("expert=2,fsdp=2,tensor=2", None)])
+                                                   ("expert=2,fsdp=2,tensor=2", None), ("data=2,fsdp=2", 0.75)])
 def test_expert_parallel_forward_equals_local(qwen2_moe, mesh, capacity_factor):
     cfg = qwen2_moe.config.replace(capacity_factor=capacity_factor)
     toks = jnp.asarray(tokens(batch=2, length=7))  # 14 rows: not divisible by 4 shards, so rows are padded
@@ -272,3 +280,46 @@ MOE_JSON = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 16, "hidden_
 def test_bad_moe_configs_get_clear_errors(change, message):
     with pytest.raises(ConfigError, match=message):
         config_from_hf({**MOE_JSON, **change}, where="moe/config.json")
+
+
+def test_greedy_decoding_equals_transformers_cached_and_paged(qwen2_moe_pair):
+    """The KV-cache decoder (generate_ids) and the serving engine's paged decoder both run the MoE blocks; each
+    greedy token is transformers' argmax given the prompt and the tokens before (teacher forcing, one forward)."""
+    from jaxswift.infer.engine import JaxEngine
+    from jaxswift.infer.engine_api import RequestSampling
+
+    hf, model = qwen2_moe_pair
+    ids = tokens(1, 6, seed=3)[0].tolist()
+    expected = jaxswift.generate_ids(model, [ids], max_new_tokens=8, ignore_eos=True)[0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + expected])).logits[0, 5:-1].numpy()
+    assert logits.argmax(-1).tolist() == expected
+    engine = JaxEngine(model, max_concurrent_decodes=2, max_model_len=32, page_size=8, prefill_buckets=(8,))
+    padded, n = engine.pad_prompt(ids)
+    prefix, first = engine.prefill(engine.params, padded, n, RequestSampling(max_tokens=8, ignore_eos=True))
+    state = engine.insert(prefix, engine.init_decode_state(), 0)
+    got = [int(first.tokens[0])]
+    for _ in range(7):
+        state, result = engine.generate(engine.params, state)
+        got.append(int(result.tokens[0]))
+    assert got == expected
+
+
+def test_planner_counts_expert_flops_alike_on_one_device_and_a_mesh(tmp_path):
+    """Expert matmuls (ragged_dot) count, and a shard_map body counts once per shard: the same global batch has the
+    same FLOPs on one device, on data=2 (per-shard experts) and on expert=2 (all-to-all)."""
+    from jaxswift.train.plan import PlanArguments, build_step
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**MOE_JSON, "vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4}))
+    flops = {}
+    for mesh, rows, rules in (("1", 4, "default"), ("data=2", 2, "default"), ("expert=2", 4, "moe")):
+        args = PlanArguments(model=str(path), mesh=mesh, tuner_type="full", dtype="float32", max_length=16,
+                             per_device_train_batch_size=rows, sharding_rules=rules, loss_chunk_size=16)
+        flops[mesh] = build_step(args).matmul_flops()
+    assert flops["1"] == flops["data=2"]
+    # expert=2 runs its grouped matmuls over the whole receive buffer (2 devices x P x S rows) instead of the
+    # 4 * 16 * 2 assignments; each row costs 3 matmuls of 2*D*F, 4 times (forward, remat forward, 2 in backward)
+    D, F, L = 32, 8, 2
+    buffer_rows = 2 * 2 * send_slots(4 * 16 // 2, 2, 2, None)
+    assert flops["expert=2"] - flops["1"] == (buffer_rows - 4 * 16 * 2) * 3 * 4 * 2 * D * F * L

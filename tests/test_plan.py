@@ -34,7 +34,8 @@ TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size"
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
 
 # Published parameter counts (Hugging Face model cards / safetensors index totals).
-PUBLISHED_PARAMS = {"qwen2.5-7b": 7_615_616_512, "llama-3-8b": 8_030_261_248, "qwen2.5-72b": 72_706_203_648}
+PUBLISHED_PARAMS = {"qwen2.5-7b": 7_615_616_512, "llama-3-8b": 8_030_261_248, "qwen2.5-72b": 72_706_203_648,
+                    "qwen3-30b-a3b": 30_532_122_624}
 
 
 def _config_file(tmp_path, **changes):
@@ -58,9 +59,8 @@ def test_preset_spellings_and_the_moe_preset():
     assert set(preset_names()) == {"qwen2.5-7b", "llama-3-8b", "qwen2.5-72b", "qwen3-30b-a3b"}
     assert load_plan_config("Qwen/Qwen2.5-7B", "float32")[0] == load_plan_config("qwen2.5-7b", "float32")[0]
     assert load_plan_config("meta-llama/Meta-Llama-3-8B", "float32")[0].rope.theta == 500000.0
-    with pytest.raises(ConfigError, match=r"qwen3-30b-a3b.json: a mixture-of-experts model \(num_experts=128.*"
-                                          r"MoE is not supported by the model core yet"):
-        load_plan_config("qwen3-30b-a3b", "bfloat16")
+    moe = load_plan_config("qwen3-30b-a3b", "bfloat16")[0]
+    assert (moe.family, moe.num_experts, moe.num_experts_per_tok, moe.norm_topk_prob) == ("qwen3_moe", 128, 8, True)
 
 
 # --- accounting and FLOPs (abstract only, nothing compiled) --------------------------------------------------------

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.hints import constrain
-from jaxswift.models.transformer import _MASKED, ACT, _mlp, _qkv, linear, rms_norm
+from jaxswift.models.transformer import _MASKED, ACT, _qkv, feed_forward, linear, rms_norm
 
 
 def write_token_kv(k_pool, v_pool, k_BKH, v_BKH, page_B, offset_B):
@@ -53,7 +53,7 @@ def paged_decoder_layer(x_BD, layer, window, cfg: ModelConfig, position_B, pages
     k_pool, v_pool = write_token_kv(*pages, k[:, 0], v[:, 0], page_B, offset_B)
     attn = paged_attention(q[:, 0], k_pool, v_pool, table_BC, position_B, window)
     x = x + linear("BTNH,NHD->BTD", attn.reshape(B, 1, cfg.num_heads, cfg.head_dim), layer["wo"])
-    x = x + _mlp(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer)
+    x = x + feed_forward(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer, cfg)[0]  # dense or MoE
     return constrain(x, ACT)[:, 0], (k_pool, v_pool)
 
 

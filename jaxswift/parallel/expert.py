@@ -32,7 +32,7 @@ AXIS = "expert"
 def token_axes(mesh, rules) -> tuple[str, ...]:
     """The mesh axes that split token rows inside the expert computation: the rules' batch axes, then `expert`."""
     batch = tuple(a for a in rules.activations.get("batch", ()) if a != AXIS and mesh.shape[a] > 1)
-    return batch + (AXIS,)
+    return batch + ((AXIS,) if mesh.shape[AXIS] > 1 else ())
 
 
 def send_slots(local_rows: int, top_k: int, local_experts_count: int, capacity: int | None) -> int:
@@ -66,10 +66,18 @@ def _dispatch_compute_combine(x_rD, expert_rX, weight_rX, gate, up, down, *, dev
     return jnp.zeros_like(x_rD).at[row].add(y_AD * weight_A[:, None])
 
 
+def _local_body(x_rD, expert_rX, weight_rX, gate, up, down):
+    return local_experts(x_rD, expert_rX, weight_rX, {"gate": gate, "up": up, "down": down})
+
+
 def make_moe_experts(mesh, rules, options=None):
-    """The expert-parallel "moe_experts" for this mesh and rule table (options: unused, for the common shape)."""
+    """The "moe_experts" for this mesh and rule table (options: unused, for the common shape): expert-parallel
+    over `expert` when it has more than one device; else each data shard runs all experts on its own rows (a
+    shard_map, so that the sort and the grouped matmuls stay per shard instead of XLA gathering every row)."""
     devices = mesh.shape[AXIS]
     axes = token_axes(mesh, rules)
+    if not axes:
+        return local_experts
     shards = math.prod(mesh.shape[a] for a in axes)
     tokens = PartitionSpec(axes)
 
@@ -84,9 +92,12 @@ def make_moe_experts(mesh, rules, options=None):
             x_RD = jnp.pad(x_RD, ((0, pad), (0, 0)))
             expert_RX = jnp.pad(expert_RX, ((0, pad), (0, 0)), constant_values=E)
             weight_RX = jnp.pad(weight_RX, ((0, pad), (0, 0)))
-        slots = send_slots((R + pad) // shards, X, E // devices, capacity)
-        body = functools.partial(_dispatch_compute_combine, devices=devices, slots=slots)
-        experts_spec = PartitionSpec(AXIS)
+        if devices > 1:
+            slots = send_slots((R + pad) // shards, X, E // devices, capacity)
+            body = functools.partial(_dispatch_compute_combine, devices=devices, slots=slots)
+        else:
+            body = _local_body
+        experts_spec = PartitionSpec(AXIS if devices > 1 else None)
         fn = jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, experts_spec, experts_spec,
                                                       experts_spec), out_specs=tokens, check_vma=False)
         out = fn(x_RD, expert_RX, weight_RX, experts["gate"], experts["up"], experts["down"])

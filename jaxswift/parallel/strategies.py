@@ -35,7 +35,7 @@ def parallel_overrides(mesh, rules, options: ParallelOptions | None = None) -> d
     if mesh.shape.get("sequence", 1) > 1:
         from jaxswift.parallel.ring_attention import make_self_attention
         fns["self_attention"] = make_self_attention(mesh, rules, options)
-    if mesh.shape.get("expert", 1) > 1:
+    if mesh.size > 1:  # expert parallelism over `expert`; else per-data-shard expert compute (MoE blocks only)
         from jaxswift.parallel.expert import make_moe_experts
         fns["moe_experts"] = make_moe_experts(mesh, rules, options)
     return fns

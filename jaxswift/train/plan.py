@@ -38,7 +38,6 @@ from jaxswift.models.config import ModelConfig, config_from_hf
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "models" / "presets"
 TUNER_TYPES = ("full", "lora", "qlora")
 QUANT_METHODS = ("nf4", "int8")
-MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 GiB = 2 ** 30
 
 
@@ -136,16 +135,9 @@ def read_model_config_dict(model: str) -> tuple[dict, str]:
 
 
 def load_plan_config(model: str, dtype: str) -> tuple[ModelConfig, str]:
-    """The ModelConfig to plan for; MoE configs get a clear error while the model core has no MoE."""
+    """The ModelConfig to plan for (dense or mixture-of-experts)."""
     raw, where = read_model_config_dict(model)
-    try:
-        return config_from_hf(raw, where=where, dtype=dtype), where
-    except ConfigError:
-        moe = next((k for k in MOE_KEYS if raw.get(k)), None)
-        if moe:
-            raise ConfigError(f"{where}: a mixture-of-experts model ({moe}={raw[moe]}, model_type "
-                              f"{raw.get('model_type')!r}): MoE is not supported by the model core yet") from None
-        raise
+    return config_from_hf(raw, where=where, dtype=dtype), where
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,6 +216,15 @@ def _dot_flops(eqn) -> int:
     return 2 * math.prod(lhs) * math.prod(rhs_free)
 
 
+def _ragged_dot_flops(eqn) -> int:
+    """Each lhs element meets one group's rhs: 2 * |lhs| * (rhs dims neither contracted, batched nor groups)."""
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    numbers = eqn.params["ragged_dot_dimension_numbers"]
+    (_, rhs_contract), (_, rhs_batch) = numbers.dot_dimension_numbers
+    skipped = set(rhs_contract) | set(rhs_batch) | set(numbers.rhs_group_dimensions)
+    return 2 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in skipped)
+
+
 def _sub_jaxprs(value):
     if isinstance(value, jax.extend.core.ClosedJaxpr):
         return [value.jaxpr]
@@ -234,6 +235,13 @@ def _sub_jaxprs(value):
     return []
 
 
+def _output_shards(mesh, out_specs) -> int:
+    """How many distinct shards a shard_map's outputs are split into (the mesh axes its out_specs name)."""
+    named = {axis for spec in out_specs for entry in spec if entry is not None
+             for axis in ((entry,) if isinstance(entry, str) else entry)}
+    return math.prod(mesh.shape[a] for a in named)
+
+
 def matmul_flops(jaxpr) -> int:
     """FLOPs of every dot_general in a jaxpr (2 per multiply-add), a scan body counted `length` times, the costlier
     branch of a cond; a while loop's body once (its trip count is not static)."""
@@ -242,10 +250,15 @@ def matmul_flops(jaxpr) -> int:
         if eqn.primitive.name == "dot_general":
             total += _dot_flops(eqn)
             continue
+        if eqn.primitive.name == "ragged_dot_general":  # MoE experts (grouped matmuls) and their transposes
+            total += _ragged_dot_flops(eqn)
+            continue
         inner = [matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
         if not inner:
             continue
-        if eqn.primitive.name == "cond":
+        if eqn.primitive.name == "shard_map":  # the body sees one shard: it runs once per shard of its outputs
+            total += sum(inner) * _output_shards(eqn.params["mesh"], eqn.params["out_specs"])
+        elif eqn.primitive.name == "cond":
             total += max(inner)
         else:
             total += sum(inner) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
