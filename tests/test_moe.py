@@ -168,7 +168,8 @@ def _traced(rules, mesh, fn, *args):
 
 
 @pytest.mark.parametrize("mesh, capacity_factor", [("expert=4", None), ("data=2,expert=2", 0.75),
-                                                   ("expert=2,fsdp=2,tensor=2", None), ("data=2,fsdp=2", 0.75)])
+                                                   ("expert=2,fsdp=2,tensor=2", None), ("data=2,fsdp=2", 0.75),
+                                                   ("stage=2,expert=2", None)])
 def test_expert_parallel_forward_equals_local(qwen2_moe, mesh, capacity_factor):
     cfg = qwen2_moe.config.replace(capacity_factor=capacity_factor)
     toks = jnp.asarray(tokens(batch=2, length=7))  # 14 rows: not divisible by 4 shards, so rows are padded

@@ -66,6 +66,14 @@ def _dispatch_compute_combine(x_rD, expert_rX, weight_rX, gate, up, down, *, dev
     return jnp.zeros_like(x_rD).at[row].add(y_AD * weight_A[:, None])
 
 
+def _current_mesh(mesh):
+    """The mesh to shard_map over: inside another strategy's shard_map (the pipeline's, manual over `stage`) the
+    context's abstract mesh, which records the manual axes; else ours."""
+    context = jax.sharding.get_abstract_mesh()
+    manual = jax.sharding.AxisType.Manual
+    return context if not context.empty and manual in context.axis_types else mesh
+
+
 def _local_body(x_rD, expert_rX, weight_rX, gate, up, down):
     return local_experts(x_rD, expert_rX, weight_rX, {"gate": gate, "up": up, "down": down})
 
@@ -98,7 +106,7 @@ def make_moe_experts(mesh, rules, options=None):
         else:
             body = _local_body
         experts_spec = PartitionSpec(AXIS if devices > 1 else None)
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, experts_spec, experts_spec,
+        fn = jax.shard_map(body, mesh=_current_mesh(mesh), in_specs=(tokens, tokens, tokens, experts_spec, experts_spec,
                                                       experts_spec), out_specs=tokens, check_vma=False)
         out = fn(x_RD, expert_RX, weight_RX, experts["gate"], experts["up"], experts["down"])
         return out[:R] if pad else out
