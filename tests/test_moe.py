@@ -20,7 +20,7 @@ from jaxswift.models import moe
 from jaxswift.models.config import config_from_hf
 from jaxswift.models.spec import init_params, logical_axes
 from jaxswift.models.transformer import forward, hidden_states
-from jaxswift.parallel.collectives import compiled_collectives
+from jaxswift.parallel.collectives import compiled_collectives, count_collectives
 from jaxswift.parallel.expert import send_slots
 from jaxswift.parallel.mesh import make_mesh
 from jaxswift.parallel.rules import activation_sharding, load_rules, param_shardings
@@ -206,7 +206,13 @@ def test_train_step_under_expert_mesh_equals_single_device(local_step):
     device, two accumulation microbatches."""
     cfg, step, state, batch, local_state, local_metrics = local_step
     jitted, mesh, rules = _on_mesh("expert=4", step)
-    mesh_state, mesh_metrics = jitted(state, batch)
+    compiled = jitted.lower(state, batch).compile()
+    mesh_state, mesh_metrics = compiled(state, batch)
+    # per microbatch and layer: 3 all-to-alls forward (rows, ids, results), 2 backward (rows', results' cotangents)
+    P, D, A, L = 4, cfg.hidden_size, 2, cfg.num_layers
+    S = send_slots(4 * 8 // P, cfg.num_experts_per_tok, cfg.num_experts // P, None)
+    all_to_all = count_collectives(compiled.as_text())["all-to-all"]
+    assert (all_to_all.count, all_to_all.bytes) == (5 * A * L, A * L * (4 * P * S * D * 4 + P * S * 4))
     np.testing.assert_allclose(float(mesh_metrics["loss"]), float(local_metrics["loss"]), rtol=1e-5)
     grads = jax.tree.map(lambda new, old: old - new, local_state.trainable, state.trainable)
     mesh_grads = jax.tree.map(lambda new, old: old - new, mesh_state.trainable, state.trainable)
