@@ -330,3 +330,18 @@ def test_planner_counts_expert_flops_alike_on_one_device_and_a_mesh(tmp_path):
     D, F, L = 32, 8, 2
     buffer_rows = 2 * 2 * send_slots(4 * 16 // 2, 2, 2, None)
     assert flops["expert=2"] - flops["1"] == (buffer_rows - 4 * 16 * 2) * 3 * 4 * 2 * D * F * L
+
+
+def test_galore_projects_each_experts_matrix(qwen2_moe):
+    """GaLore reads expert weights [L, E, D, F] as L x E matrices, the router as one per layer, and leaves the
+    shared-expert gate (a vector per layer) to AdamW; one update runs over the whole MoE params tree."""
+    from jaxswift.optim.galore import Matrix, galore_adamw, galore_mask_for
+
+    mask = galore_mask_for(qwen2_moe.config)["layers"]
+    assert (mask["expert_down"], mask["router"], mask["shared_up"]) == (Matrix(2, 1), Matrix(1, 1), Matrix(1, 1))
+    assert mask["shared_expert_gate"] is False
+    tx = galore_adamw(1e-3, rank=4, update_proj_gap=1, galore_mask=galore_mask_for(qwen2_moe.config))
+    grads = jax.tree.map(jnp.ones_like, qwen2_moe.params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(qwen2_moe.params), qwen2_moe.params)
+    assert updates["layers"]["expert_gate"].shape == qwen2_moe.params["layers"]["expert_gate"].shape
+    assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))

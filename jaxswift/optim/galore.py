@@ -235,8 +235,11 @@ def galore_mask_for(cfg) -> dict:
     def one(spec):
         if spec.logical_axes[0] != "layers" or spec.init != "normal":
             return False
-        assert spec.fan_in_axes == tuple(range(1, 1 + len(spec.fan_in_axes))), spec
-        return Matrix(1, len(spec.fan_in_axes))
+        lead, n_in = spec.fan_in_axes[0], len(spec.fan_in_axes)  # MoE experts [L, E, D, F]: two leading axes
+        assert spec.fan_in_axes == tuple(range(lead, lead + n_in)), spec
+        if lead + n_in == len(spec.shape):  # no output axes: a vector per layer (qwen2_moe's shared-expert gate)
+            return False
+        return Matrix(lead, n_in)
 
     return map_specs(one, param_specs(cfg))
 
