@@ -5,7 +5,8 @@ and values. The key/value blocks travel around the ring with `jax.lax.ppermute` 
 each block it sees into an online softmax (running max and sum in float32). The backward pass is a custom VJP in the
 flash-attention style (only q, k, v, the output and its log-sum-exp are kept): k and v go around the ring again with
 their gradient accumulators, which take one extra hop home. Per layer and step: 2 (n - 1) collective-permutes
-forward, 2 (n - 1) + 2 n backward, each moving one [B, T/n, K, H] block.
+forward, 2 (n - 1) + 2 n backward, each moving one [B, T/n, K, H] block (under remat, the recomputed forward's k, v
+hops are the backward's own, and XLA keeps one copy).
 
 The mask is the model's (same segment, causal by position, within the sliding window; segment 0 is padding),
 computed from the explicit positions, so the result is exact for any token order. A pair of blocks whose mask is
@@ -18,7 +19,8 @@ an equal share of the causal work (`--ring_attention_layout`):
   contiguous  device d holds chunk d: blocks from later devices are skipped, but the last device does all the
               work of the others' ring steps (no balancing).
 Other mesh axes stay as the rule table puts them: rows over its batch axes, heads over its heads axes (when both
-query and kv heads divide), everything inside one `shard_map`.
+query and kv heads divide). Forward and backward are each one `shard_map` over every mesh axis not already manual,
+so the ring also runs inside a pipeline stage (stage x sequence meshes).
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ def _ring_forward(q, k, v, positions, segment_ids, window, n, parts):
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, Tl, N, H), lse
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, Tl, N, H).astype(q.dtype), lse
 
 
 def _ring_backward(q, k, v, positions, segment_ids, window, out, lse, d_out, n, parts):
@@ -214,28 +216,8 @@ def _ring_backward(q, k, v, positions, segment_ids, window, out, lse, d_out, n, 
         if step < n - 1:
             k, v = _rotate(k, n), _rotate(v, n)
         dk, dv = _rotate(dk, n), _rotate(dv, n)  # with their block; after the last step, home
-    return jnp.concatenate(dq, axis=1).reshape(B, Tl, N, H), dk, dv
-
-
-@functools.lru_cache(maxsize=None)
-def _ring_attention(n: int, parts: int) -> Callable:
-    """(q, k, v, positions, segment_ids, window) -> out on one device's blocks, with its flash-style VJP."""
-    @jax.custom_vjp
-    def ring(q, k, v, positions, segment_ids, window):
-        return _ring_forward(q, k, v, positions, segment_ids, window, n, parts)[0].astype(q.dtype)
-
-    def fwd(q, k, v, positions, segment_ids, window):
-        out, lse = _ring_forward(q, k, v, positions, segment_ids, window, n, parts)
-        out = out.astype(q.dtype)
-        return out, (q, k, v, positions, segment_ids, window, out, lse)
-
-    def bwd(residuals, d_out):
-        q, k, v, positions, segment_ids, window, out, lse = residuals
-        dq, dk, dv = _ring_backward(q, k, v, positions, segment_ids, window, out, lse, d_out, n, parts)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
-
-    ring.defvjp(fwd, bwd)
-    return ring
+    dq = jnp.concatenate(dq, axis=1).reshape(B, Tl, N, H)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,6 +231,43 @@ def _mesh_entry(rules, logical: str, dim: int, mesh):
     if not axes or dim % math.prod(mesh.shape[a] for a in axes):
         return None
     return axes[0] if len(axes) == 1 else axes
+
+
+def _varying_like(x, like):
+    """x, varying over the manual mesh axes `like` varies over. Inside a pipeline stage (a shard_map over `stage`)
+    what comes out of the ring's shard_map has lost that type, and left so, JAX would treat the output as the same on
+    every stage (summing its cotangent over them) and reject the gradients."""
+    missing = tuple(sorted(jax.typeof(like).mat.varying - jax.typeof(x).mat.varying))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _with_flash_vjp(forward: Callable, backward: Callable) -> Callable:
+    """(q, k, v, positions, segment_ids, window) -> out, keeping only the inputs, out and its log-sum-exp for the
+    backward, which recomputes the probabilities block by block."""
+    @jax.custom_vjp
+    def ring(q, k, v, positions, segment_ids, window):
+        return _varying_like(forward(q, k, v, positions, segment_ids, window)[0], q)
+
+    def fwd(*args):
+        out, lse = forward(*args)
+        return _varying_like(out, args[0]), (*args, out, lse)
+
+    def bwd(residuals, d_out):
+        grads = backward(*residuals, d_out)
+        return (*(_varying_like(g, x) for g, x in zip(grads, residuals)), None, None, None)
+
+    ring.defvjp(fwd, bwd)
+    return ring
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+    """shard_map over every mesh axis not already manual: inside a pipeline stage (a shard_map over `stage`), the
+    ring takes the remaining axes of the context's mesh."""
+    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+    if manual:
+        return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False,
+                             axis_names=set(mesh.axis_names) - manual)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def make_self_attention(mesh, rules, options: ParallelOptions | None = None) -> Callable:
@@ -267,9 +286,12 @@ def make_self_attention(mesh, rules, options: ParallelOptions | None = None) -> 
         heads = _mesh_entry(rules, "heads", N, mesh)
         if heads != _mesh_entry(rules, "kv_heads", K, mesh):
             heads = None  # query and kv heads must split alike for each device to keep whole GQA groups
-        blocks, sides = P(rows, AXIS, heads, None), P(rows, None)
-        ring = jax.shard_map(_ring_attention(n, parts), mesh=mesh, out_specs=blocks, check_vma=False,
-                             in_specs=(blocks, blocks, blocks, sides, sides, P()))
+        blocks, sides, lse = P(rows, AXIS, heads, None), P(rows, None), P(rows, heads, None, AXIS)
+        inputs = (blocks, blocks, blocks, sides, sides, P())
+        forward = _shard_map(functools.partial(_ring_forward, n=n, parts=parts), mesh, inputs, (blocks, lse))
+        backward = _shard_map(functools.partial(_ring_backward, n=n, parts=parts), mesh,
+                              (*inputs, blocks, lse, blocks), (blocks, blocks, blocks))
+        ring = _with_flash_vjp(forward, backward)
         return ring(q_BTNH, k_BTKH.astype(q_BTNH.dtype), v_BTKH.astype(q_BTNH.dtype), positions_BT.astype(jnp.int32),
                     segment_ids_BT.astype(jnp.int32), jnp.asarray(window, jnp.int32))
 
