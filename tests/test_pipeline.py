@@ -133,8 +133,8 @@ def test_pipeline_loss_gradients_and_collectives_equal_single_device(dense, case
 
 
 def with_random_adapters(params, key):
-    """LoRA (rank 4) on every projection, B random so that every adapter gets a gradient."""
-    params = lora.add_lora(params, CFG, lora.LoraConfig(rank=4, dropout=0.0), key)
+    """LoRA (rank 4) on o_proj (two contracted axes) and up_proj, B random so that every adapter gets a gradient."""
+    params = lora.add_lora(params, CFG, lora.LoraConfig(rank=4, dropout=0.0, target_modules=("wo", "w_up")), key)
     return jax.tree.map(lambda w: w.replace(b=0.1 * jax.random.normal(key, w.b.shape)) if lora.is_lora(w) else w,
                         params, is_leaf=lora.is_lora)
 
@@ -170,7 +170,8 @@ def test_each_microbatch_draws_its_own_dropout_keys():
     windows = jnp.zeros((4,), jnp.int32)
     side = (packed_batch()["positions"], packed_batch()["segment_ids"])
     x = jnp.zeros((B, T, 4))
-    run = make_run_layers(make_mesh("stage=2"), load_rules("pipeline"), ParallelOptions(num_microbatches=2))
+    run = make_run_layers(make_mesh("stage=2"), load_rules("pipeline"),  # circular: the keys change stage too
+                          ParallelOptions(num_microbatches=2, virtual_stages=2))
     got, _ = jax.jit(lambda x: run(layer_fn, x, side, (keys, windows)))(x)
     for m in range(2):  # microbatch m holds rows m, m + 2, m + 4, ...
         folded = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, m)

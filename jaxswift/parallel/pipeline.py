@@ -5,8 +5,11 @@ V virtual stages); chunk c = v * S + s runs on stage s as its v-th chunk. Each l
 `jax.shard_map` over `stage` alone gives every stage its own [V, Lc, ...]; the other mesh axes (data, fsdp, tensor)
 stay with XLA's SPMD partitioner inside (a partial-manual shard_map), so batch, weights and heads keep their rule
 table shardings. With GPipe (V = 1) the chunks are the contiguous blocks that `layers: stage` (sharding/
-pipeline.yaml) already keeps on each stage, so the reshape moves nothing; with the circular schedule the weights are
-stored by contiguous block but run round-robin, and XLA moves the chunks to their stage inside the step.
+pipeline.yaml) already keeps on each stage, so the reshape moves nothing. The circular schedule runs chunks
+round-robin while they are stored by block: `block_to_round_robin` moves each chunk to its stage once per step with
+V collective-permutes per weight (and the gradients back the same way). Weights stored replicated over `stage`
+(default.yaml) are simply sliced, with no movement but no memory saved. Embedding, final norm and loss run
+replicated over `stage` (outside the pipeline).
 
 Schedule. The batch [B, ...] (x and the side arrays) is split into M microbatches of B / M rows (row i * M + m
 goes to microbatch m, so each microbatch keeps the batch's data sharding). A work item k = v * P + m (P = max(M,
@@ -87,7 +90,7 @@ def plan_pipeline(num_layers: int, batch_rows: int, stages: int, options) -> Pip
                           f"--virtual_stages {virtual} (each stage runs {virtual} chunk(s) of equal depth)")
     microbatches = options.num_microbatches or stages
     if batch_rows % microbatches:
-        raise ConfigError(f"pipeline: the batch of {batch_rows} rows (per_device_train_batch_size x data x fsdp) "
+        raise ConfigError(f"pipeline: the batch of {batch_rows} rows (per-device batch size x data x fsdp) "
                           f"is not divisible by --num_microbatches {microbatches}")
     return PipelinePlan(stages, virtual, microbatches, num_layers // (stages * virtual))
 
