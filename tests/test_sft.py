@@ -256,3 +256,41 @@ def test_bfloat16_state_keeps_its_dtypes_across_a_step(tiny_chat_model, tmp_path
     dtypes = lambda s: [x.dtype for x in jax.tree.leaves(s)]  # noqa: E731
     assert jnp.bfloat16 in dtypes(state.opt_state)
     assert dtypes(new_state) == dtypes(state)
+
+
+def test_nonfinite_step_is_skipped_and_counted(tiny_chat_model):
+    """A NaN loss leaves weights and optimizer state untouched and counts the skip; the next finite step updates."""
+    import optax
+
+    from jaxswift.train.state import init_train_state
+    from jaxswift.train.step import make_train_step
+
+    model = jaxswift.load_model(str(tiny_chat_model))
+    mask = jax.tree.map(lambda _: True, model.params)
+    state = init_train_state(model.params, mask, optax.adamw(1e-3), 0)
+    shape = (1, 2, 16)
+    batch = {"tokens": np.ones(shape, np.int32), "targets": np.full(shape, 2, np.int32),
+             "loss_weights": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
+             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), shape)}
+    step = jax.jit(make_train_step(model.config, optax.adamw(1e-3)))
+    poisoned = {**batch, "loss_weights": np.where(np.arange(16) == 3, np.nan, 1.0).astype(np.float32)[None, None]
+                .repeat(2, 1)}
+    skipped, metrics = step(state, poisoned)
+    assert not bool(metrics["finite"]) and int(metrics["skipped_steps"]) == 1 and int(metrics["bad_streak"]) == 1
+    for old, new in zip(jax.tree.leaves((state.trainable, state.opt_state)),
+                        jax.tree.leaves((skipped.trainable, skipped.opt_state))):
+        np.testing.assert_array_equal(np.asarray(old), np.asarray(new))
+    updated, metrics = step(skipped, batch)
+    assert bool(metrics["finite"]) and int(metrics["bad_streak"]) == 0 and int(metrics["skipped_steps"]) == 1
+    assert not np.array_equal(np.asarray(updated.trainable["embed"]), np.asarray(skipped.trainable["embed"]))
+
+
+def test_run_stops_after_nonfinite_steps_in_a_row(tiny_chat_model, tmp_path):
+    from jaxswift.train.trainer import TrainingStopped
+
+    # a learning rate of 1e30 turns the weights to inf at the first update: every later loss is NaN
+    with pytest.raises(TrainingStopped, match=r"3 non-finite steps in a row"):
+        run_sft(sft_args(tiny_chat_model, tmp_path / "nan", tuner_type="full", learning_rate=1e30,
+                         max_grad_norm=0.0, max_nonfinite_steps=3, max_steps=8, mesh="1"), progress=False)
+    log = (tmp_path / "nan" / "logging.jsonl").read_text()
+    assert '"step": 1' in log  # the finite first step was logged before the stop

@@ -28,7 +28,7 @@ from jaxswift.rl import rewards as rw
 from jaxswift.rl.rollout import Rollout, RolloutSampling, completion_logps, engine_rollout, rollout, sequences
 from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.logging import plot_loss
-from jaxswift.train.preference import _apply_update
+from jaxswift.train.step import guarded_update
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.trainer import (_demo, _export, build_optimizer, compile_step, init_state, prepare_tuner,
                                     shard_params, start_run, train_loop)
@@ -127,7 +127,7 @@ def make_grpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, lo
 
         init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.trainable))
         (loss, grads), per_micro = jax.lax.scan(accumulate, init, (batch, jax.random.split(rng, A)))
-        new_state, grad_norm, finite = _apply_update(state, grads, loss, optimizer)
+        new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer, None)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["segment_ids"] > 0),
                    "finite": finite, "bad_streak": new_state.bad_streak, "skipped_steps": new_state.skipped_steps,
                    **_step_metrics(jax.tree.map(jnp.sum, per_micro), batch, num_tokens, reward_names)}

@@ -27,6 +27,7 @@ from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
 from jaxswift.train.batches import StepPlan, bucket_length
 from jaxswift.train.state import TrainState, combine
+from jaxswift.train.step import guarded_update
 
 REFERENCES = ("adapters_off", "params", "precomputed", "none")
 
@@ -292,20 +293,6 @@ def _reference_logps(reference: str, stats: Callable, state_or_params, ref_param
     return jax.lax.stop_gradient(stats(ref_params, micro).logps)
 
 
-def _apply_update(state: TrainState, grads, loss, optimizer):
-    """The optimizer update, skipped (state kept) when the loss or the gradient is not finite."""
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    new_trainable = optax.apply_updates(state.trainable, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, trainable=keep(new_trainable, state.trainable),
-                              opt_state=keep(new_opt_state, state.opt_state),
-                              skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
-                              bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
-    return new_state, grad_norm, finite
-
-
 def make_preference_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, obj: Objective, *,
                          reference: str, loss_chunk: int = 512, prepare_params: Callable | None = None) -> Callable:
     """(state, batch, ref_params=None) -> (state, metrics).
@@ -341,7 +328,7 @@ def make_preference_step(cfg: ModelConfig, optimizer: optax.GradientTransformati
 
         init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.trainable))
         (loss, grads), per_micro = jax.lax.scan(accumulate, init, (batch, micro_rngs))
-        new_state, grad_norm, finite = _apply_update(state, grads, loss, optimizer)
+        new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer, None)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["segment_ids"] > 0),
                    "finite": finite, "bad_streak": new_state.bad_streak, "skipped_steps": new_state.skipped_steps,
                    **finalize_metrics(jax.tree.map(jnp.sum, per_micro))}

@@ -35,6 +35,25 @@ def nll_sums(params, micro: dict, cfg: ModelConfig, loss_chunk: int, *, with_aux
     return (nll + aux * weight if with_aux and cfg.is_moe else nll), weight
 
 
+def guarded_update(state: TrainState, grads, loss, optimizer: optax.GradientTransformation, key):
+    """(new state, grad norm, finite): the optimizer update, skipped (weights and optimizer state kept, the skip
+    counted) when the loss or the gradient norm is not finite. `key` drives Q-GaLore's stochastic rounding.
+
+    A cond rather than a select over every buffer: the finite path pays nothing for the guard."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(_):
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        return apply_updates(state.trainable, updates, key), new_opt_state
+
+    trainable, opt_state = jax.lax.cond(finite, update, lambda _: (state.trainable, state.opt_state), None)
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                              skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+                              bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
+    return new_state, grad_norm, finite
+
+
 def _identity_prepare(params, rng):
     return params
 
@@ -61,26 +80,21 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             total_nll, total_weight, total_grads = carry
             return (total_nll + nll, total_weight + weight, jax.tree.map(jnp.add, total_grads, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, float_view(state.trainable))
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (nll, weight, grads), _ = jax.lax.scan(accumulate, init, ({k: batch[k] for k in BATCH_KEYS}, micro_rngs))
+        micros = {k: batch[k] for k in BATCH_KEYS}
+        if batch["tokens"].shape[0] == 1:  # no accumulation: skip the zeros and the adds of a one-trip loop
+            nll, weight, grads = micro_grads(state.trainable, state.frozen, jax.tree.map(lambda a: a[0], micros),
+                                             micro_rngs[0])
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, float_view(state.trainable))
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            (nll, weight, grads), _ = jax.lax.scan(accumulate, init, (micros, micro_rngs))
         denom = jnp.maximum(weight, 1.0)
         loss = nll / denom
         # keep each gradient in its parameter's dtype: a bfloat16 state must come back as bfloat16 (its donated
         # buffers reused, no recompilation on the second step)
         grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        new_trainable = apply_updates(state.trainable, updates, jax.random.fold_in(rng, 1 << 30))  # stochastic rounding
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1,
-            trainable=keep(new_trainable, state.trainable),
-            opt_state=keep(new_opt_state, state.opt_state),
-            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
-            bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
-        )
+        new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer,
+                                                      jax.random.fold_in(rng, 1 << 30))
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": weight,
                    "tokens": jnp.sum(batch["segment_ids"] > 0), "finite": finite,
                    "bad_streak": new_state.bad_streak, "skipped_steps": new_state.skipped_steps}
