@@ -20,6 +20,7 @@ from jaxswift.parallel.ring_attention import (LAYOUTS, balance_sequence, balance
 from jaxswift.parallel.rules import activation_sharding, load_rules
 from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.step import nll_sums
+from jaxswift.train.trainer import shard_params
 
 B, T, N, K, H = 4, 32, 4, 2, 16  # GQA: two query heads per kv head
 CFG = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=N,
@@ -134,17 +135,12 @@ def single_device():
     return params, loss, grads
 
 
-@pytest.mark.parametrize("mesh_spec, remat", [("sequence=2", "none"), ("sequence=4", "full"),
-                                              ("data=2,sequence=2,tensor=2", "full")])
-def test_sft_loss_gradients_and_permutes_equal_single_device(single_device, mesh_spec, remat):
-    """The SFT loss and its gradients, balanced (zigzag) and ring-attended, equal one device's; the compiled step
-    runs per layer 2 (n-1) collective-permutes forward and 2 (n-1) + 2 n backward (k and v around the ring again,
-    dk and dv with them and home), each one [B/dp, T/n, K/tensor, H] float32 block. Under remat the recomputed
-    forward sends the same k, v hops as the backward, and XLA keeps one copy of each."""
+def sharded_step_equals_single_device(single_device, mesh, cfg):
+    """Compiles the balanced, ring-attended loss and gradients for `mesh` (weights sharded by sharding/sequence.yaml),
+    checks them against one device's, and returns the compiled step."""
     params, want_loss, want_grads = single_device
-    cfg = CFG.replace(remat=remat)
-    mesh, rules, options = make_mesh(mesh_spec), load_rules("sequence"), ParallelOptions()
-    n = mesh.shape["sequence"]
+    rules, options = load_rules("sequence"), ParallelOptions()
+    params = shard_params(params, cfg, rules, mesh)
     grad_step = balanced_step(jax.value_and_grad(mean_nll(cfg)), mesh, options)
 
     def traced(p, batch):
@@ -156,12 +152,30 @@ def test_sft_loss_gradients_and_permutes_equal_single_device(single_device, mesh
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6, atol=1e-6)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+    return compiled
 
+
+@pytest.mark.parametrize("mesh_spec, remat", [("sequence=2", "none"), ("sequence=4", "full"),
+                                              ("data=2,sequence=2,tensor=2", "full")])
+def test_sft_loss_gradients_and_permutes_equal_single_device(single_device, mesh_spec, remat):
+    """The SFT loss and its gradients, balanced (zigzag) and ring-attended, equal one device's; the compiled step
+    runs per layer 2 (n-1) collective-permutes forward and 2 (n-1) + 2 n backward (k and v around the ring again,
+    dk and dv with them and home), each one [B/dp, T/n, K/tensor, H] float32 block. Under remat the recomputed
+    forward sends the same k, v hops as the backward, and XLA keeps one copy of each."""
+    mesh = make_mesh(mesh_spec)
+    n = mesh.shape["sequence"]
+    compiled = sharded_step_equals_single_device(single_device, mesh, CFG.replace(remat=remat))
     per_layer = 2 * (n - 1) + 2 * (n - 1) + 2 * n
     block_bytes = B // mesh.shape["data"] * (T // n) * (K // mesh.shape["tensor"]) * H * 4
     permutes = count_collectives(compiled.as_text())["collective-permute"]
     assert permutes.count == CFG.num_layers * per_layer
     assert permutes.bytes == CFG.num_layers * per_layer * block_bytes
+
+
+def test_ring_attention_inside_pipeline_stages_equals_single_device(single_device):
+    """data=2,stage=2,sequence=2: each pipeline stage's layers (a shard_map over `stage`) run the ring over the
+    remaining axes."""
+    sharded_step_equals_single_device(single_device, make_mesh("data=2,stage=2,sequence=2"), CFG.replace(remat="full"))
 
 
 def test_balance_sequence_permutes_every_token_array_alike():
