@@ -244,6 +244,12 @@ def test_bad_pipeline_layouts_get_clear_errors(layers, rows, stages, options, me
         plan_pipeline(layers, rows, stages, options)
 
 
+def test_microbatches_default_to_one_per_stage_or_what_divides_the_rows():
+    assert plan_pipeline(8, 8, 4, ParallelOptions()).microbatches == 4
+    assert plan_pipeline(8, 6, 4, ParallelOptions()).microbatches == 3
+    assert plan_pipeline(8, 1, 2, ParallelOptions()).microbatches == 1
+
+
 def test_forward_on_a_stage_mesh_checks_the_layers():
     """Through the model: 8 layers on stage=2 with 3 virtual stages fails while tracing, naming the flags."""
     mesh, rules = make_mesh("stage=2"), load_rules("pipeline")

@@ -32,6 +32,7 @@ aux then equals the full batch's).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import jax
@@ -43,6 +44,7 @@ from jaxswift.errors import ConfigError
 from jaxswift.models import hints
 from jaxswift.parallel.rules import partition_spec
 
+log = logging.getLogger(__name__)
 SCHEDULES = ("auto", "gpipe", "circular")
 AXIS = "stage"
 
@@ -88,11 +90,21 @@ def plan_pipeline(num_layers: int, batch_rows: int, stages: int, options) -> Pip
     if num_layers % (stages * virtual):
         raise ConfigError(f"pipeline: {num_layers} layers are not divisible by mesh axis stage={stages} x "
                           f"--virtual_stages {virtual} (each stage runs {virtual} chunk(s) of equal depth)")
-    microbatches = options.num_microbatches or stages
+    microbatches = options.num_microbatches or default_microbatches(batch_rows, stages)
     if batch_rows % microbatches:
         raise ConfigError(f"pipeline: the batch of {batch_rows} rows (per-device batch size x data x fsdp) "
                           f"is not divisible by --num_microbatches {microbatches}")
     return PipelinePlan(stages, virtual, microbatches, num_layers // (stages * virtual))
+
+
+def default_microbatches(batch_rows: int, stages: int) -> int:
+    """One microbatch per stage, or the most that divide the rows when they are fewer (e.g. one row a step)."""
+    microbatches = max(m for m in range(1, stages + 1) if batch_rows % m == 0)
+    if microbatches < stages:
+        log.warning("pipeline: %d rows a step give %d microbatch(es) for %d stages; the stages idle %.0f%% of the "
+                    "step (raise --per_device_train_batch_size, or set --num_microbatches)", batch_rows,
+                    microbatches, stages, 100 * (stages - 1) / (microbatches + stages - 1))
+    return microbatches
 
 
 # --- layouts ------------------------------------------------------------------------------------------------------
