@@ -153,15 +153,12 @@ def test_tensor_parallel_all_reduces_activations_per_layer(on_mesh):
     vocab-sharded embedding lookup (forward) and lm_head input gradient (backward), [B,T,D] each, and the
     vocab-sharded log-softmax (max, then sum-exp with the target logit: 3 x [B,T]).
 
-    The attention merges rows and kv heads (Z = B*K) before its matmuls, which XLA answers by all-gathering q, k, v
-    over tensor in the forward and q again in the backward: at most 2 x (N+K) x H floats per token per layer."""
+    Nothing else: each device attends with its own heads (rows and kv heads stay separate batch axes of the
+    attention matmuls, so no q, k or v is gathered)."""
     stats = on_mesh("tensor=2")[2]
-    L, D, N, K, H = CFG.num_layers, CFG.hidden_size, CFG.num_heads, CFG.num_kv_heads, CFG.head_dim
+    L, D = CFG.num_layers, CFG.hidden_size
     assert stats["all-reduce"] == (4 * L + 4, (7 * L + 2) * B * T * D * F32 + 3 * B * T * F32)
-    assert set(stats) <= {"all-reduce", "all-gather"}
-    if "all-gather" in stats:
-        count, moved = stats["all-gather"]
-        assert count <= 4 * L and moved <= L * 2 * B * T * (N + K) * H * F32
+    assert set(stats) == {"all-reduce"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

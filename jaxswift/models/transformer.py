@@ -106,11 +106,29 @@ def attention(q_BTNH, k_ZHS, v_ZSH, mask_BTS) -> jax.Array:
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def grouped_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS) -> jax.Array:
+    """Softmax attention with rows B and kv heads K kept as two batch axes (keys transposed, [B, K, H, S]).
+
+    The training / prefill form: under tensor parallelism K stays sharded over the heads' mesh axis, so each
+    device attends with its own heads; merging B and K into one axis (as `attention` does for the cache) makes
+    XLA gather q, k and v across that axis first.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BKHS.shape[1]
+    G = N // K
+    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    scores = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BTS[:, None, None], scores.reshape(B, K, G, T, -1) * H ** -0.5, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype).reshape(B, K, G * T, -1)
+    out = jnp.einsum("BKMS,BKSH->BKMH", probs, v_BKSH)
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 CAUSAL_BLOCK = 128  # query rows per block in `causal_self_attention`
 
 
-def causal_self_attention(q_BTNH, k_ZHT, v_ZTH, mask_BTT, block: int = CAUSAL_BLOCK) -> jax.Array:
-    """`attention` of a sequence over itself, skipping for each block of queries the keys after the block.
+def causal_self_attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT, block: int = CAUSAL_BLOCK) -> jax.Array:
+    """`grouped_attention` of a sequence over itself, skipping for each block of queries the keys after the block.
 
     Those keys are masked anyway wherever a later index never holds an earlier position of the same segment, as
     in packed and padded rows (positions grow along each segment); only padding rows (segment 0, all at position
@@ -118,11 +136,12 @@ def causal_self_attention(q_BTNH, k_ZHT, v_ZTH, mask_BTT, block: int = CAUSAL_BL
     """
     T = q_BTNH.shape[1]
     if T <= block or T % block:
-        return attention(q_BTNH, k_ZHT, v_ZTH, mask_BTT)
+        return grouped_attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT)
     out = []
     for start in range(0, T, block):
         end = start + block
-        out.append(attention(q_BTNH[:, start:end], k_ZHT[..., :end], v_ZTH[:, :end], mask_BTT[:, start:end, :end]))
+        out.append(grouped_attention(q_BTNH[:, start:end], k_BKHT[..., :end], v_BKTH[:, :, :end],
+                                     mask_BTT[:, start:end, :end]))
     return jnp.concatenate(out, axis=1)
 
 
@@ -145,11 +164,10 @@ def _mlp(h_BTD, layer):
 
 def self_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, window) -> jax.Array:
     """Attention of a sequence over itself (no cache): the default of the "self_attention" override."""
-    B, T, K, H = k_BTKH.shape
-    k = k_BTKH.transpose(0, 2, 3, 1).reshape(B * K, H, T)
-    v = v_BTKH.transpose(0, 2, 1, 3).reshape(B * K, T, H)
+    k = k_BTKH.transpose(0, 2, 3, 1).astype(q_BTNH.dtype)  # [B, K, H, T]
+    v = v_BTKH.transpose(0, 2, 1, 3).astype(q_BTNH.dtype)  # [B, K, T, H]
     mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
-    return causal_self_attention(q_BTNH, k.astype(q_BTNH.dtype), v.astype(q_BTNH.dtype), mask)
+    return causal_self_attention(q_BTNH, k, v, mask)
 
 
 def feed_forward(h_BTD, layer, cfg: ModelConfig, segment_ids_BT=None):
