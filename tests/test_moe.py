@@ -344,3 +344,18 @@ def test_galore_projects_each_experts_matrix(qwen2_moe):
     updates, _ = jax.jit(tx.update)(grads, tx.init(qwen2_moe.params), qwen2_moe.params)
     assert updates["layers"]["expert_gate"].shape == qwen2_moe.params["layers"]["expert_gate"].shape
     assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+
+
+def test_moe_flags_override_the_config_and_are_refused_on_a_dense_model(qwen2_moe):
+    from jaxswift.errors import ConfigError
+    from jaxswift.train.args import SftArguments
+    from jaxswift.train.trainer import moe_overrides
+
+    args = SftArguments(router_aux_loss_coef=0.02, router_z_loss_coef=1e-3, moe_expert_capacity_factor=1.25)
+    cfg = moe_overrides(qwen2_moe.config, args)
+    assert (cfg.aux_loss_coef, cfg.router_z_loss_coef, cfg.capacity_factor) == (0.02, 1e-3, 1.25)
+    assert moe_overrides(qwen2_moe.config, SftArguments()) == qwen2_moe.config
+    dense = qwen2_moe.config.replace(num_experts=0)
+    with pytest.raises(ConfigError, match="--router_aux_loss_coef, --router_z_loss_coef, "
+                                          "--moe_expert_capacity_factor: the model .* has no experts"):
+        moe_overrides(dense, args)

@@ -126,3 +126,12 @@ def test_no_cluster_no_flags_is_one_process(monkeypatch):
     for name in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "JAX_", "JAXSWIFT_", "TPU_"))]:
         monkeypatch.delenv(name)
     assert detected_cluster() is None and resolve_launch() == SINGLE_PROCESS
+
+
+@pytest.mark.parametrize("recipe", ["rlhf", "grpo"])
+def test_single_process_recipes_refuse_a_multi_process_launch(recipe):
+    import importlib
+
+    main = importlib.import_module(f"jaxswift.recipes.{recipe}").main
+    with pytest.raises(ConfigError, match=rf"jaxswift {recipe} runs in one process .*2 processes"):
+        main(["--coordinator_address", "localhost:1234", "--num_processes", "2", "--process_id", "0"])

@@ -124,6 +124,16 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return jax.process_count()
 
 
+def single_process(recipe: str, args) -> None:
+    """For recipes that do not join multi-process jobs yet (rlhf, grpo): a clear error when the flags or the
+    environment ask for several processes, then this process's CPU devices as usual."""
+    launch = resolve_launch(args.coordinator_address, args.num_processes, args.process_id)
+    if launch.num_processes > 1:
+        raise ConfigError(f"jaxswift {recipe} runs in one process for now ({launch.num_processes} processes asked "
+                          f"by {launch.source}); multi-process training is `jaxswift sft` only")
+    ensure_cpu_devices(args.mesh)
+
+
 def is_primary() -> bool:
     """The process that writes logs, plots and exports (process 0)."""
     return jax.process_index() == 0

@@ -73,6 +73,26 @@ def load_rules(name_or_path: str = "default") -> ShardingRules:
                          _table(raw.get("activations", {}), f"{where}: activations"), where)
 
 
+def rules_for_mesh(name_or_path: str, mesh) -> ShardingRules:
+    """`--sharding_rules` for this mesh: "default" becomes the table its parallel axes need — sequence.yaml
+    (activations split along seq) when sequence > 1, moe.yaml (experts and rows over `expert`) when expert > 1;
+    a table the user named is kept as given."""
+    if name_or_path == "default":
+        if mesh.shape["sequence"] > 1:
+            if mesh.shape["expert"] > 1:
+                raise ConfigError("--mesh with both sequence and expert axes: no built-in rule table covers both; "
+                                  "pass --sharding_rules PATH (see sharding/sequence.yaml and sharding/moe.yaml)")
+            name_or_path = "sequence"
+        elif mesh.shape["expert"] > 1:
+            name_or_path = "moe"
+    return load_rules(name_or_path)
+
+
+def data_parallel_size(rules: ShardingRules, mesh) -> int:
+    """How many ways the rule table splits batch rows on this mesh (data x fsdp by default; x expert for MoE)."""
+    return math.prod(mesh.shape[a] for a in rules.activations.get("batch", ()))
+
+
 def partition_spec(logical: tuple, shape: tuple, table: dict, mesh, where: str = "") -> PartitionSpec:
     """Maps logical axes to mesh axes (size-1 mesh axes dropped); a mesh axis that does not divide the dimension
     is dropped too (replicated). A mesh axis named twice in one spec is an error in the rule table."""

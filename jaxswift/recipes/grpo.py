@@ -12,12 +12,12 @@ from jaxswift.recipes.common import print_outcome, run_main
 
 
 def main(argv: list[str]) -> int:
-    from jaxswift.parallel.mesh import ensure_cpu_devices
+    from jaxswift.parallel.distributed import single_process
     from jaxswift.train.args import parse_args
     from jaxswift.train.grpo_args import GrpoArguments
 
     args = parse_args(GrpoArguments, argv)
-    ensure_cpu_devices(args.mesh)  # before JAX creates its CPU client
+    single_process("grpo", args)  # before JAX creates its CPU client
     from jaxswift.train.grpo import run_grpo
 
     result = run_grpo(args)

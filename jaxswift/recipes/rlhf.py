@@ -14,12 +14,12 @@ SHOWN = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rej
 
 
 def main(argv: list[str]) -> int:
-    from jaxswift.parallel.mesh import ensure_cpu_devices
+    from jaxswift.parallel.distributed import single_process
     from jaxswift.train.rlhf_args import RlhfArguments
     from jaxswift.train.args import parse_args
 
     args = parse_args(RlhfArguments, argv)
-    ensure_cpu_devices(args.mesh)  # before JAX creates its CPU client
+    single_process("rlhf", args)  # before JAX creates its CPU client
     from jaxswift.train.rlhf import run_rlhf
 
     result = run_rlhf(args)

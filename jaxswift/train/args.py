@@ -97,6 +97,12 @@ class SftArguments:
         "help": "pipeline (mesh axis stage > 1): microbatches per step; default one per stage"})
     virtual_stages: int = field(default=1, metadata={"help": "pipeline: layer chunks per stage (> 1: circular)"})
     pipeline_schedule: str = field(default="auto", metadata={"help": "auto | gpipe | circular"})
+    # mixture of experts (None: the model's config.json)
+    router_aux_loss_coef: Optional[float] = field(default=None, metadata={
+        "help": "MoE load-balancing loss weight (> 0 turns it on, as output_router_logits does in HF)"})
+    router_z_loss_coef: Optional[float] = None
+    moe_expert_capacity_factor: Optional[float] = field(default=None, metadata={
+        "help": "MoE: tokens per expert = ceil(factor x tokens x top_k / experts), the rest dropped; unset: dropless"})
     ring_attention_layout: str = field(default="zigzag", metadata={
         "help": "sequence parallelism: zigzag | striped | contiguous (causal load balancing)"})
     # multi-process (docs/multihost.md): else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, TPU/SLURM

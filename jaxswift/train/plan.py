@@ -350,19 +350,20 @@ class PlannedStep:
 def build_step(args: PlanArguments) -> PlannedStep:
     """The state SFT would build (tuner, optimizer, shardings) and its step, over abstract params."""
     from jaxswift.parallel.mesh import make_mesh
-    from jaxswift.parallel.rules import activation_sharding, batch_sharding, load_rules
+    from jaxswift.parallel.rules import activation_sharding, batch_sharding, data_parallel_size, rules_for_mesh
     from jaxswift.parallel.strategies import ParallelOptions
     from jaxswift.train.state import init_train_state
     from jaxswift.train.step import make_train_step
 
     cfg, source = load_plan_config(args.model, args.dtype)
     cfg = cfg.replace(remat="full" if args.gradient_checkpointing else "none")
-    mesh, rules = make_mesh(args.mesh or "1"), load_rules(args.sharding_rules)
+    mesh = make_mesh(args.mesh or "1")
+    rules = rules_for_mesh(args.sharding_rules, mesh)
     params, mask, prepare = abstract_params_for(cfg, args)
     optimizer = plan_optimizer(cfg, args)
     state = jax.eval_shape(lambda p: init_train_state(p, mask, optimizer, 0), params)
     state = _with_shardings(state, state_shardings(state, cfg, rules, mesh))
-    rows = args.per_device_train_batch_size * mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = args.per_device_train_batch_size * data_parallel_size(rules, mesh)
     batch = abstract_batch(rows, args.max_length,
                            NamedSharding(mesh, PartitionSpec(None, *batch_sharding(rules, mesh).spec)))
     step_kwargs = {"loss_chunk": args.loss_chunk_size}

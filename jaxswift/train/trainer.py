@@ -26,7 +26,7 @@ from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, is_primary, put_global_batch
 from jaxswift.parallel.mesh import make_mesh
 from jaxswift.parallel.ring_attention import balanced_step
-from jaxswift.parallel.rules import activation_sharding, load_rules, partition_spec
+from jaxswift.parallel.rules import activation_sharding, data_parallel_size, partition_spec, rules_for_mesh
 from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.args import SftArguments
 from jaxswift.train.batches import StepPlan, eval_batches
@@ -217,17 +217,35 @@ class RunContext:
         return ParallelOptions.from_args(self.args)
 
 
+def moe_overrides(cfg, args: SftArguments):
+    """The MoE flags over the model's config (an error on a dense model: the flags would do nothing)."""
+    given = {k: getattr(args, k) for k in ("router_aux_loss_coef", "router_z_loss_coef", "moe_expert_capacity_factor")
+             if getattr(args, k, None) is not None}
+    if not given:
+        return cfg
+    if not cfg.is_moe:
+        raise ConfigError(f"{', '.join('--' + k for k in given)}: the model ({cfg.family}) has no experts")
+    changes = {}
+    if "router_aux_loss_coef" in given:
+        changes.update(router_aux_loss_coef=given["router_aux_loss_coef"],
+                       output_router_logits=given["router_aux_loss_coef"] > 0)
+    if "router_z_loss_coef" in given:
+        changes["router_z_loss_coef"] = given["router_z_loss_coef"]
+    if "moe_expert_capacity_factor" in given:
+        changes["capacity_factor"] = given["moe_expert_capacity_factor"]
+    return cfg.replace(**changes)
+
+
 def start_run(args: SftArguments) -> RunContext:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_primary():
         (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     mesh = make_mesh(args.mesh)
-    sequence_parallel = mesh.shape["sequence"] > 1 and args.sharding_rules == "default"
-    rules = load_rules("sequence" if sequence_parallel else args.sharding_rules)  # ring attention: seq-sharded
+    rules = rules_for_mesh(args.sharding_rules, mesh)
     model = load_model(args.model, dtype=args.dtype)
-    cfg = model.config.replace(remat="full" if args.gradient_checkpointing else "none")
-    return RunContext(args, out_dir, mesh, rules, mesh.shape["data"] * mesh.shape["fsdp"], model, cfg)
+    cfg = moe_overrides(model.config.replace(remat="full" if args.gradient_checkpointing else "none"), args)
+    return RunContext(args, out_dir, mesh, rules, data_parallel_size(rules, mesh), model, cfg)
 
 
 def build_optimizer(args: SftArguments, total_steps: int, cfg=None):
