@@ -165,8 +165,11 @@ def test_awq_scale_search_matches_a_float64_transcription_of_autoawq(tiny, block
     groups = np.abs(shared).reshape(-1, gs, shared.shape[1])
     w_mean = (groups / (groups.max(axis=1, keepdims=True) + 1e-6)).reshape(shared.shape).mean(axis=1)
     x_mean = np.abs(x64).mean(axis=0)
-    tie = lambda v: np.repeat(v.reshape(cfg.num_kv_heads, heads_per_scale, -1).mean(axis=1), heads_per_scale,  # noqa: E731
-                              axis=0).reshape(-1)
+
+    def tie(v):  # the mean over the query heads of each kv head, repeated over them
+        per_kv = v.reshape(cfg.num_kv_heads, heads_per_scale, -1).mean(axis=1)
+        return np.repeat(per_kv, heads_per_scale, axis=0).reshape(-1)
+
     x_mean, w_mean = tie(x_mean), tie(w_mean)
     reference = _reference_block(block, w, x64, cfg)
     expected, scales = [], []
