@@ -221,3 +221,24 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError) as e:
         jaxswift.load_model(str(tmp_path))
     assert "safetensors" in one_line(e)
+
+
+@pytest.mark.parametrize("length", [200, 256, 448])
+def test_block_causal_attention_equals_full_attention(length):
+    """causal_self_attention skips the keys after each query block (blocks of 128, the last one partial); on packed
+    rows (two segments, then padding) it must equal attention over every key."""
+    from jaxswift.models.transformer import attention_mask, causal_self_attention, grouped_attention
+
+    rng = np.random.default_rng(length)
+    B, N, K, H = 2, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(B, length, N, H)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, K, H, length)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, K, length, H)), jnp.float32)
+    split, pad = length // 3, length - 10
+    col = np.arange(length)
+    seg = np.broadcast_to(np.where(col < split, 1, np.where(col < pad, 2, 0)), (B, length))
+    pos = np.broadcast_to(np.where(col < split, col, np.where(col < pad, col - split, 0)), (B, length))
+    mask = attention_mask(jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(seg), 0)
+    real = seg[:, :, None, None] > 0
+    np.testing.assert_allclose(np.where(real, causal_self_attention(q, k, v, mask), 0),
+                               np.where(real, grouped_attention(q, k, v, mask), 0), atol=1e-6)

@@ -135,11 +135,11 @@ def causal_self_attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT, block: int = CAUSAL_
     0) may differ, and they are ignored. About (1 + 1/n) / 2 of the work for n blocks.
     """
     T = q_BTNH.shape[1]
-    if T <= block or T % block:
+    if T <= block:
         return grouped_attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT)
     out = []
     for start in range(0, T, block):
-        end = start + block
+        end = min(start + block, T)
         out.append(grouped_attention(q_BTNH[:, start:end], k_BKHT[..., :end], v_BKTH[:, :, :end],
                                      mask_BTT[:, start:end, :end]))
     return jnp.concatenate(out, axis=1)

@@ -12,11 +12,14 @@ from jaxswift.data.cache import example_lengths
 from jaxswift.data.packing import assemble, epoch_rows
 from jaxswift.data.templates import EncodedChat
 
-BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# Unpacked row lengths: steps of 64 tokens up to 1024 (at most 64 pad tokens a row where CPU steps are slow and
+# rows short), then a quarter of each power of two. Each bucket costs one compilation (seconds).
+BUCKETS = (*range(64, 1024, 64), *(b for p in range(10, 16) for b in (2 ** p, 5 * 2 ** (p - 2), 3 * 2 ** (p - 1),
+                                                                      7 * 2 ** (p - 2))), 2 ** 16)
 
 
 def bucket_length(n: int, cap: int) -> int:
-    """Unpacked rows pad to a power-of-two bucket, so a handful of shapes (compilations) cover every batch."""
+    """Unpacked rows pad to the next bucket, so a bounded set of shapes (compilations) covers every batch."""
     return min(next((b for b in BUCKETS if b >= n), n), cap)
 
 
