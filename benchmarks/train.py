@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--hf_batches", type=int, default=8, help="padded transformers batches timed (after 1 warmup)")
     p.add_argument("--synthetic", type=int, default=64, help="synthetic longer chats added to self_identity")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="blocks", choices=("blocks", "interleaved"), help=(
+        "blocks: each side's steps in a row (the default: alternating costs jaxswift ~2.5 s of its 15 s full step "
+        "on this VM, its memory gone cold while torch runs); interleaved: alternate, to share load drift"))
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     return p.parse_args(argv)
 
@@ -248,14 +251,24 @@ class HfSide:
 # measurements
 
 
-def interleaved(jrun, hrun, n_warmup: int, n_timed: int):
-    """((jax timed seconds, first loss), (hf timed seconds, first loss)), the two sides' steps alternating."""
+def timed_steps(jrun, hrun, n_warmup: int, n_timed: int, schedule: str):
+    """((jax timed seconds, first loss), (hf timed seconds, first loss)). `blocks`: all of one side's steps, then
+    all of the other's; `interleaved`: the two sides' steps alternate."""
     out = {"j": ([], None), "h": ([], None)}
-    for i in range(n_warmup + n_timed):
+
+    def one(key, run, i):
+        loss, sec = run()
+        times, first = out[key]
+        out[key] = (times + [sec] if i >= n_warmup else times, loss if first is None else first)
+
+    if schedule == "interleaved":
+        for i in range(n_warmup + n_timed):
+            one("j", jrun, i)
+            one("h", hrun, i)
+    else:
         for key, run in (("j", jrun), ("h", hrun)):
-            loss, sec = run()
-            times, first = out[key]
-            out[key] = (times + [sec] if i >= n_warmup else times, loss if first is None else first)
+            for i in range(n_warmup + n_timed):
+                one(key, run, i)
     return out["j"], out["h"]
 
 
@@ -264,7 +277,7 @@ def packing_comparison(args, examples, jrun, hrun) -> dict:
 
     jaxswift: the epoch's first-fit-decreasing packed rows, `rows` per step, in the same compiled [1, rows, length]
     step; transformers: the epoch's shuffled examples, `rows` per batch, padded to the batch's longest. Batches are
-    taken evenly spread over the epoch, one warmup each, and the two sides' steps alternate."""
+    taken evenly spread over the epoch, one warmup each, in --schedule order."""
     from jaxswift.data.packing import epoch_rows
 
     lengths = [len(e) for e in examples]
@@ -280,17 +293,34 @@ def packing_comparison(args, examples, jrun, hrun) -> dict:
 
     jb = [jax_batch(examples, r, args.length, rows) for r in spread(packed_steps, args.packed_batches)]
     hb = [hf_batch(examples, g) for g in spread(groups, args.hf_batches)]
-    jrun(jax_batch(examples, packed_steps[-1], args.length, rows))  # warmups
-    hrun(hf_batch(examples, groups[-1]))
     j_useful = j_time = h_useful = h_time = h_padded = 0.0
-    for i in range(max(len(jb), len(hb))):
+
+    def jax_side(i):
+        nonlocal j_useful, j_time
         if i < len(jb):
             _, sec = jrun(jb[i])
             j_useful, j_time = j_useful + float((jb[i]["segment_ids"] > 0).sum()), j_time + sec
+
+    def hf_side(i):
+        nonlocal h_useful, h_time, h_padded
         if i < len(hb):
             _, sec = hrun(hb[i])
             mask = hb[i]["attention_mask"]
             h_useful, h_time, h_padded = h_useful + float(mask.sum()), h_time + sec, h_padded + mask.numel()
+
+    n = max(len(jb), len(hb))
+    jrun(jax_batch(examples, packed_steps[-1], args.length, rows))  # warmup
+    if args.schedule == "blocks":
+        for i in range(n):
+            jax_side(i)
+        hrun(hf_batch(examples, groups[-1]))  # warmup
+        for i in range(n):
+            hf_side(i)
+    else:
+        hrun(hf_batch(examples, groups[-1]))
+        for i in range(n):
+            jax_side(i)
+            hf_side(i)
     return {"jax_useful_tok_s": j_useful / j_time, "jax_batches": len(jb),
             "jax_efficiency": j_useful / (len(jb) * rows * args.length),
             "jax_epoch_efficiency": sum(lengths) / (len(packed) * args.length),
@@ -343,8 +373,7 @@ def main(argv=None):
         entry = res.setdefault(tuner, {})
         entry["jax_compile_s"] = compile_s
         if tuner in parts:
-            # Steps alternate between the two sides, so a change in background load hits both alike.
-            (jt, jl), (ht, hl) = interleaved(jrun, hrun, args.warmup, args.timed)
+            (jt, jl), (ht, hl) = timed_steps(jrun, hrun, args.warmup, args.timed, args.schedule)
             entry.update(jax_s=statistics.median(jt), jax_times=jt, jax_loss0=jl,
                          hf_s=statistics.median(ht), hf_times=ht, hf_loss0=hl)
             log(f"{tuner}: jaxswift {jt} s/step (first loss {jl:.4f}); transformers {ht} (first loss {hl:.4f})")
