@@ -386,3 +386,18 @@ def test_multi_lora_mixed_batch_equals_each_adapter_alone(tiny, tmp_path):
     dora = save_random_adapter(tiny, tmp_path / "dora", LoraConfig(rank=4, use_dora=True), 3)
     with pytest.raises(CheckpointError, match="DoRA adapters cannot share a base"):
         tiny_engine(tiny, adapters={"dora": str(dora)})
+
+
+def test_categorical_draws_follow_the_distribution_and_never_masked_tokens():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxswift.infer.sampling import categorical
+
+    probs = np.array([0.1, 0.0, 0.6, 0.3, 0.0], np.float32)
+    logits = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-30)), -1e30)
+    n = 20000
+    draws = np.asarray(categorical(jax.random.key(1), jnp.broadcast_to(logits, (n, 5))))
+    freq = np.bincount(draws, minlength=5) / n
+    assert freq[1] == 0 and freq[4] == 0
+    np.testing.assert_allclose(freq, probs, atol=4 * np.sqrt(0.25 / n))  # 4 sigma

@@ -319,7 +319,8 @@ def test_planner_counts_expert_flops_alike_on_one_device_and_a_mesh(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**MOE_JSON, "vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4}))
     flops = {}
-    for mesh, rows, rules in (("1", 4, "default"), ("data=2", 2, "default"), ("expert=2", 4, "moe")):
+    # the same global batch of 4 rows: moe.yaml splits rows over expert too (rows per step = per device x 2)
+    for mesh, rows, rules in (("1", 4, "default"), ("data=2", 2, "default"), ("expert=2", 2, "moe")):
         args = PlanArguments(model=str(path), mesh=mesh, tuner_type="full", dtype="float32", max_length=16,
                              per_device_train_batch_size=rows, sharding_rules=rules, loss_chunk_size=16)
         flops[mesh] = build_step(args).matmul_flops()

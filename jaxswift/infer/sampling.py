@@ -51,6 +51,15 @@ def top_k_filter(logits_BV: jax.Array, top_k: int) -> jax.Array:
     return jnp.where(logits_BV >= kth, logits_BV, _NEG)
 
 
+def categorical(key: jax.Array, logits_BV: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits) [B], by inverting the float32 cumulative distribution with one
+    uniform per row: the same distribution as `jax.random.categorical`, which draws a Gumbel variate for every
+    vocabulary entry (1.5M threefry numbers a step for 32 rows of a 49k vocabulary: ~5x the time on CPU)."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1), axis=-1)
+    u = jax.random.uniform(key, (logits_BV.shape[0], 1)) * cdf[:, -1:]
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits_BV.shape[-1] - 1).astype(jnp.int32)
+
+
 def sample(logits_BV: jax.Array, key: jax.Array, params: SamplingParams, temperature=None, top_p=None) -> jax.Array:
     """Next tokens [B]. `params` decides the static path; traced temperature/top_p may override its values."""
     if params.greedy:
@@ -62,7 +71,7 @@ def sample(logits_BV: jax.Array, key: jax.Array, params: SamplingParams, tempera
         logits = top_k_filter(logits, min(params.top_k, logits.shape[-1]))
     if params.top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return categorical(key, logits)
 
 
 # --- per-request sampling inside the engine's jitted step (vLLM semantics) -----------------------------------------
@@ -149,7 +158,7 @@ def sample_slots(logits_SV, prompt_mask_SV, output_counts_SV, s: SlotSampling, t
 
     def draw():
         keys = slot_keys(s.seed, token_index_S)
-        return jax.vmap(jax.random.categorical)(keys, sampling_logits(penalized, s)).astype(jnp.int32)
+        return jax.vmap(lambda k, row: categorical(k, row[None])[0])(keys, sampling_logits(penalized, s))
 
     drawn = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda: greedy)
     return jnp.where(s.temperature > 0, drawn, greedy)
