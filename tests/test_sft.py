@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -294,3 +295,14 @@ def test_run_stops_after_nonfinite_steps_in_a_row(tiny_chat_model, tmp_path):
                          max_grad_norm=0.0, max_nonfinite_steps=3, max_steps=8, mesh="1"), progress=False)
     log = (tmp_path / "nan" / "logging.jsonl").read_text()
     assert '"step": 1' in log  # the finite first step was logged before the stop
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"pipeline_schedule": "1f1b"}, "--pipeline_schedule '1f1b'"),
+    ({"ring_attention_layout": "spiral"}, "--ring_attention_layout 'spiral'"),
+    ({"num_microbatches": 0}, "--num_microbatches must be positive"),
+    ({"virtual_stages": 0}, "--virtual_stages must be positive"),
+])
+def test_bad_parallelism_flags_get_clear_errors(flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        SftArguments(**flags)
