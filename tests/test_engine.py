@@ -401,3 +401,55 @@ def test_categorical_draws_follow_the_distribution_and_never_masked_tokens():
     freq = np.bincount(draws, minlength=5) / n
     assert freq[1] == 0 and freq[4] == 0
     np.testing.assert_allclose(freq, probs, atol=4 * np.sqrt(0.25 / n))  # 4 sigma
+
+
+def test_two_level_categorical_spans_blocks_and_scores_its_draws():
+    """A vocabulary of several CDF blocks (and a partial last one): draws follow the distribution, never a
+    zero-probability entry, and the log-prob returned with each draw is log_softmax's."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxswift.infer.sampling import CDF_BLOCK, categorical_with_logprob
+
+    V = 2 * CDF_BLOCK + 37
+    probs = np.random.default_rng(0).random(V).astype(np.float32)
+    probs[::3] = 0
+    probs[-CDF_BLOCK // 2:] = 0  # the last block holds no mass at all
+    probs /= probs.sum()
+    logits = jnp.where(probs > 0, jnp.log(np.maximum(probs, 1e-30)), -jnp.inf)
+    n = 100_000
+    draws, logps = jax.jit(categorical_with_logprob)(jax.random.key(2), jnp.broadcast_to(logits, (n, V)))
+    draws, logps = np.asarray(draws), np.asarray(logps)
+    freq = np.bincount(draws, minlength=V) / n
+    assert freq[probs == 0].sum() == 0
+    sigma = np.sqrt(probs * (1 - probs) / n)
+    assert np.all(np.abs(freq - probs)[probs > 0] < 5 * sigma[probs > 0])
+    want = np.asarray(jax.nn.log_softmax(logits))[draws]
+    np.testing.assert_allclose(logps, want, atol=1e-5)
+
+
+def test_resample_equals_a_fresh_prefill_of_the_same_prompt(tiny):
+    """resample reuses a prompt's keys/values: the request it starts decodes exactly as if it had been prefilled
+    itself (same first token, log-probs and continuation), while the original keeps its own draws."""
+    engine = tiny_engine(tiny)
+    ids = random_prompts([11])[0]
+    a, b = (RequestSampling(temperature=1.0, max_tokens=6, seed=s, logprobs=1, ignore_eos=True) for s in (3, 4))
+    padded, n = engine.pad_prompt(ids)
+
+    def decode(prefix_first):
+        prefix, first = prefix_first
+        state = engine.insert(prefix, engine.init_decode_state(), 0)
+        out = [(int(first.tokens[0]), float(first.logprobs[0]))]
+        for _ in range(5):
+            state, result = engine.generate(engine.params, state)
+            out.append((int(result.tokens[0]), float(result.logprobs[0])))
+        return out
+
+    shared = engine.prefill(engine.params, padded, n, a)[0]
+    resampled = decode(engine.resample(shared, b))
+    fresh = decode(engine.prefill(engine.params, padded, n, b))
+    assert [t for t, _ in resampled] == [t for t, _ in fresh]
+    np.testing.assert_allclose([lp for _, lp in resampled], [lp for _, lp in fresh], atol=1e-6)
+    assert decode(engine.resample(shared, a)) == decode(engine.prefill(engine.params, padded, n, a))
+    with pytest.raises(ConfigError, match="adapter"):
+        engine.resample(shared, RequestSampling(adapter=1))

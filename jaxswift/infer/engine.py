@@ -66,6 +66,8 @@ class Prefix:
     sampling: RequestSampling
     slot: dict  # DecodeState fields of this request (tokens, positions, ..., prompt_mask, output_counts)
     done: bool
+    logits: jax.Array  # [1, V] after the prompt: what `resample` draws another first token from
+    prompt_mask: jax.Array  # [1, V]
 
 
 def _finished(tokens_S, generated_S, stop_ids_SX, max_tokens_S):
@@ -285,12 +287,24 @@ class JaxEngine(Engine):
         k, v, logits, prompt_mask = _prefill_jit(params, padded_tokens, jnp.int32(true_length),
                                                  jnp.int32(sampling.adapter), cfg=self._shape_cfg,
                                                  chunk=min(T, self.max_prefill_length))
-        max_tokens = min(sampling.max_tokens, self._max_len - true_length)  # prompt + completion fit the context
-        slot, out = _first_token_jit(logits, prompt_mask, jnp.int32(true_length), self._slot_sampling(sampling),
-                                     self._stop_ids(sampling), jnp.int32(max_tokens), jnp.int32(sampling.adapter),
-                                     num_top=MAX_TOP_LOGPROBS if sampling.logprobs else 0)
+        return self._first(Prefix(k, v, int(true_length), sampling, {}, False, logits, prompt_mask), sampling)
+
+    def resample(self, prefix: Prefix, sampling: RequestSampling) -> tuple[Prefix, ResultTokens]:
+        """Another request over the same prompt, without running it again: the prefix's keys/values (shared; insert
+        copies them) and a first token drawn anew under `sampling`. For n completions of one prompt (GRPO's G)."""
+        check_sampling(sampling, self.config.vocab_size, len(self._adapter_names))
+        if sampling.adapter != prefix.sampling.adapter:
+            raise ConfigError(f"resample keeps the prefix's adapter ({prefix.sampling.adapter}); the new request "
+                              f"asks for adapter {sampling.adapter}: prefill it instead")
+        return self._first(prefix, sampling)
+
+    def _first(self, prefix: Prefix, sampling: RequestSampling) -> tuple[Prefix, ResultTokens]:
+        max_tokens = min(sampling.max_tokens, self._max_len - prefix.length)  # prompt + completion fit the context
+        slot, out = _first_token_jit(prefix.logits, prefix.prompt_mask, jnp.int32(prefix.length),
+                                     self._slot_sampling(sampling), self._stop_ids(sampling), jnp.int32(max_tokens),
+                                     jnp.int32(sampling.adapter), num_top=MAX_TOP_LOGPROBS if sampling.logprobs else 0)
         first = self._result(jax.device_get(out), [sampling])
-        return Prefix(k, v, int(true_length), sampling, slot, bool(first.done[0])), first
+        return dataclasses.replace(prefix, sampling=sampling, slot=slot, done=bool(first.done[0])), first
 
     # --- slots ----------------------------------------------------------------------------------------------------
 

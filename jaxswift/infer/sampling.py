@@ -51,13 +51,48 @@ def top_k_filter(logits_BV: jax.Array, top_k: int) -> jax.Array:
     return jnp.where(logits_BV >= kth, logits_BV, _NEG)
 
 
+CDF_BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF
+
+
+def _pick(cdf_BN, u_B1, mass_BN):
+    """Index of the first entry whose cumulative mass exceeds u, never one of zero mass (float rounding may put
+    u past the last sum: then the last entry with mass)."""
+    n = cdf_BN.shape[-1]
+    index = jnp.sum(cdf_BN <= u_B1, axis=-1)
+    last = n - 1 - jnp.argmax((mass_BN > 0)[:, ::-1], axis=-1)
+    return jnp.minimum(index, last)
+
+
+def categorical_with_logprob(key: jax.Array, logits_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(one draw per row from softmax(logits) [B], its log-prob [B] in float32).
+
+    Inverts the cumulative distribution with one uniform per row, in two levels: the mass of each block of
+    CDF_BLOCK entries, a cumulative sum over the blocks to pick one, then over that block's entries. The same
+    distribution as `jax.random.categorical` (a Gumbel variate for every vocabulary entry: 1.5M threefry numbers a
+    step for 32 rows of a 49k vocabulary), without its cost, nor that of a cumulative sum across the whole
+    vocabulary (XLA:CPU's cumsum over 49k entries costs as much as a tenth of the model). The log-prob reuses the
+    softmax's normalizer, so sampling and scoring read the logits once."""
+    x = logits_BV.astype(jnp.float32)
+    B, V = x.shape
+    block = min(CDF_BLOCK, V)
+    blocks = -(-V // block)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    mass = jnp.pad(jnp.exp(x - top), ((0, 0), (0, blocks * block - V))).reshape(B, blocks, block)
+    block_mass = jnp.sum(mass, axis=-1)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    total = block_cdf[:, -1:]
+    u = jax.random.uniform(key, (B, 1)) * total
+    chosen = _pick(block_cdf, u, block_mass)
+    inside = jnp.take_along_axis(mass, chosen[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(block_cdf - block_mass, chosen[:, None], axis=1)
+    token = chosen * block + _pick(before + jnp.cumsum(inside, axis=-1), u, inside)
+    logprob = jnp.take_along_axis(x, token[:, None], axis=-1)[:, 0] - top[:, 0] - jnp.log(total[:, 0])
+    return token.astype(jnp.int32), logprob
+
+
 def categorical(key: jax.Array, logits_BV: jax.Array) -> jax.Array:
-    """One draw per row from softmax(logits) [B], by inverting the float32 cumulative distribution with one
-    uniform per row: the same distribution as `jax.random.categorical`, which draws a Gumbel variate for every
-    vocabulary entry (1.5M threefry numbers a step for 32 rows of a 49k vocabulary: ~5x the time on CPU)."""
-    cdf = jnp.cumsum(jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1), axis=-1)
-    u = jax.random.uniform(key, (logits_BV.shape[0], 1)) * cdf[:, -1:]
-    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits_BV.shape[-1] - 1).astype(jnp.int32)
+    """One draw per row from softmax(logits) [B] (see categorical_with_logprob)."""
+    return categorical_with_logprob(key, logits_BV)[0]
 
 
 def sample(logits_BV: jax.Array, key: jax.Array, params: SamplingParams, temperature=None, top_p=None) -> jax.Array:
@@ -154,23 +189,28 @@ def slot_keys(seed_S2, token_index_S) -> jax.Array:
 def sample_slots(logits_SV, prompt_mask_SV, output_counts_SV, s: SlotSampling, token_index_S) -> jax.Array:
     """Next token per slot [S]: argmax of the penalized logits where temperature is 0, else a seeded draw."""
     penalized = penalized_logits(logits_SV, prompt_mask_SV, output_counts_SV, s)
-    greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+    random = s.temperature > 0
+    zeros = jnp.zeros(random.shape, jnp.int32)
 
     def draw():
         keys = slot_keys(s.seed, token_index_S)
         return jax.vmap(lambda k, row: categorical(k, row[None])[0])(keys, sampling_logits(penalized, s))
 
-    drawn = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda: greedy)
-    return jnp.where(s.temperature > 0, drawn, greedy)
+    # Each branch runs only when some slot needs it (GRPO rollouts are all random, chat traffic often all greedy).
+    drawn = jax.lax.cond(jnp.any(random), draw, lambda: zeros)
+    greedy = jax.lax.cond(jnp.all(random), lambda: zeros,
+                          lambda: jnp.argmax(penalized, axis=-1).astype(jnp.int32))
+    return jnp.where(random, drawn, greedy)
 
 
 def token_logprobs(logits_SV, tokens_S, num_top: int):
     """(log-prob of each chosen token [S], top ids [S, num_top], their log-probs [S, num_top]) under the raw
     logits (vLLM's default logprobs mode), in float32."""
-    logprobs = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
-    chosen = jnp.take_along_axis(logprobs, tokens_S[:, None], axis=-1)[:, 0]
+    logits = logits_SV.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens_S[:, None], axis=-1)[:, 0] - log_z
     if num_top == 0:
         empty = jnp.zeros((logits_SV.shape[0], 0))
         return chosen, empty.astype(jnp.int32), empty.astype(jnp.float32)
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
-    return chosen, top_ids.astype(jnp.int32), top_logprobs
+    top_logits, top_ids = jax.lax.top_k(logits, num_top)
+    return chosen, top_ids.astype(jnp.int32), top_logits - log_z[:, None]

@@ -32,8 +32,10 @@ def paged_attention(q_BNH, k_pool, v_pool, table_BC, position_B, window) -> jax.
     B, N, H = q_BNH.shape
     K, P = k_pool.shape[0], k_pool.shape[2]
     G, S = N // K, table_BC.shape[1] * P
-    k_ZSH = jnp.take(k_pool, table_BC, axis=1).reshape(K * B, S, H).astype(q_BNH.dtype)
-    v_ZSH = jnp.take(v_pool, table_BC, axis=1).reshape(K * B, S, H).astype(q_BNH.dtype)
+    # Page ids are always valid (free entries point at the scratch page): no out-of-bounds fill to select.
+    gather = lambda pool: jnp.take(pool, table_BC, axis=1, mode="clip")  # noqa: E731
+    k_ZSH = gather(k_pool).reshape(K * B, S, H).astype(q_BNH.dtype)
+    v_ZSH = gather(v_pool).reshape(K * B, S, H).astype(q_BNH.dtype)
     q_ZGH = q_BNH.reshape(B, K, G, H).transpose(1, 0, 2, 3).reshape(K * B, G, H)
     scores = jnp.einsum("ZGH,ZSH->ZGS", q_ZGH, k_ZSH, preferred_element_type=jnp.float32) * H ** -0.5
     distance_BS = position_B[:, None] - jnp.arange(S, dtype=jnp.int32)

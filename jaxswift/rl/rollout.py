@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxswift.infer.generate import left_pad
-from jaxswift.infer.sampling import SamplingParams, sample
+from jaxswift.infer.sampling import SamplingParams, categorical_with_logprob, sample
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
 
@@ -73,14 +73,40 @@ def _token_logprob(logits_BV, tok_B, temperature: float):
     return jnp.take_along_axis(logp, tok_B[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"))
-def sample_with_logprobs(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, *, cfg: ModelConfig,
-                         max_new_tokens: int, sampling: SamplingParams):
-    """(tokens [B, C], logprobs [B, C], lengths [B]): C = max_new_tokens; after eos, the eos id and logprob 0."""
-    B, P = tokens_BP.shape
+def _sample_and_score(logits_BV, key, sampling: SamplingParams):
+    """(next tokens [B], their log-probs at temperature before top-k / top-p [B]). Without truncation the draw
+    and the log-prob share one pass over the logits."""
+    if sampling.top_k or sampling.top_p < 1.0:
+        tok = sample(logits_BV, key, sampling)
+        return tok, _token_logprob(logits_BV, tok, sampling.temperature)
+    return categorical_with_logprob(key, logits_BV.astype(jnp.float32) / sampling.temperature)
+
+
+def _repeat_rows(x, times: int, rows: int):
+    """x with each of its `rows` leading rows repeated `times` times in place (row-major Z = rows * K axes too)."""
+    return jnp.repeat(x.reshape(rows, -1, *x.shape[1:]), times, axis=0).reshape(-1, *x.shape[1:])
+
+
+def _fork_cache(cache, times: int, rows: int):
+    """The prompts' KV cache, each row repeated for its `times` completions."""
+    rep = lambda x: _repeat_rows(x, times, rows)  # noqa: E731
+    return cache._replace(k=tuple(map(rep, cache.k)), v=tuple(map(rep, cache.v)), positions=rep(cache.positions),
+                          segment_ids=rep(cache.segment_ids))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "num_generations"))
+def sample_with_logprobs(params, tokens_UP, positions_UP, segments_UP, eos_ids, key, *, cfg: ModelConfig,
+                         max_new_tokens: int, sampling: SamplingParams, num_generations: int = 1):
+    """(tokens [B, C], logprobs [B, C], lengths [B]) for B = U prompts x num_generations rows, prompt by prompt;
+    C = max_new_tokens; after eos, the eos id and logprob 0. Each prompt is prefilled once and its cache copied
+    to its rows (the G completions of a prompt share it, as a prefix cache would)."""
+    U, P = tokens_UP.shape
+    G = num_generations
+    B = U * G
     params = unstack_layers(params)
-    cache = init_cache(cfg, B, P + max_new_tokens, per_layer=True)
-    logits, cache = _last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
+    cache = init_cache(cfg, U, P + max_new_tokens, per_layer=True)
+    logits, cache = _last_logits(params, tokens_UP, cfg, positions_UP, segments_UP, cache)
+    logits, cache = _repeat_rows(logits, G, U), _fork_cache(cache, G, U)
     fill = eos_ids[0]
 
     def cond(state):
@@ -90,15 +116,16 @@ def sample_with_logprobs(params, tokens_BP, positions_BP, segments_BP, eos_ids, 
     def body(state):
         step, logits, cache, pos, done, out, logps, lengths, key = state
         key, sub = jax.random.split(key)
-        tok = jnp.where(done, fill, sample(logits, sub, sampling))
-        logps = logps.at[:, step].set(jnp.where(done, 0.0, _token_logprob(logits, tok, sampling.temperature)))
+        tok, logp = _sample_and_score(logits, sub, sampling)
+        tok = jnp.where(done, fill, tok)
+        logps = logps.at[:, step].set(jnp.where(done, 0.0, logp))
         out = out.at[:, step].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, eos_ids)
         logits, cache = _last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
         return step + 1, logits, cache, pos + 1, done, out, logps, lengths, key
 
-    state = (jnp.zeros((), jnp.int32), logits, cache, positions_BP[:, -1] + 1, jnp.zeros((B,), bool),
+    state = (jnp.zeros((), jnp.int32), logits, cache, jnp.repeat(positions_UP[:, -1] + 1, G), jnp.zeros((B,), bool),
              jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.float32),
              jnp.zeros((B,), jnp.int32), key)
     out = jax.lax.while_loop(cond, body, state)
@@ -116,13 +143,14 @@ def _truncated(tokens: np.ndarray, lengths: np.ndarray, eos_ids) -> np.ndarray:
 
 def rollout(params, prompts_ids: list[list[int]], cfg: ModelConfig, *, sampling: RolloutSampling,
             num_generations: int, eos_ids, pad_id: int, key) -> Rollout:
-    """G completions per prompt from jaxswift's jitted generation loop (one batch of N = len(prompts) x G rows)."""
-    repeated = [ids for ids in prompts_ids for _ in range(num_generations)]
-    tokens, positions, segments = left_pad(repeated, pad_id)
+    """G completions per prompt from jaxswift's jitted generation loop (one batch of N = len(prompts) x G rows;
+    each prompt prefilled once)."""
+    tokens, positions, segments = left_pad(prompts_ids, pad_id)
     params_sampling = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     out, logps, lengths = sample_with_logprobs(params, tokens, positions, segments, jnp.asarray(eos_ids, jnp.int32),
                                                key, cfg=cfg, max_new_tokens=sampling.max_completion_length,
-                                               sampling=params_sampling)
+                                               sampling=params_sampling, num_generations=num_generations)
+    tokens, positions, segments = (np.repeat(x, num_generations, axis=0) for x in (tokens, positions, segments))
     out, logps, lengths = np.asarray(out), np.asarray(logps), np.asarray(lengths)
     mask = _mask(lengths, out.shape[1])
     return Rollout(tokens, positions, segments, out, mask, logps * mask, _truncated(out, lengths, eos_ids))
@@ -131,17 +159,20 @@ def rollout(params, prompts_ids: list[list[int]], cfg: ModelConfig, *, sampling:
 def engine_rollout(engine, params, prompts_ids: list[list[int]], *, sampling: RolloutSampling,
                    num_generations: int, seed: int, ignore_eos: bool = False) -> Rollout:
     """The same rollout from a JaxEngine (continuous batching: a finished slot takes the next request at once).
-    `params` as the engine takes them (unstack_layers of the train state's). Log-probs before temperature.
+    `params` as the engine takes them (unstack_layers of the train state's). Log-probs before temperature. Each
+    prompt is prefilled once; its G rows draw their own first tokens from it (engine.resample).
     ignore_eos: every row makes exactly max_completion_length tokens (benchmarks)."""
     from jaxswift.infer.engine_api import RequestSampling
 
-    requests = [(i, ids) for i, ids in enumerate(p for p in prompts_ids for _ in range(num_generations))]
+    G = num_generations
+    requests = [(i, ids) for i, ids in enumerate(p for p in prompts_ids for _ in range(G))]
     C = sampling.max_completion_length
     out = np.full((len(requests), C), engine.eos_ids[0], np.int32)
     logps = np.zeros((len(requests), C), np.float32)
     lengths = np.zeros((len(requests),), np.int64)
     state, free, running, queue = engine.init_decode_state(), list(range(engine.max_concurrent_decodes)), {}, \
         list(requests)
+    shared = {}  # prompt index -> its prefix: the G rows of a prompt prefill it once
 
     def record(row, token, logprob):
         out[row, lengths[row]] = token
@@ -153,8 +184,12 @@ def engine_rollout(engine, params, prompts_ids: list[list[int]], *, sampling: Ro
             row, ids = queue.pop(0)
             req = RequestSampling(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                                   max_tokens=C, seed=seed * 1_000_003 + row, logprobs=0, ignore_eos=ignore_eos)
-            padded, n = engine.pad_prompt(ids)
-            prefix, first = engine.prefill(params, padded, n, req)
+            if row // G in shared:
+                prefix, first = engine.resample(shared[row // G], req)
+            else:
+                shared.clear()
+                prefix, first = engine.prefill(params, *engine.pad_prompt(ids), req)
+                shared[row // G] = prefix
             record(row, int(first.tokens[0]), float(first.logprobs[0]))
             if first.done[0]:
                 continue
