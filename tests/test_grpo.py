@@ -180,14 +180,15 @@ def test_reward_rises_on_a_trivially_learnable_reward(tiny_chat_model, tmp_path,
 
 def test_lora_run_with_reference_iterations_and_resume(tiny_chat_model, tmp_path):
     args = grpo_args(tiny_chat_model, tmp_path, max_steps=4, num_iterations=2, beta=0.04, save_steps=2,
-                     dynamic_sample=True, overlong_filter=True, loss_type="grpo", importance_sampling_level="sequence")
+                     dynamic_sample=True, overlong_filter=True, loss_type="grpo", importance_sampling_level="sequence",
+                     rollout_backend="engine")
     result = run_grpo(args, progress=False)
     assert set(result.history) == {1, 2, 3, 4}
     h = result.history
     assert all(np.isfinite(h[s]["loss"]) and h[s]["kl"] >= 0 for s in h)
     assert h[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at zero: policy == reference (adapters off)
     resumed = run_grpo(grpo_args(tiny_chat_model, tmp_path, max_steps=6, num_iterations=2, beta=0.04,
-                                 resume_from_checkpoint="latest"), progress=False)
+                                 resume_from_checkpoint="latest", rollout_backend="engine"), progress=False)
     assert set(resumed.history) == {5, 6}
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 

@@ -50,8 +50,9 @@ class GrpoArguments(SftArguments):
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
-    rollout_backend: str = field(default="engine", metadata={
-        "help": "engine (JaxEngine, continuous batching) | generate (one jitted batch)"})
+    rollout_backend: str = field(default="generate", metadata={
+        "help": "generate (one jitted batch, each prompt prefilled once for its G rows: the faster for a step's "
+                "rollouts, which all start together) | engine (JaxEngine: paged KV cache, continuous batching)"})
     # rewards
     reward_funcs: list[str] = field(default_factory=lambda: list(DEMO_REWARDS), metadata={
         "help": "built-ins (accuracy, format, answer_format, plain_answer, cosine, repetition, soft_overlong, env) or "
