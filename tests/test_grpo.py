@@ -92,6 +92,24 @@ def test_engine_rollout_logprobs_equal_the_trainers(tiny):
     np.testing.assert_allclose(r.logprobs, recomputed(tiny, r, 1.0) * r.completion_mask, atol=1e-4)
 
 
+def test_grouped_scoring_runs_each_prompt_once_and_equals_the_plain_path(tiny):
+    from jaxswift.api import _eos_ids
+    from jaxswift.rl.rollout import grouped_completion_logps, shares_prompts
+
+    r = rollout(tiny.params, prompt_ids(tiny, 3), tiny.config, sampling=RolloutSampling(max_completion_length=6),
+                num_generations=3, eos_ids=_eos_ids(tiny), pad_id=0, key=jax.random.key(2))
+    seqs = sequences(r)
+    arrays = (seqs["tokens"], seqs["positions"], seqs["segment_ids"])
+    P = r.prompt_ids.shape[1]
+    assert shares_prompts(*arrays, P, 3)
+    assert not shares_prompts(*arrays, P, 2)  # 9 rows are not groups of 2
+    assert not shares_prompts(*(x[[0, 1, 3, 2, 4, 5, 6, 7, 8]] for x in arrays), P, 3)  # a row in the wrong group
+    grouped = grouped_completion_logps(tiny.params, *arrays, cfg=tiny.config, prompt_length=P, temperature=0.7,
+                                       num_generations=3)
+    np.testing.assert_allclose(np.asarray(grouped) * r.completion_mask,
+                               recomputed(tiny, r, 0.7) * r.completion_mask, atol=1e-5)
+
+
 # --- rewards ------------------------------------------------------------------------------------------------------
 
 

@@ -228,13 +228,47 @@ def completion_logps(params, tokens_BT, positions_BT, segments_BT, cfg: ModelCon
     """log p(completion token) [B, C] under log_softmax(logits / temperature) (float32), C = T - prompt_length;
     and the per-token entropy of that distribution when asked."""
     h = hidden_states(params, tokens_BT, cfg, positions=positions_BT, segment_ids=segments_BT)[0]
-    h_BCD = h[:, prompt_length - 1:-1]
+    return _score(params, h[:, prompt_length - 1:-1], tokens_BT[:, prompt_length:], cfg, temperature, with_entropy)
+
+
+def _score(params, h_BCD, targets_BC, cfg: ModelConfig, temperature: float, with_entropy: bool):
+    """Log-probs (and entropies) of the targets from the hidden states that predict them."""
     logits = logits_from_hidden(params, h_BCD, cfg).astype(jnp.float32) / temperature
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    targets = tokens_BT[:, prompt_length:]
-    logps = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
+    logps = jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0] - log_z
     if not with_entropy:
         return logps
     probs = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
     entropy = jax.lax.stop_gradient(log_z) - jnp.sum(probs * jax.lax.stop_gradient(logits), axis=-1)
     return logps, entropy
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt_length", "temperature", "num_generations"))
+def grouped_completion_logps(params, tokens_BT, positions_BT, segments_BT, *, cfg: ModelConfig, prompt_length: int,
+                             temperature: float, num_generations: int):
+    """completion_logps for rows in groups of num_generations that share their prompt (a rollout's layout): each
+    prompt runs once into a KV cache, copied to its G rows, and only the completions run after it. For scoring
+    without gradients (reference and old log-probs): at G = 8 and as many prompt as completion tokens, 44% fewer
+    tokens go through the model."""
+    G, P = num_generations, prompt_length
+    B, T = tokens_BT.shape
+    U = B // G
+    params = unstack_layers(params)
+    prompt = lambda x: x[::G, :P]  # noqa: E731
+    cache = init_cache(cfg, U, T, per_layer=True)
+    h_prompt, cache = hidden_states(params, prompt(tokens_BT), cfg, positions=prompt(positions_BT),
+                                    segment_ids=prompt(segments_BT), cache=cache)
+    h_completion, _ = hidden_states(params, tokens_BT[:, P:], cfg, positions=positions_BT[:, P:],
+                                    segment_ids=segments_BT[:, P:], cache=_fork_cache(cache, G, U))
+    h = jnp.concatenate([_repeat_rows(h_prompt[:, -1:], G, U), h_completion[:, :-1]], axis=1)
+    return _score(params, h, tokens_BT[:, P:], cfg, temperature, False)
+
+
+def shares_prompts(tokens_BT, positions_BT, segments_BT, prompt_length: int, num_generations: int) -> bool:
+    """Whether the rows come in groups of num_generations with one prompt (ids, positions and padding) each."""
+    B, G = tokens_BT.shape[0], num_generations
+    if G < 2 or B % G:
+        return False
+    return all(np.array_equal(x[:, :prompt_length].reshape(B // G, G, prompt_length),
+                              np.broadcast_to(x[::G, None, :prompt_length], (B // G, G, prompt_length)))
+               for x in (tokens_BT, positions_BT, segments_BT))

@@ -25,7 +25,8 @@ from jaxswift.errors import ConfigError, DataError
 from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
 from jaxswift.rl import rewards as rw
-from jaxswift.rl.rollout import Rollout, RolloutSampling, completion_logps, engine_rollout, rollout, sequences
+from jaxswift.rl.rollout import (Rollout, RolloutSampling, completion_logps, engine_rollout,
+                                 grouped_completion_logps, rollout, sequences, shares_prompts)
 from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.logging import plot_loss
 from jaxswift.train.step import guarded_update
@@ -425,8 +426,18 @@ def run_grpo(args: GrpoArguments, *, progress: bool = True) -> GrpoResult:
     del params
 
     temperature = args.temperature
-    logps_fn = jax.jit(lambda p, t, pos, seg: completion_logps(
+    plain_logps = jax.jit(lambda p, t, pos, seg: completion_logps(
         p, t, pos, seg, cfg, prompt_length=t.shape[1] - args.max_completion_length, temperature=temperature))
+
+    def logps_fn(p, t, pos, seg):
+        """Reference / old log-probs: each group's prompt runs once when its G rows share it (a rollout's rows
+        always do; the check keeps any other layout on the plain path)."""
+        P = t.shape[1] - args.max_completion_length
+        if not shares_prompts(t, pos, seg, P, args.num_generations):
+            return plain_logps(p, t, pos, seg)
+        return grouped_completion_logps(p, t, pos, seg, cfg=cfg.replace(remat="none"), prompt_length=P,
+                                        temperature=temperature, num_generations=args.num_generations)
+
     generator = Generator(args, cfg, model.tokenizer, prompts, funcs, weights, prompts_per_step,
                           args.gradient_accumulation_steps, logps_fn, _reference(args, ctx, lora_cfg),
                           _samplers(args, model, cfg, eos_ids, pad_id, max(len(p.ids) for p in prompts)),
