@@ -453,3 +453,50 @@ def test_resample_equals_a_fresh_prefill_of_the_same_prompt(tiny):
     assert decode(engine.resample(shared, a)) == decode(engine.prefill(engine.params, padded, n, a))
     with pytest.raises(ConfigError, match="adapter"):
         engine.resample(shared, RequestSampling(adapter=1))
+
+
+def test_orchestrator_prefills_the_n_choices_of_a_prompt_once(tiny_chat_model):
+    """Requests queued together with one prompt (an OpenAI request with n > 1) share one prefill; each still
+    decodes exactly as it would alone (seeded)."""
+    from jaxswift.infer.orchestrator import GenerationRequest, Orchestrator
+
+    chat = jaxswift.load_model(str(tiny_chat_model))
+    engine = tiny_engine(chat, max_concurrent_decodes=4)
+    calls = []
+    prefill = engine.prefill
+    engine.prefill = lambda *a, **k: calls.append(1) or prefill(*a, **k)
+    ids, other = (chat.tokenizer.encode(text) for text in ("What is 2 + 2?", "Name a colour."))
+    sampled = lambda seed: RequestSampling(temperature=1.0, max_tokens=5, seed=seed, logprobs=1,  # noqa: E731
+                                           ignore_eos=True)
+    requests = [GenerationRequest(ids, sampled(s)) for s in (1, 2, 3)] + [GenerationRequest(other, sampled(4))]
+    orchestrator = Orchestrator(engine)
+    try:
+        together = orchestrator.generate(requests)
+        assert len(calls) == 2  # one per distinct prompt
+        alone = [orchestrator.generate([r])[0] for r in requests]
+    finally:
+        orchestrator.shutdown()
+    assert len(calls) == 6
+    for a, b in zip(together, alone):
+        assert a.error is None and a.token_ids == b.token_ids and len(a.token_ids) == 5
+        np.testing.assert_allclose([t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs], atol=1e-6)
+    assert len({tuple(c.token_ids) for c in together[:3]}) > 1  # the shared prompt's choices drew their own tokens
+
+
+def test_a_failure_while_admitting_fails_that_request_instead_of_losing_it(tiny):
+    """The tiny model has no tokenizer, so handling the first token raises inside admission: the request must end
+    with an error (it used to be dropped, and its caller waited forever)."""
+    import queue
+
+    from jaxswift.infer.orchestrator import EngineFailure, GenerationRequest, Orchestrator
+
+    orchestrator = Orchestrator(tiny_engine(tiny))
+    try:
+        chunks = queue.Queue()
+        orchestrator.submit([GenerationRequest(random_prompts([5])[0], RequestSampling(max_tokens=3))],
+                            lambda index, chunk: chunks.put(chunk))
+        chunk = chunks.get(timeout=120)  # raises queue.Empty if the request was lost
+        assert isinstance(chunk.error, EngineFailure) and "the engine failed" in str(chunk.error)
+        assert orchestrator.alive and orchestrator.free_slots == 3
+    finally:
+        orchestrator.shutdown()

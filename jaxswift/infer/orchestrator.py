@@ -243,6 +243,7 @@ class Orchestrator:
         self._waiting: collections.deque[_Live] = collections.deque()
         self._running: dict[int, _Live] = {}
         self._free_slots = list(range(engine.max_concurrent_decodes))[::-1]
+        self._last_prefill = None  # ((prompt ids, adapter), prefix) within one admission round
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="jaxswift-orchestrator", daemon=True)
@@ -369,17 +370,26 @@ class Orchestrator:
 
     def _admit(self, state):
         """Prefills waiting requests, oldest first, while a slot is free and the engine has pages for them."""
+        try:
+            return self._admit_while_free(state)
+        finally:
+            self._last_prefill = None  # no prompt's keys/values held between rounds
+
+    def _admit_while_free(self, state):
         while self._free_slots:
             live = self._next_admissible()
             if live is None:
                 return state
-            first = self._prefill(live)
-            if first is None or live.take_token(first[1], 0) or live.ticket.cancelled:
-                continue
-            slot = self._free_slots.pop()
-            state = self.engine.insert(first[0], state, slot)
-            live.slot = slot
-            self._running[slot] = live
+            try:
+                first = self._prefill(live)
+                if first is None or live.take_token(first[1], 0) or live.ticket.cancelled:
+                    continue
+                state = self.engine.insert(first[0], state, self._free_slots[-1])
+            except Exception as e:  # the loop resets the engine; this request is in no queue, so fail it here
+                live.fail(EngineFailure(f"the engine failed: {type(e).__name__}: {e}"))
+                raise
+            live.slot = self._free_slots.pop()
+            self._running[live.slot] = live
         return state
 
     def _next_admissible(self) -> _Live | None:
@@ -402,10 +412,18 @@ class Orchestrator:
             return None
 
     def _prefill(self, live: _Live):
-        """(prefix, first ResultTokens), or None when the engine refused the request (only it fails)."""
+        """(prefix, first ResultTokens), or None when the engine refused the request (only it fails). The n choices
+        of one request (queued one after another) share the first one's prefill when the engine can `resample`."""
+        sampling = live.request.sampling
+        key = (tuple(live.request.prompt_ids), sampling.adapter)
         try:
+            if self._last_prefill is not None and self._last_prefill[0] == key and hasattr(self.engine, "resample"):
+                return self.engine.resample(self._last_prefill[1], sampling)
+            self._last_prefill = None
             padded, n = self.engine.pad_prompt(list(live.request.prompt_ids))
-            return self.engine.prefill(self.params, padded, n, live.request.sampling)
+            prefix, first = self.engine.prefill(self.params, padded, n, sampling)
+            self._last_prefill = (key, prefix)
+            return prefix, first
         except JaxswiftError as e:
             live.fail(RequestRejected(str(e)))
         except Exception as e:
