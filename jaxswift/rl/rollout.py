@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxswift.infer.generate import left_pad
+from jaxswift.infer.generate import _last_logits, left_pad
 from jaxswift.infer.sampling import SamplingParams, categorical_with_logprob, sample
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
@@ -61,11 +61,6 @@ class Rollout:
     @property
     def lengths(self) -> np.ndarray:
         return self.completion_mask.sum(1).astype(np.int64)
-
-
-def _last_logits(params, tokens, cfg, positions, segments, cache):
-    h, cache = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments, cache=cache)
-    return logits_from_hidden(params, h[:, -1:], cfg)[:, 0], cache
 
 
 def _token_logprob(logits_BV, tok_B, temperature: float):
