@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxswift.infer.generate import _last_logits, left_pad
-from jaxswift.infer.sampling import SamplingParams, categorical_with_logprob, sample
+from jaxswift.infer.sampling import SamplingParams, categorical_with_logprob, sample, token_logprobs
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
 
@@ -63,17 +63,12 @@ class Rollout:
         return self.completion_mask.sum(1).astype(np.int64)
 
 
-def _token_logprob(logits_BV, tok_B, temperature: float):
-    logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / temperature, axis=-1)
-    return jnp.take_along_axis(logp, tok_B[:, None], axis=-1)[:, 0]
-
-
 def _sample_and_score(logits_BV, key, sampling: SamplingParams):
     """(next tokens [B], their log-probs at temperature before top-k / top-p [B]). Without truncation the draw
     and the log-prob share one pass over the logits."""
     if sampling.top_k or sampling.top_p < 1.0:
         tok = sample(logits_BV, key, sampling)
-        return tok, _token_logprob(logits_BV, tok, sampling.temperature)
+        return tok, token_logprobs(logits_BV.astype(jnp.float32) / sampling.temperature, tok, 0)[0]
     return categorical_with_logprob(key, logits_BV.astype(jnp.float32) / sampling.temperature)
 
 
@@ -167,7 +162,7 @@ def engine_rollout(engine, params, prompts_ids: list[list[int]], *, sampling: Ro
     lengths = np.zeros((len(requests),), np.int64)
     state, free, running, queue = engine.init_decode_state(), list(range(engine.max_concurrent_decodes)), {}, \
         list(requests)
-    shared = {}  # prompt index -> its prefix: the G rows of a prompt prefill it once
+    shared = (-1, None)  # (prompt index, its prefix): the G rows of a prompt prefill it once
 
     def record(row, token, logprob):
         out[row, lengths[row]] = token
@@ -179,12 +174,11 @@ def engine_rollout(engine, params, prompts_ids: list[list[int]], *, sampling: Ro
             row, ids = queue.pop(0)
             req = RequestSampling(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                                   max_tokens=C, seed=seed * 1_000_003 + row, logprobs=0, ignore_eos=ignore_eos)
-            if row // G in shared:
-                prefix, first = engine.resample(shared[row // G], req)
+            if shared[0] == row // G:
+                prefix, first = engine.resample(shared[1], req)
             else:
-                shared.clear()
                 prefix, first = engine.prefill(params, *engine.pad_prompt(ids), req)
-                shared[row // G] = prefix
+                shared = (row // G, prefix)
             record(row, int(first.tokens[0]), float(first.logprobs[0]))
             if first.done[0]:
                 continue
