@@ -168,6 +168,16 @@ def resolve_path(path: str | Path) -> Path:
     return resolved
 
 
+def check_dataset_specs(specs: list[str], flag: str) -> None:
+    """Every `path[#N]` of a dataset flag exists (or names a built-in set): checked before a run loads anything."""
+    for spec in specs:
+        path, _ = parse_dataset_spec(spec)
+        try:
+            resolve_path(path)
+        except DataError as e:
+            raise DataError(f"{flag} {spec}: {e}") from None
+
+
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield (where, row) for every row of a dataset file or folder, streaming where the format allows."""
     path = resolve_path(path)

@@ -291,7 +291,8 @@ def assemble_items(items: Sequence[PreferenceItem], rows: Sequence[Sequence[int]
       labels     [R, I]     KTO: 1.0 for a desirable completion
       ref_logps  [R, I, S]  the reference's sequence log-probs, when precomputed (`ref_logps[item]`)
     """
-    S = len(items[rows[0][0]].sequences) if rows else 1
+    first = next((r[0] for r in rows if r), None)  # rows may be empty (the fill of an epoch's last step)
+    S = len(items[first].sequences) if first is not None else 1
     batch = empty_batch(num_rows, length)
     batch["item_mask"] = np.zeros((num_rows, items_per_row), np.float32)
     batch["labels"] = np.zeros((num_rows, items_per_row), np.float32)

@@ -147,6 +147,29 @@ def put_global_batch(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
 
 
+def process_rows(sharding, rows: int) -> tuple[int, int]:
+    """[first, last): the block of a batch's rows (axis 1 of [A, B, T]) that this process's devices hold, so its
+    data loader assembles only those. The whole batch in a one-process run."""
+    if jax.process_count() == 1:
+        return 0, rows
+    held = set()
+    for index in sharding.addressable_devices_indices_map((1, rows, 1)).values():
+        held.update(range(*index[1].indices(rows)))
+    first, last = min(held), max(held) + 1
+    if len(held) != last - first:
+        raise ConfigError(f"this process holds rows {sorted(held)} of each batch, not one contiguous block; use a "
+                          "mesh whose data axes follow the process order")
+    return first, last
+
+
+def put_process_batch(local: dict, sharding, rows: int) -> dict:
+    """This process's rows ([A, last - first, T], see `process_rows`) -> global [A, rows, T] jax Arrays."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0], rows, *v.shape[2:]))
+            for k, v in local.items()}
+
+
 def gather_to_host(tree):
     """A tree of (possibly cross-process) arrays as host numpy arrays in every process. Collective: every process
     must call it. One process: the arrays are returned as they are."""
