@@ -91,7 +91,7 @@ def jaxswift_rollouts(args, rows) -> dict:
     from jaxswift.api import chat_prompt_ids
     from jaxswift.infer.engine import JaxEngine
     from jaxswift.models.transformer import unstack_layers
-    from jaxswift.rl.rollout import RolloutSampling, engine_rollout, rollout
+    from jaxswift.infer.rollout import RolloutSampling, engine_rollout, rollout
 
     model = jaxswift.load_model(MODEL, dtype="float32")
     ids = [chat_prompt_ids(model, [{"role": "user", "content": r["prompt"]}]) for r in rows]
@@ -152,7 +152,7 @@ def step_durations(ends: list[float], warmup: int) -> list[float]:
 
 
 def jaxswift_steps(args, rows, work: Path) -> dict:
-    from jaxswift.train.grpo import run_grpo
+    from jaxswift.recipes.grpo import train as run_grpo
     from jaxswift.train.grpo_args import GrpoArguments
     from jaxswift.train.logging import read_log
 

@@ -72,7 +72,7 @@ def save_model(model: Model, out_dir: str | Path) -> Path:
     return save_hf(model.params, model.config, out_dir, tokenizer=model.tokenizer)
 
 
-def _eos_ids(model: Model) -> np.ndarray:
+def eos_ids_of(model: Model) -> np.ndarray:
     ids = list(model.config.eos_token_ids)
     tok = model.tokenizer
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in ids:
@@ -90,7 +90,7 @@ def generate_ids(model: Model, prompts: list[list[int]], *, max_new_tokens: int,
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    eos = _eos_ids(model)
+    eos = eos_ids_of(model)
     stop = np.asarray([-1], np.int32) if ignore_eos else eos  # -1 matches no token
     pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None \
         else int(eos[0])

@@ -181,12 +181,12 @@ class JaxEngine(Engine):
     def __init__(self, model, *, max_concurrent_decodes: int = 8, max_model_len: int = 2048, page_size: int = 16,
                  num_pages: int | None = None, prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048),
                  adapters: dict[str, str] | None = None):
-        from jaxswift.api import _eos_ids
+        from jaxswift.api import eos_ids_of
 
         cfg: ModelConfig = model.config
         _check_sizes(max_concurrent_decodes, max_model_len, page_size, num_pages, prefill_buckets)
         self.config, self.tokenizer = cfg, model.tokenizer
-        self.eos_ids = tuple(int(i) for i in _eos_ids(model))
+        self.eos_ids = tuple(int(i) for i in eos_ids_of(model))
         self._slots, self._max_len, self.page_size = max_concurrent_decodes, max_model_len, page_size
         self._buckets = tuple(sorted(b for b in prefill_buckets if b < max_model_len)) or (min(prefill_buckets),)
         self._pages_per_slot = pages_for(max_model_len, page_size)

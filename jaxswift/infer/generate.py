@@ -37,7 +37,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return tokens, positions, segments
 
 
-def _last_logits(params, tokens, cfg, positions, segments, cache):
+def last_logits(params, tokens, cfg, positions, segments, cache):
     h, cache = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments, cache=cache)
     return logits_from_hidden(params, h[:, -1:], cfg)[:, 0], cache
 
@@ -49,7 +49,7 @@ def generate_tokens(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, 
     B, P = tokens_BP.shape
     params = unstack_layers(params)  # once per call; the decode loop then reads every weight in place
     cache = init_cache(cfg, B, P + max_new_tokens, per_layer=True)
-    logits, cache = _last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
+    logits, cache = last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
     next_pos = positions_BP[:, -1] + 1
     out = jnp.zeros((B, max_new_tokens), jnp.int32)
     done = jnp.zeros((B,), bool)
@@ -67,7 +67,7 @@ def generate_tokens(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, 
         out = out.at[:, step].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, eos_ids)
-        logits, cache = _last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
+        logits, cache = last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
         return step + 1, logits, cache, pos + 1, done, out, lengths, key
 
     state = (jnp.zeros((), jnp.int32), logits, cache, next_pos, done, out, lengths, key)

@@ -40,8 +40,8 @@ class PolicyLossConfig:
     max_completion_length: int = 256  # dr_grpo's constant denominator
 
     def __post_init__(self):
-        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        _check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_LEVELS)
         if self.epsilon_high is None:
             object.__setattr__(self, "epsilon_high", self.epsilon)
         if not 0 <= self.epsilon < 1:
@@ -62,7 +62,7 @@ class PolicyLossConfig:
         return self.epsilon
 
 
-def _check_choice(name, value, allowed):
+def check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; expected one of {' | '.join(allowed)}")
 
@@ -161,7 +161,7 @@ def clip_sums(rho, advantages_B, mask_BT, cfg: PolicyLossConfig, kl=None) -> dic
 # ------------------------------------------------------------------------------------------------------- advantages
 
 
-def _std(x, axis=None, keepdims=False):
+def sample_std(x, axis=None, keepdims=False):
     """Sample standard deviation (Bessel-corrected, as torch.std and TRL's nanstd)."""
     n = x.size if axis is None else x.shape[axis]
     mean = jnp.mean(x, axis=axis, keepdims=True)
@@ -170,8 +170,8 @@ def _std(x, axis=None, keepdims=False):
 
 
 def check_advantage_args(estimator: str, scale_rewards: str, num_generations: int):
-    _check_choice("advantage_estimator", estimator, ADVANTAGE_ESTIMATORS)
-    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    check_choice("advantage_estimator", estimator, ADVANTAGE_ESTIMATORS)
+    check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     if num_generations < 2 and (estimator == "rloo" or (estimator == "grpo" and scale_rewards == "group")):
         raise ValueError(f"num_generations={num_generations}: {estimator} with scale_rewards={scale_rewards} "
                          "compares completions within a group, which needs at least 2 per prompt")
@@ -190,16 +190,16 @@ def group_advantages(rewards_B, num_generations: int, estimator: str = "grpo", s
     mean = jnp.mean(grouped, axis=1, keepdims=True)
     if estimator == "reinforce_plus_plus":
         centered = (grouped - mean).reshape(-1)
-        return (centered - jnp.mean(centered)) / (_std(centered) + STD_EPS)
+        return (centered - jnp.mean(centered)) / (sample_std(centered) + STD_EPS)
     if estimator == "rloo":
         baseline = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (num_generations - 1)
         adv = grouped - baseline
     else:
         adv = grouped - mean
     if scale_rewards == "group":
-        adv = adv / (_std(grouped, axis=1, keepdims=True) + STD_EPS)
+        adv = adv / (sample_std(grouped, axis=1, keepdims=True) + STD_EPS)
     elif scale_rewards == "batch":
-        adv = adv / (_std(r) + STD_EPS)
+        adv = adv / (sample_std(r) + STD_EPS)
     return adv.reshape(-1)
 
 

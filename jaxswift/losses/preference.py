@@ -36,17 +36,17 @@ def _same_shape(**arrays):
         raise ValueError(f"expected 1-D per-example log-probs of one shape [B], got {shapes}")
 
 
-def _check_choice(name, value, allowed):
+def check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
 
 
-def _check_beta(beta):
+def check_beta(beta):
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
 
 
-def _check_label_smoothing(label_smoothing, loss_types, users):
+def check_label_smoothing(label_smoothing, loss_types, users):
     if label_smoothing and not set(loss_types) & users:
         # TRL ignores it (1.16 DPO silently; CPO with a warning); a value nobody reads is a config mistake.
         raise ValueError(f"label_smoothing={label_smoothing} is not used by loss_type {list(loss_types)}; "
@@ -161,21 +161,21 @@ def _f_scores(logratios, f_divergence_type, coef):
     return logratios  # reverse_kl, and alpha -> 1
 
 
-def _dpo_plan(loss_type, loss_weights, rpo_alpha, f_divergence_type, label_smoothing, beta):
+def dpo_plan(loss_type, loss_weights, rpo_alpha, f_divergence_type, label_smoothing, beta):
     """Validated [(loss type, weight)], with rpo_alpha as an extra 'sft' term."""
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     types = [_DPO_ALIASES.get(t, t) for t in types]
     for t in types:
-        _check_choice("DPO loss_type", t, DPO_LOSS_TYPES + tuple(_DPO_ALIASES))
+        check_choice("DPO loss_type", t, DPO_LOSS_TYPES + tuple(_DPO_ALIASES))
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     if len(weights) != len(types):
         raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} loss types {types}")
-    _check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
     if f_divergence_type != "reverse_kl" and not set(types) <= _F_DIVERGENCE_LOSS_TYPES:
         raise ValueError(f"f_divergence_type={f_divergence_type!r} only works with loss types "
                          f"{sorted(_F_DIVERGENCE_LOSS_TYPES)}, got {types}")
-    _check_beta(beta)
-    _check_label_smoothing(label_smoothing, types, _USES_LABEL_SMOOTHING)
+    check_beta(beta)
+    check_label_smoothing(label_smoothing, types, _USES_LABEL_SMOOTHING)
     plan = list(zip(types, weights))
     return plan + [("sft", rpo_alpha)] if rpo_alpha else plan
 
@@ -200,7 +200,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     with weight rpo_alpha. `weights` ([B], WPO, see `wpo_weights`) multiply every term. Rewards are
     beta * (policy - reference) log-ratios, detached, whatever the loss type.
     """
-    plan = _dpo_plan(loss_type, loss_weights, rpo_alpha, f_divergence_type, label_smoothing, beta)
+    plan = dpo_plan(loss_type, loss_weights, rpo_alpha, f_divergence_type, label_smoothing, beta)
     pc, pr, rc, rr, cl, rl, nll, w = _f32(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                           ref_rejected_logps, chosen_lengths, rejected_lengths, chosen_nll, weights)
     _same_shape(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr,
@@ -263,8 +263,8 @@ def kto_loss(policy_chosen_logps, policy_rejected_logps, policy_kl_logps, ref_ch
     desirable_weight * (1 - sigmoid(beta (r - z))) then undesirable_weight * (1 - sigmoid(beta (z - r))); the
     train loss is their mean. `apo_zero_unpaired` uses no KL: pass None for both KL arrays (kl comes back 0).
     """
-    _check_choice("KTO loss_type", loss_type, KTO_LOSS_TYPES)
-    _check_beta(beta)
+    check_choice("KTO loss_type", loss_type, KTO_LOSS_TYPES)
+    check_beta(beta)
     pc, pr, pk, rc, rr, rk = _f32(policy_chosen_logps, policy_rejected_logps, policy_kl_logps, ref_chosen_logps,
                                   ref_rejected_logps, ref_kl_logps)
     _same_shape(policy_chosen_logps=pc, ref_chosen_logps=rc)
@@ -298,11 +298,11 @@ def cpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta=0.1, label_smoo
     chosen completions (a scalar, broadcast), to every example. loss_type "alphapo" is TRL's config shorthand for
     simpo with cpo_alpha 0 (and, like TRL, it overrides the cpo_alpha given).
     """
-    _check_choice("CPO loss_type", loss_type, CPO_LOSS_TYPES)
+    check_choice("CPO loss_type", loss_type, CPO_LOSS_TYPES)
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0
-    _check_beta(beta)
-    _check_label_smoothing(label_smoothing, [loss_type], {"sigmoid", "simpo"})
+    check_beta(beta)
+    check_label_smoothing(label_smoothing, [loss_type], {"sigmoid", "simpo"})
     pc, pr, nll = _f32(policy_chosen_logps, policy_rejected_logps, chosen_nll)
     _same_shape(policy_chosen_logps=pc, policy_rejected_logps=pr)
     if alpha != 0.0:
@@ -336,7 +336,7 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta=0.1):
     TRL's logged values under TRL's names: log_odds_ratio = mean(log sigmoid(log_odds)), log_odds_chosen =
     mean(log_odds).
     """
-    _check_beta(beta)
+    check_beta(beta)
     pc, pr = _f32(policy_chosen_logps, policy_rejected_logps)
     _same_shape(policy_chosen_logps=pc, policy_rejected_logps=pr)
     log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))

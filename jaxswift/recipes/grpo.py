@@ -18,13 +18,21 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(GrpoArguments, argv)
     single_process("grpo", args)  # before JAX creates its CPU client
-    from jaxswift.train.grpo import run_grpo
-
-    result = run_grpo(args)
+    result = train(args)
     print(f"mean reward: first quarter of the steps {result.reward_first:.3f} -> last quarter "
           f"{result.reward_last:.3f} over {len(result.history)} steps")
     print_outcome(result, args.demo_question)
     return 0
+
+
+def train(args, *, progress: bool = True):
+    """GRPO with its rl/ parts (rewards, rollout backend) built from the arguments."""
+    from jaxswift.rl import rewards, samplers
+    from jaxswift.train.grpo import GrpoParts, run_grpo
+
+    funcs, weights = samplers.reward_funcs(args)
+    parts = GrpoParts(funcs, weights, rewards.score, samplers.sampler_factory(args))
+    return run_grpo(args, parts, progress=progress)
 
 
 if __name__ == "__main__":

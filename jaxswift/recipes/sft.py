@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(SftArguments, argv)
     # before JAX creates its backend: join a multi-process job, and on CPU make this process's virtual devices
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, mesh=args.mesh)
-    from jaxswift.train.trainer import run_sft
+    from jaxswift.train.sft import run_sft
 
     result = run_sft(args)
     losses = list(result.losses.values())

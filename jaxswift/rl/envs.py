@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxswift.errors import ConfigError
 from jaxswift.rl.rewards import RewardError, answers_equal, extract_answer
-from jaxswift.rl.rollout import Rollout, RolloutSampling, rollout
+from jaxswift.infer.rollout import Rollout, RolloutSampling, rollout
 
 
 class Environment(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
@@ -114,7 +114,12 @@ class SftArguments:
     demo_max_new_tokens: int = 48
     config: Optional[str] = field(default=None, metadata={"help": "YAML file with the same keys as the flags"})
 
+    # Flags this recipe inherits but has no use for: flag -> why. Giving one a value is an error, never ignored.
+    UNUSED: ClassVar[dict[str, str]] = {}
+    RECIPE: ClassVar[str] = "sft"
+
     def __post_init__(self):
+        self._reject_unused()
         checks = {
             "tuner_type": (self.tuner_type, ("lora", "full")),
             "truncation_strategy": (self.truncation_strategy, ("delete", "left", "right")),
@@ -142,6 +147,13 @@ class SftArguments:
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
         self._check_memory_flags()
+
+    def _reject_unused(self):
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(self) if f.name in self.UNUSED}
+        for name, why in self.UNUSED.items():
+            if getattr(self, name) != defaults[name]:
+                raise ConfigError(f"--{name} is not used by {self.RECIPE}: {why}")
 
     def _check_memory_flags(self):
         """QLoRA needs LoRA; GaLore needs full tuning (LoRA adapters are already low rank: nothing to project)."""

@@ -20,76 +20,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxswift.data.formats import iter_rows, parse_dataset_spec, sample_counts
-from jaxswift.errors import ConfigError, DataError
+from jaxswift.api import eos_ids_of
+from jaxswift.data.prompts import PromptRow, PromptStream, load_prompts
+from jaxswift.errors import ConfigError
+from jaxswift.infer.rollout import (Rollout, completion_logps, grouped_completion_logps, sequences,
+                                    shares_prompts)
 from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
-from jaxswift.rl import rewards as rw
-from jaxswift.rl.rollout import (Rollout, RolloutSampling, completion_logps, engine_rollout,
-                                 grouped_completion_logps, rollout, sequences, shares_prompts)
 from jaxswift.train.grpo_args import GrpoArguments
-from jaxswift.train.logging import plot_loss
-from jaxswift.train.step import guarded_update
+from jaxswift.train.loop import (Feed, compile_step, demo_answer, export_model, init_state, plot_run, start_run,
+                                 total_steps_of, train_loop)
+from jaxswift.train.shardings import shard_params
 from jaxswift.train.state import TrainState, combine
-from jaxswift.train.trainer import (_demo, _export, build_optimizer, compile_step, init_state, prepare_tuner,
-                                    shard_params, start_run, train_loop)
-
-PROMPT_FIELDS = ("prompt", "messages", "query")
-
-
-# --------------------------------------------------------------------------------------------------------- prompts
+from jaxswift.train.step import guarded_update
+from jaxswift.train.tuning import build_optimizer, prepare_tuner
 
 
 @dataclasses.dataclass
-class PromptRow:
-    ids: list[int]
-    prompt: Any  # as the row gives it (a string or messages): what reward functions receive
-    columns: dict  # every other field of the row
-    where: str
-
-
-def _prompt_messages(row: dict, where: str, system: str | None) -> tuple[Any, list[dict]]:
-    if not isinstance(row, dict) or not any(row.get(k) for k in PROMPT_FIELDS):
-        found = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise DataError(f"{where}: no prompt: expected a non-empty {' | '.join(PROMPT_FIELDS)} field; found {found}")
-    key = next(k for k in PROMPT_FIELDS if row.get(k))
-    value = row[key]
-    if isinstance(value, str):
-        messages = [{"role": "user", "content": value}]
-    elif isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        messages = list(value)
-        while messages and messages[-1]["role"] == "assistant":  # a reference answer is not part of the prompt
-            messages.pop()
-        if not messages:
-            raise DataError(f"{where}: field {key!r} holds only assistant turns: no prompt")
-    else:
-        raise DataError(f"{where}: field {key!r} must be a string or a list of {{role, content}} messages")
-    if system and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system}, *messages]
-    return value, messages
-
-
-def load_prompts(specs: list[str], tokenizer, *, max_length: int, system: str | None, seed: int, log) -> list:
-    """Prompt rows of every dataset (`path#N` takes N rows); prompts longer than max_length are skipped, counted."""
-    rows, skipped = [], 0
-    for spec in specs:
-        path, n = parse_dataset_spec(spec)
-        table = list(iter_rows(path))
-        for (where, row), count in zip(table, sample_counts(len(table), n, seed)):
-            if count == 0:
-                continue
-            prompt, messages = _prompt_messages(row, where, system)
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) > max_length:
-                skipped += int(count)
-                continue
-            columns = {k: v for k, v in row.items() if k not in PROMPT_FIELDS}
-            rows += [PromptRow(ids, prompt, columns, where)] * int(count)
-    log(f"prompts: {len(rows)} used, {skipped} skipped (longer than --max_length {max_length})")
-    if not rows:
-        raise DataError(f"--dataset {' '.join(specs)}: no usable prompt")
-    return rows
+class GrpoParts:
+    """What GRPO takes from rl/ (built there from the arguments, see `rl.samplers`): the reward functions and
+    their weights, the scorer that runs them, and the rollout backend."""
+    reward_funcs: dict  # name -> fn(prompts, completions, **columns) -> rewards
+    reward_weights: np.ndarray
+    score: Callable  # (funcs, prompts, completions, columns) -> [N, R] rewards
+    make_sampler: Callable  # (model, cfg, eos_ids, pad_id, longest prompt) -> sample(params, rows, key)
 
 
 # ------------------------------------------------------------------------------------------------------- the step
@@ -147,10 +101,10 @@ def _step_metrics(sums: dict, batch: dict, num_tokens, reward_names) -> dict:
     out.update({k: v / count for k, v in sums.items() if k.startswith("clip_ratio/") and k != "clip_ratio/count"})
     per_func = batch["rewards"].reshape(-1, len(reward_names))
     total = batch["total_reward"].reshape(-1)
-    out["reward"], out["reward_std"] = jnp.mean(total), pl._std(total)
+    out["reward"], out["reward_std"] = jnp.mean(total), pl.sample_std(total)
     for k, name in enumerate(reward_names):
         out[f"rewards/{name}/mean"] = jnp.mean(per_func[:, k])
-        out[f"rewards/{name}/std"] = pl._std(per_func[:, k])
+        out[f"rewards/{name}/std"] = pl.sample_std(per_func[:, k])
     lengths = batch["completion_length"].reshape(-1)
     out["completion_length"] = jnp.mean(lengths)
     out["clipped_completions"] = jnp.mean(batch["truncated"].reshape(-1))
@@ -166,26 +120,14 @@ class Generator:
     args: GrpoArguments
     cfg: ModelConfig
     tokenizer: Any
-    prompts: list[PromptRow]
-    reward_funcs: dict
-    reward_weights: np.ndarray
+    stream: PromptStream
+    parts: GrpoParts
     prompts_per_step: int
     micro_batches: int
     logps_fn: Callable  # jitted (params, tokens, positions, segments) -> [N, C]
     reference: Callable  # state -> reference params (adapters off / a frozen copy); None when beta = 0
     sample: Callable  # (params, prompt rows, key) -> (Rollout, env rewards or None)
     completions_log: Path | None = None
-
-    def prompt_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.args.seed, epoch]).permutation(len(self.prompts))
-
-    def prompts_at(self, index: int, count: int) -> list[PromptRow]:
-        """`count` prompts from position `index` of the endless, per-epoch reshuffled stream."""
-        out = []
-        for k in range(index, index + count):
-            epoch, offset = divmod(k, len(self.prompts))
-            out.append(self.prompts[self.prompt_order(epoch)[offset]])
-        return out
 
     def rewards_of(self, rows: list[PromptRow], r: Rollout, env_rewards) -> np.ndarray:
         G = self.args.num_generations
@@ -199,7 +141,7 @@ class Generator:
         columns["completion_lengths"] = r.lengths.tolist()
         if env_rewards is not None:
             columns["env_reward"] = list(env_rewards)
-        scores = rw.score(self.reward_funcs, [row.prompt for row in expanded], completions, columns)
+        scores = self.parts.score(self.parts.reward_funcs, [row.prompt for row in expanded], completions, columns)
         self._log_completions(expanded, completions, scores)
         return scores
 
@@ -211,36 +153,33 @@ class Generator:
         with open(self.completions_log, "a") as f:
             for row, text, s in list(zip(rows, completions, scores))[:self.args.num_generations]:
                 f.write(json.dumps({"prompt": row.prompt, "completion": text,
-                                    **{n: float(v) for n, v in zip(self.reward_funcs, s)}}) + "\n")
+                                    **{n: float(v) for n, v in zip(self.parts.reward_funcs, s)}}) + "\n")
 
-    def sample_groups(self, state, generation: int):
+    def sample_groups(self, state, generation: int, rows: list[PromptRow]):
         """(prompt rows, rollout, rewards [N, R]); with dynamic sampling, groups whose rewards are all equal are
         replaced by fresh prompts (up to max_resample_times rounds), then refilled from the dropped ones."""
-        params = state.params
-        k = self.prompts_per_step
+        params, k, weights = state.params, self.prompts_per_step, self.parts.reward_weights
         key = jax.random.fold_in(jax.random.key(self.args.seed), generation)
-        rows = self.prompts_at(generation * k, k)
         r, env = self.sample(params, rows, key)
         scores = self.rewards_of(rows, r, env)
         if not self.args.dynamic_sample:
             return rows, r, scores
-        kept, dropped = _split_groups(rows, r, scores, self.reward_weights, self.args.num_generations)
+        kept, dropped = _split_groups(rows, r, scores, weights, self.args.num_generations)
         for attempt in range(self.args.max_resample_times):
             if len(kept) >= k:
                 break
-            more = self.prompts_at(10_000_019 * (attempt + 1) + generation * k, k)  # a stream apart from training
+            more = self.stream.at(10_000_019 * (attempt + 1) + generation * k, k)  # a stream apart from training
             r2, env2 = self.sample(params, more, jax.random.fold_in(key, attempt + 1))
-            kept2, dropped2 = _split_groups(more, r2, self.rewards_of(more, r2, env2), self.reward_weights,
+            kept2, dropped2 = _split_groups(more, r2, self.rewards_of(more, r2, env2), weights,
                                             self.args.num_generations)
             kept, dropped = kept + kept2, dropped + dropped2
-        self.last_dynamic = {"groups_kept": min(len(kept), k), "groups_refilled": max(k - len(kept), 0)}
         return _join_groups((kept + dropped)[:k])
 
-    def __call__(self, state, generation: int) -> dict[str, np.ndarray]:
-        rows, r, scores = self.sample_groups(state, generation)
+    def __call__(self, state, generation: int, rows: list[PromptRow]) -> dict[str, np.ndarray]:
+        rows, r, scores = self.sample_groups(state, generation, rows)
         args, G = self.args, self.args.num_generations
         seqs = sequences(r)
-        total = scores @ self.reward_weights
+        total = scores @ self.parts.reward_weights
         batch = {**seqs, "completion_mask": r.completion_mask.copy()}
         params = state.params
         if args.num_iterations > 1 or args.kl_in_reward:
@@ -304,21 +243,21 @@ def _join_groups(groups):
 
 @dataclasses.dataclass
 class RolloutPlan:
-    """What train_loop reads: an endless stream of step batches; a generation is remade every num_iterations
-    steps from the state the last step returned (the holder), so rollouts always use the latest weights."""
+    """The loop's batches: a generation is remade every num_iterations steps from the state the last step returned
+    (the holder), so rollouts always use the latest weights; grain feeds each generation's prompts."""
     generator: Generator
     holder: Any  # .state: the latest train state
-    rows_per_step: int
-    length: int
-    steps_per_epoch: int
+    total_steps: int
     num_iterations: int
 
     def batches(self, start_step: int = 0):
+        k, mu = self.generator.prompts_per_step, self.num_iterations
+        first = start_step // mu
+        prompts = self.generator.stream.generations(k, -(-self.total_steps // mu), start=first)
         step = start_step
-        while True:
-            generation = step // self.num_iterations
-            batch = self.generator(self.holder.state, generation)
-            for _ in range(self.num_iterations - step % self.num_iterations):
+        for generation, rows in enumerate(prompts, start=first):
+            batch = self.generator(self.holder.state, generation, rows)
+            for _ in range(mu - step % mu):
                 yield batch
                 step += 1
 
@@ -336,49 +275,6 @@ class GrpoResult:
     demo_before: str | None
     demo_after: str | None
     first_step_seconds: float
-
-
-def _samplers(args: GrpoArguments, model, cfg, eos_ids, pad_id, longest_prompt: int):
-    """(params, rows, key) -> (Rollout, env rewards | None), by backend and turn count."""
-    sampling = RolloutSampling(args.temperature, args.top_p, args.top_k, args.max_completion_length)
-    G = args.num_generations
-    if args.multi_turn_env:
-        from jaxswift.rl.envs import env_factory, multi_turn_rollout
-
-        make_env = env_factory(args.multi_turn_env)
-        return lambda params, rows, key: multi_turn_rollout(
-            params, [{"prompt": r.prompt, **r.columns} for r in rows], [r.ids for r in rows], cfg, model.tokenizer,
-            make_env=make_env, max_turns=args.max_turns, sampling=sampling, num_generations=G, eos_ids=eos_ids,
-            pad_id=pad_id, key=key)
-    if args.rollout_backend == "engine":
-        from jaxswift.infer.engine import JaxEngine
-        from jaxswift.models.transformer import unstack_layers
-
-        engine = JaxEngine(dataclasses.replace(model, config=cfg.replace(remat="none")),
-                           max_concurrent_decodes=min(64, args.per_device_train_batch_size
-                                                      * args.gradient_accumulation_steps),
-                           max_model_len=int(2 ** np.ceil(np.log2(longest_prompt + args.max_completion_length + 1))))
-        engine.params = None  # the engine samples the train state's params, passed per call: no copy kept
-
-        def sample(params, rows, key):
-            seed = int(jax.random.randint(key, (), 0, 2 ** 30))
-            return engine_rollout(engine, unstack_layers(params), [r.ids for r in rows], sampling=sampling,
-                                  num_generations=G, seed=seed), None
-        return sample
-    return lambda params, rows, key: (rollout(params, [r.ids for r in rows], cfg.replace(remat="none"),
-                                              sampling=sampling, num_generations=G, eos_ids=eos_ids, pad_id=pad_id,
-                                              key=key), None)
-
-
-def _reward_funcs(args: GrpoArguments):
-    funcs = rw.resolve_reward_funcs([f for f in args.reward_funcs if f != "env"], args.reward_settings()) \
-        if [f for f in args.reward_funcs if f != "env"] else {}
-    if "env" in args.reward_funcs:
-        from jaxswift.rl.envs import env_reward
-        funcs = {name: (env_reward if name == "env" else funcs[name]) for name in args.reward_funcs}
-    if not funcs:
-        raise ConfigError("--reward_funcs is empty: give at least one reward function")
-    return funcs, rw.check_weights(args.reward_weights, list(funcs))
 
 
 def _reference(args: GrpoArguments, ctx, lora_cfg):
@@ -403,68 +299,68 @@ def _rows_per_step(args: GrpoArguments, dp: int) -> tuple[int, int]:
     return rows, rows // args.num_generations
 
 
-def run_grpo(args: GrpoArguments, *, progress: bool = True) -> GrpoResult:
+def _logps_fn(args: GrpoArguments, cfg):
+    """Reference / old log-probs: each group's prompt runs once when its G rows share it (a rollout's rows always
+    do; the check keeps any other layout on the plain path)."""
+    C, G, temperature = args.max_completion_length, args.num_generations, args.temperature
+    plain = jax.jit(lambda p, t, pos, seg: completion_logps(p, t, pos, seg, cfg, prompt_length=t.shape[1] - C,
+                                                            temperature=temperature))
+
+    def logps(p, t, pos, seg):
+        P = t.shape[1] - C
+        if not shares_prompts(t, pos, seg, P, G):
+            return plain(p, t, pos, seg)
+        return grouped_completion_logps(p, t, pos, seg, cfg=cfg.replace(remat="none"), prompt_length=P,
+                                        temperature=temperature, num_generations=G)
+    return logps
+
+
+def _summary(args: GrpoArguments, prompts_per_step: int, lora: bool) -> str:
+    return (f"{prompts_per_step} prompts x {args.num_generations} completions per generation, "
+            f"{args.num_iterations} step(s) each; loss {args.loss_type} ({args.importance_sampling_level} level), "
+            f"advantages {args.advantage_estimator} / scale {args.scale_rewards}, beta {args.beta}"
+            + ("; reference: the base with adapters off" if lora and args.beta else ""))
+
+
+def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True) -> GrpoResult:
     ctx = start_run(args)
     model, cfg = ctx.model, ctx.cfg
     if model.tokenizer is None:
         raise ConfigError(f"{args.model}: the model has no tokenizer, which GRPO needs for prompts and rewards")
     messages: list[str] = []
-    funcs, weights = _reward_funcs(args)
     prompts = load_prompts(args.dataset, model.tokenizer, max_length=args.max_length, system=args.system,
-                           seed=args.seed, log=messages.append)
+                           seed=args.seed, log=messages.append, truncation_strategy=args.truncation_strategy)
     rows, prompts_per_step = _rows_per_step(args, ctx.dp)
     steps_per_epoch = max(1, len(prompts) // prompts_per_step) * args.num_iterations
-    total_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * steps_per_epoch
-    optimizer, schedule = build_optimizer(args, total_steps)
+    total_steps = total_steps_of(args, steps_per_epoch)
+    optimizer, schedule = build_optimizer(args, total_steps, cfg)
 
-    from jaxswift.api import _eos_ids
-    eos_ids = _eos_ids(model)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else int(eos_ids[0])
-    demo_before = _demo(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
-    params, mask, lora_cfg, prepare = prepare_tuner(model, args, cfg)
-    state, start_step = init_state(ctx, params, mask, optimizer, messages)
-    del params
-
-    temperature = args.temperature
-    plain_logps = jax.jit(lambda p, t, pos, seg: completion_logps(
-        p, t, pos, seg, cfg, prompt_length=t.shape[1] - args.max_completion_length, temperature=temperature))
-
-    def logps_fn(p, t, pos, seg):
-        """Reference / old log-probs: each group's prompt runs once when its G rows share it (a rollout's rows
-        always do; the check keeps any other layout on the plain path)."""
-        P = t.shape[1] - args.max_completion_length
-        if not shares_prompts(t, pos, seg, P, args.num_generations):
-            return plain_logps(p, t, pos, seg)
-        return grouped_completion_logps(p, t, pos, seg, cfg=cfg.replace(remat="none"), prompt_length=P,
-                                        temperature=temperature, num_generations=args.num_generations)
-
-    generator = Generator(args, cfg, model.tokenizer, prompts, funcs, weights, prompts_per_step,
-                          args.gradient_accumulation_steps, logps_fn, _reference(args, ctx, lora_cfg),
-                          _samplers(args, model, cfg, eos_ids, pad_id, max(len(p.ids) for p in prompts)),
+    eos = eos_ids_of(model)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else int(eos[0])
+    demo_before = demo_answer(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
+    tuned = prepare_tuner(model.params, args, cfg)
+    state, start_step = init_state(ctx, tuned, optimizer, messages)
+    generator = Generator(args, cfg, model.tokenizer, PromptStream(prompts, args.seed), parts, prompts_per_step,
+                          args.gradient_accumulation_steps, _logps_fn(args, cfg), _reference(args, ctx, tuned.lora),
+                          parts.make_sampler(model, cfg, eos, pad_id, max(len(p.ids) for p in prompts)),
                           completions_log=ctx.out_dir / "completions.jsonl")
     model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
-    step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(funcs), temperature=temperature,
-                          has_old=args.num_iterations > 1, prepare_params=prepare)
-    compiled = compile_step(ctx, step, state)
-    holder = _Holder(state)
-
-    def step_fn(s, b):
-        new_state, metrics = compiled(s, b)
-        holder.state = new_state
-        return new_state, metrics
-
-    plan = RolloutPlan(generator, holder, rows, args.max_length + args.max_completion_length, steps_per_epoch,
-                       args.num_iterations)
-    messages.append(f"{prompts_per_step} prompts x {args.num_generations} completions per generation, "
-                    f"{args.num_iterations} step(s) each; loss {args.loss_type} ({args.importance_sampling_level} "
-                    f"level), advantages {args.advantage_estimator} / scale {args.scale_rewards}, beta {args.beta}"
-                    + ("; reference: the base with adapters off" if lora_cfg is not None and args.beta else ""))
-    loop = train_loop(ctx, state, step_fn, plan, total_steps=total_steps, start_step=start_step, schedule=schedule,
+    step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(parts.reward_funcs),
+                          temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare)
+    holder = _Holder(state, compile_step(ctx, step, state))
+    feed = Feed(holder.step, RolloutPlan(generator, holder, total_steps, args.num_iterations).batches, rows,
+                args.max_length + args.max_completion_length, steps_per_epoch)
+    messages.append(_summary(args, prompts_per_step, tuned.lora is not None))
+    loop = train_loop(ctx, state, feed, total_steps=total_steps, start_step=start_step, schedule=schedule,
                       messages=messages, progress=progress)
+    return _finish(ctx, args, loop, tuned.lora, demo_before)
+
+
+def _finish(ctx, args: GrpoArguments, loop, lora_cfg, demo_before) -> GrpoResult:
     final_params = loop.state.params
-    export_dir = _export(model, final_params, cfg, lora_cfg, args, ctx.out_dir)
-    plot_loss(ctx.out_dir / "logging.jsonl", ctx.out_dir / "loss.png")
-    demo_after = _demo(model, final_params, cfg, args.demo_question, args.demo_max_new_tokens)
+    export_dir = export_model(ctx, final_params, lora_cfg)
+    plot_run(ctx)
+    demo_after = demo_answer(ctx.model, final_params, ctx.cfg, args.demo_question, args.demo_max_new_tokens)
     first, last = _reward_trend(loop.history)
     with open(ctx.out_dir / "logging.jsonl", "a") as f:
         f.write(json.dumps({"split": "summary", "reward_first_quarter": first, "reward_last_quarter": last}) + "\n")
@@ -474,7 +370,13 @@ def run_grpo(args: GrpoArguments, *, progress: bool = True) -> GrpoResult:
 
 @dataclasses.dataclass
 class _Holder:
+    """The latest train state, for the rollouts of the next generation."""
     state: Any
+    compiled: Callable
+
+    def step(self, state, batch):
+        self.state, metrics = self.compiled(state, batch)
+        return self.state, metrics
 
 
 def _reward_trend(history: dict[int, dict]) -> tuple[float, float]:

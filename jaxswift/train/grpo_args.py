@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from jaxswift.errors import ConfigError
 from jaxswift.losses import policy as pl
-from jaxswift.rl.rewards import RewardSettings
 from jaxswift.train.args import SftArguments
 
 
@@ -29,7 +28,20 @@ DEMO_REWARDS = ["accuracy"]
 
 @dataclasses.dataclass
 class GrpoArguments(SftArguments):
+    RECIPE: ClassVar[str] = "grpo"
+    UNUSED: ClassVar[dict[str, str]] = {
+        "val_dataset": "GRPO has no validation pass; its rewards are logged every step",
+        "split_dataset_ratio": "GRPO has no validation pass; its rewards are logged every step",
+        "eval_steps": "GRPO has no validation pass; its rewards are logged every step",
+        "per_device_eval_batch_size": "GRPO has no validation pass; its rewards are logged every step",
+        "packing": "rollout rows (a prompt and its completion) are never packed",
+        "packing_length": "rollout rows (a prompt and its completion) are never packed",
+        "loss_scale": "the policy loss covers exactly the sampled completion tokens",
+        "loss_chunk_size": "completions are scored whole (--max_completion_length tokens), not in chunks",
+    }
+
     # demo defaults (overriding SFT's)
+    packing: bool = False
     dataset: list[str] = field(default_factory=lambda: ["builtin:arithmetic"],
                                metadata={"help": "prompt rows (prompt | messages | query, plus reward columns)"})
     output_dir: str = "output/grpo"
@@ -95,7 +107,7 @@ class GrpoArguments(SftArguments):
         try:
             self.loss_config()
             pl.check_advantage_args(self.advantage_estimator, self.scale_rewards, self.num_generations)
-            from jaxswift.rl.rollout import RolloutSampling
+            from jaxswift.infer.rollout import RolloutSampling
             RolloutSampling(self.temperature, self.top_p, self.top_k, self.max_completion_length)
         except ValueError as e:
             raise ConfigError(f"--{_flag_of(str(e))}: {e}") from None
@@ -113,10 +125,6 @@ class GrpoArguments(SftArguments):
             epsilon_high=self.epsilon_high, delta=self.delta, beta=0.0 if self.kl_in_reward else self.beta,
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
             max_completion_length=self.max_completion_length)
-
-    def reward_settings(self) -> RewardSettings:
-        return RewardSettings(self.max_completion_length, self.soft_cache_length, self.repetition_n_grams,
-                              self.repetition_max_penalty)
 
     @property
     def needs_reference(self) -> bool:

@@ -150,7 +150,7 @@ def _with_shardings(tree, shardings):
 
 def state_shardings(state, cfg: ModelConfig, rules, mesh):
     """The SFT trainer's shardings for every leaf of a train state (see `trainer.tree_shardings`)."""
-    from jaxswift.train.trainer import tree_shardings
+    from jaxswift.train.shardings import tree_shardings
 
     return tree_shardings(state, cfg, rules, mesh)
 
@@ -167,10 +167,10 @@ def abstract_params_for(cfg: ModelConfig, args: PlanArguments):
         from jaxswift.quant.nf4 import abstract_quantized_params
 
         params = abstract_quantized_params(cfg, args.quant_method, params)
-    from jaxswift.train.trainer import _target_modules
+    from jaxswift.train.tuning import target_modules
 
     lora_cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                               target_modules=_target_modules(args.target_modules))
+                               target_modules=target_modules(args.target_modules))
     params = jax.eval_shape(lambda p: lora.add_lora(p, cfg, lora_cfg, jax.random.key(0)), params)
     return params, lora.trainable_mask(params), (lora.with_dropout if args.lora_dropout > 0 else None)
 

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxswift.data.pipeline import StepPlan, bucket_length
 from jaxswift.data.preference import PreferenceItem, assemble_items, max_items_per_row
 from jaxswift.losses import preference as pl
 from jaxswift.losses.lm import token_logps
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
-from jaxswift.train.batches import StepPlan, bucket_length
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
 
@@ -91,25 +91,19 @@ def objective_from_args(args) -> Objective:
 # --------------------------------------------------------------------------------------------- the data plan
 
 
-@dataclasses.dataclass(frozen=True)
-class PreferencePlan(StepPlan):
-    """StepPlan over items; every batch has the same item slots, so the step compiles once (per row length)."""
-
-    items_per_row: int = 1
-    ref_logps: np.ndarray | None = None  # [items, S], when precomputed
-
-    def _assemble(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
-        length = self.length if self.packing else bucket_length(max(len(self.examples[r[0]]) for r in rows),
-                                                               self.length)
-        batch = assemble_items(self.examples, rows, length, self.rows_per_step, self.items_per_row, self.ref_logps)
-        A = self.micro_batches
-        return {k: v.reshape(A, v.shape[0] // A, *v.shape[1:]) for k, v in batch.items()}
-
-
-def make_plan(items: list[PreferenceItem], *, rows_per_step: int, micro_batches: int, length: int, packing: bool,
-              seed: int, ref_logps=None) -> PreferencePlan:
+def preference_plan(items: list[PreferenceItem], *, rows_per_step: int, micro_batches: int, length: int,
+                    packing: bool, seed: int) -> tuple[StepPlan, int]:
+    """(the step plan over items, item slots per row). Every batch has the same item slots, so the step compiles
+    once per row length."""
     slots = max_items_per_row([len(i) for i in items], length) if packing else 1
-    return PreferencePlan(items, rows_per_step, micro_batches, length, packing, seed, slots, ref_logps)
+    plan = StepPlan(tuple(len(i) for i in items), rows_per_step=rows_per_step, length=length, packing=packing,
+                    seed=seed, micro_batches=micro_batches)
+    return plan, slots
+
+
+def item_assembler(items_per_row: int, ref_logps: np.ndarray | None = None):
+    """(items, rows, length) -> the preference batch of those rows (with the precomputed reference scores)."""
+    return lambda items, rows, length: assemble_items(items, rows, length, len(rows), items_per_row, ref_logps)
 
 
 def item_batches(items, rows_per_batch: int, length: int, ref_logps=None):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -21,13 +22,16 @@ from jaxswift.checkpoints.safetensors_io import write_safetensors
 from jaxswift.data.formats import split_train_val
 from jaxswift.data.preference import build_preference_items
 from jaxswift.errors import ConfigError, DataError
-from jaxswift.train.logging import plot_loss
-from jaxswift.train.preference import (evaluate_items, init_value_head, make_eval_fn, make_logps_fn, make_plan,
-                                       make_preference_step, objective_from_args, score_items)
+from jaxswift.parallel.distributed import is_primary
+from jaxswift.train.loop import (Feed, RunContext, compile_step, demo_answer, export_model, host_params, init_state,
+                                 plot_run, start_run, total_steps_of, train_loop)
+from jaxswift.train.preference import (evaluate_items, init_value_head, item_assembler, make_eval_fn, make_logps_fn,
+                                       make_preference_step, objective_from_args, preference_plan, score_items)
 from jaxswift.train.rlhf_args import RlhfArguments
+from jaxswift.train.sft import grain_batches
+from jaxswift.train.shardings import shard_params
 from jaxswift.train.state import count_bytes
-from jaxswift.train.trainer import (_demo, _export, _total_steps, build_optimizer, compile_step, init_state,
-                                    prepare_tuner, shard_params, start_run, train_loop)
+from jaxswift.train.tuning import TunedParams, build_optimizer, prepare_tuner
 
 SAME_ARCHITECTURE = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "tie_word_embeddings", "qkv_bias", "qk_norm", "rope")
@@ -67,7 +71,7 @@ def _load_items(args: RlhfArguments, obj, tokenizer, log):
     return train, val
 
 
-def _row_length(args: RlhfArguments, seqs_per_item: int, items) -> int:
+def preference_row_length(args: RlhfArguments, seqs_per_item: int, items) -> int:
     """Rows hold whole items. Packed: --packing_length, by default --max_length (as SFT) widened to the longest
     item; unpacked: room for one item at --max_length per sequence (batches are cut to their longest)."""
     if not args.packing:
@@ -103,73 +107,78 @@ def _bind(fn, ref_params):
     return lambda params: (lambda batch: jitted(params, batch, *extra))
 
 
+@dataclasses.dataclass
+class _Scoring:
+    """How items are scored outside the train step (precompute, eval, final metrics): rows per batch, row length,
+    and the placement of a batch on the mesh."""
+    rows: int
+    length: int
+    put: Callable
+
+
 def run_rlhf(args: RlhfArguments, *, progress: bool = True) -> RlhfResult:
     ctx = start_run(args)
-    model, cfg = ctx.model, ctx.cfg
-    obj = objective_from_args(args)
+    model, cfg, obj = ctx.model, ctx.cfg, objective_from_args(args)
     messages: list[str] = []
     train_items, val_items = _load_items(args, obj, model.tokenizer, messages.append)
-    length = _row_length(args, obj.seqs_per_item, train_items + val_items)
-    plan = make_plan(train_items, rows_per_step=args.per_device_train_batch_size * ctx.dp *
-                     args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps, length=length,
-                     packing=args.packing, seed=args.seed)
-    total_steps = _total_steps(args, plan)
+    length = preference_row_length(args, obj.seqs_per_item, train_items + val_items)
+    plan, slots = preference_plan(train_items, rows_per_step=args.per_device_train_batch_size * ctx.dp *
+                                  args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps,
+                                  length=length, packing=args.packing, seed=args.seed)
+    total_steps = total_steps_of(args, plan.steps_per_epoch)
     optimizer, schedule = build_optimizer(args, total_steps, cfg)
 
-    demo = (lambda p, c: _demo(model, p, c, args.demo_question, args.demo_max_new_tokens)) if not obj.value_head \
-        else (lambda p, c: None)
+    demo = (lambda p, c: None) if obj.value_head else \
+        (lambda p, c: demo_answer(model, p, c, args.demo_question, args.demo_max_new_tokens))
     demo_before = demo(model.params, model.config)
-    params, mask, lora_cfg, prepare = _tuned_params(model, args, cfg, obj)
+    tuned = _tuned_params(model, args, cfg, obj)
     model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
-    state, start_step = init_state(ctx, params, mask, optimizer, messages)
-    del params
+    state, start_step = init_state(ctx, tuned, optimizer, messages)
 
     reference = _reference_mode(args, obj)
     ref_params = _reference_params(ctx, args, state, start_step) if obj.needs_reference else None
-    rows = args.per_device_eval_batch_size * ctx.dp
-    put = lambda b: jax.device_put(b, ctx.batch_sharding)  # noqa: E731
-    val_ref = None
+    scoring = _Scoring(args.per_device_eval_batch_size * ctx.dp, length, ctx.put_whole)
+    train_ref = val_ref = None
     if reference == "precomputed":
-        plan, val_ref = _precompute(ctx, args, obj, plan, val_items, state, ref_params, rows, length, put, messages)
+        train_ref, val_ref = _precompute(ctx, obj, train_items, val_items, state, ref_params, scoring, messages)
         ref_params = None  # dropped: training reads the scores
     messages.append(_reference_note(args, reference))
 
     step = make_preference_step(cfg, optimizer, obj, reference=reference, loss_chunk=args.loss_chunk_size,
-                                prepare_params=prepare)
-    step_fn = compile_step(ctx, step, state, *(() if ref_params is None else (ref_params,)))
+                                prepare_params=tuned.prepare)
     eval_scorer = _bind(make_eval_fn(cfg, obj, reference=reference, loss_chunk=args.loss_chunk_size), ref_params)
-    evaluate = (lambda s: evaluate_items(eval_scorer(s.params), obj, val_items, rows, length, put, val_ref)) \
-        if val_items else None
-
-    loop = train_loop(ctx, state, step_fn, plan, total_steps=total_steps, start_step=start_step, schedule=schedule,
-                      evaluate=evaluate, messages=messages, progress=progress)
-    final = _final_metrics(loop, obj, val_items, train_items, plan, eval_scorer, rows, length, put, ctx.out_dir)
+    evaluate = (lambda s: evaluate_items(eval_scorer(s.params), obj, val_items, scoring.rows, length, scoring.put,
+                                         val_ref)) if val_items else None
+    feed = Feed(compile_step(ctx, step, state, *(() if ref_params is None else (ref_params,))),
+                grain_batches(ctx, plan, train_items, total_steps, item_assembler(slots, train_ref)),
+                plan.rows_per_step, plan.length, plan.steps_per_epoch, evaluate)
+    loop = train_loop(ctx, state, feed, total_steps=total_steps, start_step=start_step, schedule=schedule,
+                      messages=messages, progress=progress)
+    final = _final_metrics(loop, obj, val_items, train_items, train_ref, eval_scorer, scoring, ctx.out_dir)
     reference_bytes = 0 if ref_params is None else count_bytes(ref_params)
     del ref_params
 
-    final_params, export_dir = _export_model(model, loop.state, cfg, lora_cfg, args, ctx.out_dir)
-    plot_loss(ctx.out_dir / "logging.jsonl", ctx.out_dir / "loss.png")
-    demo_after = demo(final_params, cfg)
+    final_params, export_dir = _export_model(ctx, loop.state, tuned.lora)
+    plot_run(ctx)
     return RlhfResult(loop.losses, loop.history, loop.eval_metrics, final, ctx.out_dir, export_dir, demo_before,
-                      demo_after, int(jax.device_get(loop.state.skipped_steps)), loop.first_step_seconds,
-                      count_bytes(loop.state), reference_bytes)
+                      demo(final_params, cfg), int(jax.device_get(loop.state.skipped_steps)),
+                      loop.first_step_seconds, count_bytes(loop.state), reference_bytes)
 
 
-def _tuned_params(model, args: RlhfArguments, cfg, obj):
-    """prepare_tuner's (params, mask, lora config, prepare), plus a reward model's value head (trained in every
-    tuner mode)."""
-    params, mask, lora_cfg, prepare = prepare_tuner(model, args, cfg)
-    if obj.value_head:
-        params = {**params, "value_head": init_value_head(cfg, args.seed)}
-        mask = {**mask, "value_head": {"w": True, "b": True}}
-    return params, mask, lora_cfg, prepare
+def _tuned_params(model, args: RlhfArguments, cfg, obj) -> TunedParams:
+    """prepare_tuner's params, plus a reward model's value head (trained in every tuner mode)."""
+    tuned = prepare_tuner(model.params, args, cfg)
+    if not obj.value_head:
+        return tuned
+    return tuned._replace(params={**tuned.params, "value_head": init_value_head(cfg, args.seed)},
+                          mask={**tuned.mask, "value_head": {"w": True, "b": True}})
 
 
-def _export_model(model, state, cfg, lora_cfg, args: RlhfArguments, out_dir: Path):
+def _export_model(ctx: RunContext, state, lora_cfg):
     """(final params without the value head, export folder): SFT's export, the value head saved beside it."""
-    params = dict(state.params)
+    params = dict(host_params(state.params))
     head = params.pop("value_head", None)
-    export_dir = _export(model, params, cfg, lora_cfg, args, out_dir)
+    export_dir = export_model(ctx, params, lora_cfg)
     if head is not None:
         _save_value_head(head, export_dir)
     return params, export_dir
@@ -190,32 +199,36 @@ def _reference_note(args: RlhfArguments, reference: str) -> str:
             "precomputed": "reference: log-probs precomputed before training"}[reference]
 
 
-def _precompute(ctx, args, obj, plan, val_items, state, ref_params, rows, length, put, messages):
-    """Scores every train (and val) item with the reference once; returns the plan carrying them, and val's."""
+def _precompute(ctx, obj, train_items, val_items, state, ref_params, scoring: _Scoring, messages):
+    """(train, val) reference log-probs [items, S], scored once before training."""
     from jaxswift.tuners.lora import lora_disabled
 
     params = ref_params if ref_params is not None else lora_disabled(state.params)
     logps = jax.jit(make_logps_fn(ctx.cfg, obj, ctx.args.loss_chunk_size))
-    score = lambda items: score_items(lambda b: logps(params, b), items, rows, length, put)  # noqa: E731
+    score = lambda items: score_items(lambda b: logps(params, b), items, scoring.rows, scoring.length,  # noqa: E731
+                                      scoring.put)
     t0 = time.perf_counter()
-    train_ref = score(plan.examples)
+    train_ref = score(train_items)
     val_ref = score(val_items) if val_items else None
-    messages.append(f"reference log-probs of {len(plan.examples) + len(val_items)} items precomputed in "
+    messages.append(f"reference log-probs of {len(train_items) + len(val_items)} items precomputed in "
                     f"{time.perf_counter() - t0:.1f}s")
-    return dataclasses.replace(plan, ref_logps=train_ref), val_ref
+    return train_ref, val_ref
 
 
-def _final_metrics(loop, obj, val_items, train_items, plan, eval_scorer, rows, length, put, out_dir: Path) -> dict:
+def _final_metrics(loop, obj, val_items, train_items, train_ref, eval_scorer, scoring: _Scoring,
+                   out_dir: Path) -> dict:
     """The trained model's metrics: the last eval when there is a validation set, else on the training items (the
     first FINAL_EVAL_ITEMS), appended to logging.jsonl as split `train_items`."""
     if val_items:
         return loop.eval_metrics[max(loop.eval_metrics)] if loop.eval_metrics else {}
     items = train_items[:FINAL_EVAL_ITEMS]
-    ref = None if plan.ref_logps is None else plan.ref_logps[:len(items)]
-    metrics = evaluate_items(eval_scorer(loop.state.params), obj, items, rows, length, put, ref)
+    ref = None if train_ref is None else train_ref[:len(items)]
+    metrics = evaluate_items(eval_scorer(loop.state.params), obj, items, scoring.rows, scoring.length, scoring.put,
+                             ref)
     step = max(loop.losses, default=0)
-    with open(out_dir / "logging.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "split": "train_items", "items": len(items), **metrics}) + "\n")
+    if is_primary():
+        with open(out_dir / "logging.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "split": "train_items", "items": len(items), **metrics}) + "\n")
     return metrics
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from jaxswift.errors import ConfigError
 from jaxswift.losses import preference as pl
@@ -23,6 +23,8 @@ UNSUPPORTED_DPO = ("aot", "aot_unpaired", "aot_pair")
 
 @dataclasses.dataclass
 class RlhfArguments(SftArguments):
+    RECIPE: ClassVar[str] = "rlhf"
+
     # demo defaults (overriding SFT's)
     dataset: list[str] = field(default_factory=lambda: ["builtin:preference_demo"],
                                metadata={"help": "preference files; `path#N` takes N rows"})
@@ -91,16 +93,16 @@ class RlhfArguments(SftArguments):
 
     def _validate_with_losses(self):
         """The loss module's own checks (pure Python, nothing traced), run once here so bad flags fail early."""
-        pl._check_beta(self.beta)
+        pl.check_beta(self.beta)
         t = self.rlhf_type
         if t == "dpo":
-            pl._dpo_plan(self.loss_type, self.loss_weights, self.rpo_alpha, "reverse_kl", self.label_smoothing,
+            pl.dpo_plan(self.loss_type, self.loss_weights, self.rpo_alpha, "reverse_kl", self.label_smoothing,
                          self.beta)
         elif t == "kto":
-            pl._check_choice("KTO loss_type", self.loss_type[0], pl.KTO_LOSS_TYPES)
+            pl.check_choice("KTO loss_type", self.loss_type[0], pl.KTO_LOSS_TYPES)
         elif t in ("cpo", "simpo"):
-            pl._check_choice("CPO loss_type", self.loss_type[0], pl.CPO_LOSS_TYPES)
-            pl._check_label_smoothing(self.label_smoothing, self.loss_type, {"sigmoid", "simpo", "alphapo"})
+            pl.check_choice("CPO loss_type", self.loss_type[0], pl.CPO_LOSS_TYPES)
+            pl.check_label_smoothing(self.label_smoothing, self.loss_type, {"sigmoid", "simpo", "alphapo"})
         if self.label_smoothing and t in ("kto", "orpo", "rm"):
             raise ValueError(f"label_smoothing={self.label_smoothing} is not used by {t}")
         if self.center_rewards_coefficient is not None and t != "rm":
