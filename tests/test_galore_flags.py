@@ -17,7 +17,8 @@ from jaxswift.optim.galore import Matrix, galore_adamw, optimizer_state_bytes
 from jaxswift.train.args import SftArguments, parse_args
 from jaxswift.train.state import init_train_state
 from jaxswift.train.step import make_train_step
-from jaxswift.train.trainer import build_optimizer, galore_targets, run_sft
+from jaxswift.train.sft import run_sft
+from jaxswift.train.tuning import build_optimizer, galore_targets
 
 CFG = ModelConfig("llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16)

@@ -350,7 +350,7 @@ def test_galore_projects_each_experts_matrix(qwen2_moe):
 def test_moe_flags_override_the_config_and_are_refused_on_a_dense_model(qwen2_moe):
     from jaxswift.errors import ConfigError
     from jaxswift.train.args import SftArguments
-    from jaxswift.train.trainer import moe_overrides
+    from jaxswift.train.tuning import moe_overrides
 
     args = SftArguments(router_aux_loss_coef=0.02, router_z_loss_coef=1e-3, moe_expert_capacity_factor=1.25)
     cfg = moe_overrides(qwen2_moe.config, args)

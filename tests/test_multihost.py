@@ -15,7 +15,7 @@ from jaxswift.errors import ConfigError
 from jaxswift.parallel.distributed import SINGLE_PROCESS, Launch, detected_cluster, resolve_launch
 from jaxswift.parallel.mesh import ensure_cpu_devices
 from jaxswift.train.args import SftArguments, parse_args
-from jaxswift.train.trainer import run_sft
+from jaxswift.train.sft import run_sft
 
 MESH = "data=2,fsdp=2,tensor=2"
 PROCESS_TIMEOUT_S = 420

@@ -5,7 +5,7 @@ import pytest
 
 from jaxswift.data.packing import (BATCH_DTYPES, efficiency, first_fit_decreasing, iterate_batches, pack_rows,
                                    pad_rows)
-from jaxswift.data.pipeline import make_grain_loader
+from jaxswift.data.pipeline import StepPlan, lengths_of, make_grain_loader, shard_rows
 from jaxswift.data.templates import EncodedChat
 from jaxswift.errors import DataError
 
@@ -113,9 +113,10 @@ def test_epochs_are_shuffled_differently_and_reproducibly():
 
 # ---------------------------------------------------------------- grain pipeline
 
-def loader(examples, **kw):
-    args = dict(batch_size=3, length=LENGTH, packing=True, seed=7, num_epochs=2, shard_index=0, shard_count=1)
-    return make_grain_loader(examples, **{**args, **kw})
+def loader(examples, *, rows_per_step=3, packing=True, num_epochs=2, shard=(0, 1), **kw):
+    plan = StepPlan(lengths_of(examples), rows_per_step=rows_per_step, length=LENGTH, packing=packing, seed=7)
+    rows = shard_rows(rows_per_step, *shard)
+    return make_grain_loader(examples, plan, num_steps=num_epochs * plan.steps_per_epoch, rows=rows, **kw)
 
 
 def same_batches(a, b) -> bool:
@@ -124,7 +125,7 @@ def same_batches(a, b) -> bool:
 
 def test_single_shard_yields_the_batches_of_iterate_batches():
     examples = make_examples(25)
-    got = list(loader(examples, num_epochs=1))
+    got = [{k: v[0] for k, v in b.items()} for b in loader(examples, num_epochs=1)]  # one microbatch: [1, B, T]
     want = list(iterate_batches(examples, batch_size=3, length=LENGTH, packing=True, seed=7, epoch=0))
     assert same_batches(got, want)
 
@@ -132,10 +133,23 @@ def test_single_shard_yields_the_batches_of_iterate_batches():
 @pytest.mark.parametrize("packing", [False, True])
 def test_two_shards_cover_the_data_once_per_epoch_in_lockstep(packing):
     examples = make_examples(25)
-    shards = [list(loader(examples, packing=packing, num_epochs=1, shard_index=i, shard_count=2)) for i in (0, 1)]
+    shards = [[{k: v[0] for k, v in b.items()} for b in loader(examples, rows_per_step=4, packing=packing,
+                                                                num_epochs=1, shard=(i, 2))] for i in (0, 1)]
     assert len(shards[0]) == len(shards[1])  # processes step together
     seen = sorted(s for shard in shards for b in shard for s in segments(b))
     assert seen == sorted(tuple(e.input_ids.tolist()) for e in examples)
+
+
+def test_microbatches_split_each_step_and_shards_split_each_microbatch():
+    examples = make_examples(25)
+    plan = StepPlan(lengths_of(examples), rows_per_step=8, length=LENGTH, packing=False, seed=7, micro_batches=2)
+    whole = plan.batch_at(examples, 1)
+    halves = [plan.batch_at(examples, 1, shard_rows(4, i, 2)) for i in (0, 1)]
+    assert whole["tokens"].shape[:2] == (2, 4) and halves[0]["tokens"].shape[:2] == (2, 2)
+    for k in whole:
+        assert (np.concatenate([h[k] for h in halves], axis=1) == whole[k]).all()
+    rows = plan.rows_at(1)
+    assert segments({k: v[1] for k, v in whole.items()})[0] == tuple(examples[rows[4][0]].input_ids.tolist())
 
 
 def test_restoring_grain_state_mid_epoch_continues_exactly():

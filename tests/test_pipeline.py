@@ -18,7 +18,7 @@ from jaxswift.parallel.pipeline import make_run_layers, plan_pipeline, relayout_
 from jaxswift.parallel.rules import activation_sharding, batch_sharding, load_rules
 from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.step import nll_sums
-from jaxswift.train.trainer import tree_shardings
+from jaxswift.train.shardings import tree_shardings
 from jaxswift.tuners import lora
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=8, num_heads=4,
@@ -265,7 +265,7 @@ def test_sft_recipe_on_data_stage_tensor_mesh_gives_the_same_losses(tiny_chat_mo
     """The SFT run (LoRA, gradient checkpointing, 2 steps of 4 rows) on data=2,stage=2,tensor=2 with the pipeline
     rules logs the losses of the single-device run (the second loss follows the first step's gradients)."""
     from jaxswift.train.args import SftArguments
-    from jaxswift.train.trainer import run_sft
+    from jaxswift.train.sft import run_sft
 
     common = dict(model=str(tiny_chat_model), max_steps=2, logging_steps=1, learning_rate=1e-3, max_length=64,
                   demo_question="", disable_tqdm=True, save_steps=1000, lr_scheduler_type="constant",

@@ -186,7 +186,8 @@ REAL_RUN = textwrap.dedent("""
     from jaxswift.parallel.rules import load_rules
     from jaxswift.train.args import SftArguments
     from jaxswift.train.step import make_train_step
-    from jaxswift.train.trainer import RunContext, compile_step, init_state
+    from jaxswift.train.loop import RunContext, compile_step, init_state
+    from jaxswift.train.tuning import TunedParams
 
     config_path, out_dir, rows, length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     cfg = config_from_hf(json.loads(Path(config_path).read_text()), dtype="float32").replace(remat="full")
@@ -194,7 +195,7 @@ REAL_RUN = textwrap.dedent("""
     ctx = RunContext(args, Path(out_dir), make_mesh("1"), load_rules("default"), 1, None, cfg)
     optimizer = make_optimizer(OptimizerConfig(), 1000)[0]
     params = init_params(cfg, jax.random.key(0))
-    state, _ = init_state(ctx, params, jax.tree.map(lambda _: True, params), optimizer, [])
+    state, _ = init_state(ctx, TunedParams(params, jax.tree.map(lambda _: True, params), None, None), optimizer, [])
     del params
     step = compile_step(ctx, make_train_step(cfg, optimizer), state)
     rng = np.random.default_rng(0)

@@ -18,7 +18,7 @@ from jaxswift.models.transformer import forward
 from jaxswift.quant import nf4
 from jaxswift.quant.int8 import Int8Weight, quantize_int8
 from jaxswift.train.args import SftArguments, parse_args
-from jaxswift.train.trainer import run_sft
+from jaxswift.train.sft import run_sft
 from jaxswift.tuners import lora
 
 # torch-layout (out, in) shapes: whole blocks, a last partial block, a real SmolLM2 MLP matrix, an odd count

@@ -20,7 +20,7 @@ from jaxswift.parallel.ring_attention import (LAYOUTS, balance_sequence, balance
 from jaxswift.parallel.rules import activation_sharding, load_rules
 from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.step import nll_sums
-from jaxswift.train.trainer import shard_params
+from jaxswift.train.shardings import shard_params
 
 B, T, N, K, H = 4, 32, 4, 2, 16  # GQA: two query heads per kv head
 CFG = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=N,
@@ -212,7 +212,7 @@ def test_sft_on_a_sequence_mesh_trains_like_one_device(tiny_chat_model, tmp_path
     one-device losses."""
     from jaxswift.parallel import ring_attention
     from jaxswift.train.args import SftArguments
-    from jaxswift.train.trainer import run_sft
+    from jaxswift.train.sft import run_sft
 
     layouts = []
     real = ring_attention.balance_sequence

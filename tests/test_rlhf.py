@@ -231,13 +231,13 @@ def test_bad_flags_get_clear_errors(flags, message):
 
 
 def test_packed_rows_fit_whole_items():
-    from jaxswift.train.rlhf import _row_length
+    from jaxswift.train.rlhf import preference_row_length
 
     items = [range(300), range(90)]  # anything with a length
-    assert _row_length(RlhfArguments(max_length=256), 2, items) == 300  # max_length, widened to the longest item
-    assert _row_length(RlhfArguments(max_length=256, packing=False), 2, items) == 512
+    assert preference_row_length(RlhfArguments(max_length=256), 2, items) == 300  # max_length, widened to the longest item
+    assert preference_row_length(RlhfArguments(max_length=256, packing=False), 2, items) == 512
     with pytest.raises(ConfigError, match="--packing_length 200 is shorter than an item of 300 tokens"):
-        _row_length(RlhfArguments(packing_length=200), 2, items)
+        preference_row_length(RlhfArguments(packing_length=200), 2, items)
 
 
 def test_cli_reports_a_row_without_rejected(tiny_chat_model, tmp_path, capsys):

@@ -21,7 +21,7 @@ from jaxswift.data.templates import encode_chat
 from jaxswift.errors import CheckpointError, ConfigError, DataError
 from jaxswift.train.args import SftArguments, parse_args
 from jaxswift.train.step import nll_sums
-from jaxswift.train.trainer import run_sft
+from jaxswift.train.sft import run_sft
 
 
 def sft_args(model, out, **overrides) -> SftArguments:
@@ -226,13 +226,14 @@ def test_resume_without_checkpoint(tiny_chat_model, tmp_path):
 
 
 def test_fsdp_shards_optimizer_state_like_the_weights(tiny_chat_model, tmp_path):
-    from jaxswift.train.trainer import build_optimizer, init_state, prepare_tuner, start_run
+    from jaxswift.train.loop import init_state, start_run
+    from jaxswift.train.tuning import build_optimizer, prepare_tuner
 
     args = sft_args(tiny_chat_model, tmp_path, tuner_type="full", mesh="fsdp=8")
     ctx = start_run(args)
-    params, mask, _, _ = prepare_tuner(ctx.model, args, ctx.cfg)
+    tuned = prepare_tuner(ctx.model.params, args, ctx.cfg)
     optimizer, _ = build_optimizer(args, 10, ctx.cfg)
-    state, _ = init_state(ctx, params, mask, optimizer, [])
+    state, _ = init_state(ctx, tuned, optimizer, [])
     weight = state.trainable["layers"]["wq"]
     moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
                if "wq" in jax.tree_util.keystr(path)]
@@ -242,14 +243,15 @@ def test_fsdp_shards_optimizer_state_like_the_weights(tiny_chat_model, tmp_path)
 
 
 def test_bfloat16_state_keeps_its_dtypes_across_a_step(tiny_chat_model, tmp_path):
-    from jaxswift.train.trainer import build_optimizer, init_state, prepare_tuner, start_run
+    from jaxswift.train.loop import init_state, start_run
+    from jaxswift.train.tuning import build_optimizer, prepare_tuner
     from jaxswift.train.step import make_train_step
 
     args = sft_args(tiny_chat_model, tmp_path, tuner_type="full", mesh="1", dtype="bfloat16")
     ctx = start_run(args)
-    params, mask, _, _ = prepare_tuner(ctx.model, args, ctx.cfg)
+    tuned = prepare_tuner(ctx.model.params, args, ctx.cfg)
     optimizer, _ = build_optimizer(args, 10, ctx.cfg)
-    state, _ = init_state(ctx, params, mask, optimizer, [])
+    state, _ = init_state(ctx, tuned, optimizer, [])
     tokens = np.arange(32, dtype=np.int32).reshape(1, 1, 32) % 50 + 3
     batch = dict(tokens=tokens, targets=np.roll(tokens, -1, -1), loss_weights=np.ones(tokens.shape, np.float32),
                  segment_ids=np.ones_like(tokens), positions=np.arange(32, dtype=np.int32)[None, None])
@@ -287,7 +289,7 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_chat_model):
 
 
 def test_run_stops_after_nonfinite_steps_in_a_row(tiny_chat_model, tmp_path):
-    from jaxswift.train.trainer import TrainingStopped
+    from jaxswift.train.loop import TrainingStopped
 
     # a learning rate of 1e30 turns the weights to inf at the first update: every later loss is NaN
     with pytest.raises(TrainingStopped, match=r"3 non-finite steps in a row"):
