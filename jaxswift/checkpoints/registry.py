@@ -28,7 +28,7 @@ def resolve_model_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
-    name = _embedded_name(str(name_or_path))
+    name = embedded_name(str(name_or_path))
     if name is None:
         raise ConfigError(
             f"model {name_or_path!r}: no such file or folder, and not an embedded model "
@@ -36,12 +36,16 @@ def resolve_model_path(name_or_path: str) -> Path:
     return _packaged_gguf(name, EMBEDDED_MODELS[name].distribution)
 
 
-def _embedded_name(name: str) -> str | None:
+def embedded_name(name: str) -> str | None:
+    """The registry key an embedded model's name or alias spells (case-insensitive), or None."""
     wanted = name.strip().lower()
     for key, model in EMBEDDED_MODELS.items():
         if wanted in (key, *(alias.lower() for alias in model.aliases)):
             return key
     return None
+
+
+_embedded_name = embedded_name  # train/plan.py still imports the old name; delete once it uses embedded_name
 
 
 def _packaged_gguf(name: str, distribution: str) -> Path:

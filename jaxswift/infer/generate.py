@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxswift.errors import ConfigError
 from jaxswift.infer.sampling import SamplingParams, sample
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
@@ -21,6 +22,16 @@ PREFILL_BUCKET = 64
 
 def _bucket(n: int, multiple: int = PREFILL_BUCKET) -> int:
     return max(multiple, -(-n // multiple) * multiple)
+
+
+def stop_token_ids(config: ModelConfig, tokenizer=None) -> np.ndarray:
+    """The ids that end a generation: config.json's eos ids plus the tokenizer's eos when it is another one."""
+    ids = list(config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ConfigError("the model has no eos token id (config.json eos_token_id or the tokenizer's eos)")
+    return np.asarray(ids, np.int32)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,7 +48,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return tokens, positions, segments
 
 
-def _last_logits(params, tokens, cfg, positions, segments, cache):
+def last_logits(params, tokens, cfg, positions, segments, cache):
+    """Logits [B, V] of each row's last position and the updated cache."""
     h, cache = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments, cache=cache)
     return logits_from_hidden(params, h[:, -1:], cfg)[:, 0], cache
 
@@ -49,7 +61,7 @@ def generate_tokens(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, 
     B, P = tokens_BP.shape
     params = unstack_layers(params)  # once per call; the decode loop then reads every weight in place
     cache = init_cache(cfg, B, P + max_new_tokens, per_layer=True)
-    logits, cache = _last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
+    logits, cache = last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
     next_pos = positions_BP[:, -1] + 1
     out = jnp.zeros((B, max_new_tokens), jnp.int32)
     done = jnp.zeros((B,), bool)
@@ -67,7 +79,7 @@ def generate_tokens(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, 
         out = out.at[:, step].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, eos_ids)
-        logits, cache = _last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
+        logits, cache = last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
         return step + 1, logits, cache, pos + 1, done, out, lengths, key
 
     state = (jnp.zeros((), jnp.int32), logits, cache, next_pos, done, out, lengths, key)

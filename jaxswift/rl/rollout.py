@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxswift.infer.generate import _last_logits, left_pad
+from jaxswift.infer.generate import last_logits, left_pad
 from jaxswift.infer.sampling import SamplingParams, categorical_with_logprob, sample, token_logprobs
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
@@ -95,7 +95,7 @@ def sample_with_logprobs(params, tokens_UP, positions_UP, segments_UP, eos_ids, 
     B = U * G
     params = unstack_layers(params)
     cache = init_cache(cfg, U, P + max_new_tokens, per_layer=True)
-    logits, cache = _last_logits(params, tokens_UP, cfg, positions_UP, segments_UP, cache)
+    logits, cache = last_logits(params, tokens_UP, cfg, positions_UP, segments_UP, cache)
     logits, cache = _repeat_rows(logits, G, U), _fork_cache(cache, G, U)
     fill = eos_ids[0]
 
@@ -112,7 +112,7 @@ def sample_with_logprobs(params, tokens_UP, positions_UP, segments_UP, eos_ids, 
         out = out.at[:, step].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, eos_ids)
-        logits, cache = _last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
+        logits, cache = last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
         return step + 1, logits, cache, pos + 1, done, out, logps, lengths, key
 
     state = (jnp.zeros((), jnp.int32), logits, cache, jnp.repeat(positions_UP[:, -1] + 1, G), jnp.zeros((B,), bool),
