@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxswift.checkpoints.hf import load_hf_params, params_from_tensors, read_hf_config, save_hf
 from jaxswift.errors import ConfigError
-from jaxswift.infer.generate import generate_tokens, left_pad
+from jaxswift.infer.generate import generate_tokens, left_pad, stop_token_ids
 from jaxswift.infer.sampling import SamplingParams
 from jaxswift.models.config import DTYPES, ModelConfig, config_from_hf
 
@@ -59,7 +59,7 @@ def load_model(name_or_path: str, dtype: str | None = None, *, shardings=None, l
     else:
         config, raw = read_hf_config(path, dtype=dtype)
         if "quantization_config" in raw:  # GPTQ / AWQ / FP8 / int8: leaves that dequantize inside the matmul
-            from jaxswift.checkpoints.quantized import load_quantized_params
+            from jaxswift.quant.load import load_quantized_params
             params = load_quantized_params(path, config, raw["quantization_config"], shardings)
         else:
             params = load_hf_params(path, config, shardings)
@@ -72,16 +72,6 @@ def save_model(model: Model, out_dir: str | Path) -> Path:
     return save_hf(model.params, model.config, out_dir, tokenizer=model.tokenizer)
 
 
-def eos_ids_of(model: Model) -> np.ndarray:
-    ids = list(model.config.eos_token_ids)
-    tok = model.tokenizer
-    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in ids:
-        ids.append(tok.eos_token_id)
-    if not ids:
-        raise ConfigError("the model has no eos token id (config.json eos_token_id or the tokenizer's eos)")
-    return np.asarray(ids, np.int32)
-
-
 def generate_ids(model: Model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, ignore_eos: bool = False) -> list[list[int]]:
     """New token ids per prompt (without the final eos); ignore_eos generates exactly max_new_tokens."""
@@ -90,7 +80,7 @@ def generate_ids(model: Model, prompts: list[list[int]], *, max_new_tokens: int,
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    eos = eos_ids_of(model)
+    eos = stop_token_ids(model.config, model.tokenizer)
     stop = np.asarray([-1], np.int32) if ignore_eos else eos  # -1 matches no token
     pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None \
         else int(eos[0])

@@ -113,8 +113,27 @@ def test_build_from_every_reader(tmp_path, tok):
 def test_malformed_jsonl_names_file_and_line(tmp_path, tok):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n\n{not json}\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON \(Expecting property name enclosed in double "
+                                        r"quotes at column 2\)"):
         build_sft_examples([str(path)], tok, max_length=128)
+
+
+@pytest.mark.parametrize("line,column", [('{"messages": [1, 2}', 19), ('{"a": 1', 8), ('{"a": 1}}', 9)])
+def test_malformed_jsonl_reports_the_real_column(tmp_path, tok, line, column):
+    """The column is counted within the line itself; the trailing newline must not turn it into line 2 column 1."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + line + "\r\n")
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2: invalid JSON \(.* at column {column}\)"):
+        build_sft_examples([str(path)], tok, max_length=128)
+
+
+def test_saved_dataset_folder_without_datasets_package_says_what_to_install(tmp_path, tok, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    (tmp_path / "saved").mkdir()
+    with pytest.raises(DataError, match=r"saved: reading a folder saved with datasets\.save_to_disk needs the "
+                                        r"`datasets` package \(pip install 'jaxswift\[datasets\]'\)"):
+        build_sft_examples([str(tmp_path / "saved")], tok, max_length=128)
 
 
 def test_row_fitting_no_format_in_a_file_names_file_and_line(tmp_path, tok):

@@ -2,7 +2,10 @@
 
 import importlib.metadata
 import inspect
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -60,19 +63,141 @@ def test_smollm2_config_matches_transformers(smol_ckpt, smol_hf_model):
     assert type(rebuilt).__name__ == "LlamaConfig" and rebuilt.rope_parameters["rope_theta"] == 100000.0
 
 
+# Strings that stress a tokenizer: unicode (accents, CJK, emoji, combining marks), whitespace runs and newlines,
+# digits, code, contractions, control and user-defined tokens inside text, and the empty string.
+TOKENIZER_TEXTS = [
+    "", " ", "Hello world!", "  many   spaces\n\n\ttabs\r\n end ", "12345 6789.01 -3e10 1,000,000",
+    "héllo wörld — naïve café; 日本語のテキスト; 😀👍🏽 emoji; e\u0301 combining", "I'm, you're, we'll, they'd",
+    "def f(x):\n    return {'k': x**2}  # code\n\tif a != b: pass", "<|im_start|>user\nhi<|im_end|>\n",
+    "<|endoftext|>a<repo_name>b<|im_end|>", "x<think>y</think>z", "\u00a0\u2003\u200b zero-width", "a" * 300,
+]
+CHATS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
+     {"role": "user", "content": "And 3+3?"}],
+    [{"role": "system", "content": "Be brief. 日本"}, {"role": "user", "content": "  spaced\n\nout  "}],
+]
+
+
+def assert_same_tokenizer(ours, ref, texts=TOKENIZER_TEXTS):
+    """ids, tokens, decode (with and without special tokens), special tokens and ids, pair encoding."""
+    assert isinstance(ours, transformers.PreTrainedTokenizerFast)
+    assert ours.special_tokens_map == ref.special_tokens_map
+    assert (ours.bos_token_id, ours.eos_token_id, ours.unk_token_id, ours.pad_token_id) == \
+        (ref.bos_token_id, ref.eos_token_id, ref.unk_token_id, ref.pad_token_id)
+    assert ours.all_special_ids == ref.all_special_ids and len(ours) == len(ref)
+    for text in texts:
+        ids = ref.encode(text)
+        assert ours.encode(text) == ids, text
+        assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False), text
+        assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids), text
+        assert ours.decode(ids) == ref.decode(ids), text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
+    assert ours(texts[2], texts[4])["input_ids"] == ref(texts[2], texts[4])["input_ids"]
+
+
 def test_smollm2_tokenizer_matches_transformers(smol_path, smol_ckpt):
     ours = smol_ckpt.tokenizer()
     ref = transformers.AutoTokenizer.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
-    assert isinstance(ours, transformers.PreTrainedTokenizerFast)
-    assert ours.chat_template == ref.chat_template and "<|im_start|>" in ours.chat_template
-    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
-            {"role": "user", "content": "And 3+3?"}]
-    rendered = ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    assert rendered == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    assert "<|im_start|>assistant\n" in rendered
-    sentence = "JAX compiles Python functions with XLA, e.g. jit(f)(x)!"
-    assert ours.encode(sentence) == ref.encode(sentence)
+    assert_same_tokenizer(ours, ref)
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 2)
+    assert ours.chat_template == ref.chat_template and "<|im_start|>" in ours.chat_template
+    for chat in CHATS:
+        for generation_prompt in (True, False):
+            rendered = ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+            assert rendered == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+            ids = ours.apply_chat_template(chat, tokenize=True, add_generation_prompt=generation_prompt)
+            assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == \
+                list(_ids(ref.apply_chat_template(chat, tokenize=True, add_generation_prompt=generation_prompt)))
+            assert ours.encode(rendered, add_special_tokens=False) == ref.encode(rendered, add_special_tokens=False)
+    assert "<|im_start|>assistant\n" in rendered or not generation_prompt
+
+
+def _ids(x):
+    return x["input_ids"] if hasattr(x, "keys") else x
+
+
+def test_smollm2_tokenizer_needs_no_torch(smol_path, smol_ckpt):
+    """Builds the SmolLM2 tokenizer in a fresh interpreter where importing torch fails; same ids as in this one."""
+    expected = smol_ckpt.tokenizer().encode("Hi there")
+    code = ("import sys; sys.modules['torch'] = None\n"  # `import torch` now raises ImportError
+            "from jaxswift.checkpoints.gguf import read_gguf\n"
+            f"tok = read_gguf({str(smol_path)!r}).tokenizer()\n"
+            f"assert tok.encode('Hi there') == {expected}, tok.encode('Hi there')\n"
+            "print(type(tok).__name__, 'torch' in sys.modules and sys.modules['torch'] is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "False"
+
+
+def _trained_vocab(kind: str):
+    """A small real BPE vocabulary trained here: (tokens in id order, merges, token types)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    corpus = [t for t in TOKENIZER_TEXTS if t] * 20 + ["the quick brown fox jumps over the lazy dog"] * 50
+    if kind == "gpt2":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials)
+    tok.train_from_iterator(corpus, trainer)
+    data = json.loads(tok.to_str())["model"]
+    tokens = sorted(data["vocab"], key=data["vocab"].get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in data["merges"]]
+    types = [3 if t in specials[:3] else 6 if t.startswith("<0x") else 1 for t in tokens]
+    if kind == "gpt2":
+        tokens.append("<think>")  # user-defined: matched whole, never special
+        types.append(4)
+    return tokens, merges, types
+
+
+@pytest.mark.parametrize("kind,pre,with_merges", [("gpt2", "qwen2", True), ("gpt2", "llama-bpe", True),
+                                                  ("gpt2", "default", True), ("llama", None, False),
+                                                  ("llama", None, True)])
+def test_tiny_tokenizers_match_transformers(tmp_path, kind, pre, with_merges):
+    tokens, merges, types = _trained_vocab(kind)
+    meta = {"tokenizer_model": kind, "token_list": tokens, "token_types": types,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2 if kind == "gpt2" else 0,
+            "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                             "{% endfor %}"}
+    if pre:
+        meta["tokenizer_pre"] = pre
+    if with_merges:
+        meta["token_merges"] = merges
+    if kind == "llama":
+        meta["token_scores"] = [-float(i) for i in range(len(tokens))]
+        meta["unk_token_id"] = 0
+    path = write_gguf(tmp_path / "tok.gguf", "llama", tiny_hf_weights("llama", 8), head_dim=8, meta=meta)
+    ours = read_gguf(path).tokenizer()
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    assert_same_tokenizer(ours, ref)
+    assert ours.chat_template == ref.chat_template
+    # the vocabulary really merges: common words become few tokens
+    assert len(ours.encode(" the quick brown fox", add_special_tokens=False)) <= 5
+
+
+def test_tokenizer_errors_name_the_file(tmp_path):
+    path = write_gguf(tmp_path / "t.gguf", "llama", tiny_hf_weights("llama", 8), head_dim=8,
+                      meta={"tokenizer_model": "bert", "token_list": ["a", "b"]})
+    with pytest.raises(CheckpointError, match=r"t\.gguf: GGUF tokenizer model 'bert' is not supported"):
+        read_gguf(path).tokenizer()
+    path = write_gguf(tmp_path / "u.gguf", "llama", tiny_hf_weights("llama", 8), head_dim=8)
+    with pytest.raises(CheckpointError, match=r"u\.gguf: GGUF metadata has no tokenizer\.ggml\.tokens"):
+        read_gguf(path).tokenizer()
+    path = write_gguf(tmp_path / "v.gguf", "llama", tiny_hf_weights("llama", 8), head_dim=8,
+                      meta={"tokenizer_model": "gpt2", "token_list": ["a", "b", "ab"], "token_merges": ["a b"],
+                            "eos_token_id": 7})
+    with pytest.raises(CheckpointError, match=r"v\.gguf: tokenizer\.ggml\.eos_token_id 7 is outside"):
+        read_gguf(path).tokenizer()
+    path = write_gguf(tmp_path / "w.gguf", "llama", tiny_hf_weights("llama", 8), head_dim=8,
+                      meta={"tokenizer_model": "gpt2", "token_list": ["a", "b"], "token_merges": ["a b"]})
+    with pytest.raises(CheckpointError, match=r"w\.gguf: tokenizer\.ggml\.merges entry 'a b' is not two"):
+        read_gguf(path).tokenizer()
 
 
 # --------------------------------------------------------------------------- tiny files written like llama.cpp

@@ -70,11 +70,11 @@ def recomputed(model, r, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logprobs_equal_the_trainers(tiny, temperature):
-    from jaxswift.api import eos_ids_of
+    from jaxswift.infer.generate import stop_token_ids
 
     sampling = RolloutSampling(temperature=temperature, max_completion_length=6)
     r = rollout(tiny.params, prompt_ids(tiny, 3), tiny.config, sampling=sampling, num_generations=2,
-                eos_ids=eos_ids_of(tiny), pad_id=0, key=jax.random.key(1))
+                eos_ids=stop_token_ids(tiny.config, tiny.tokenizer), pad_id=0, key=jax.random.key(1))
     assert r.completion_ids.shape == (6, 6) and r.completion_mask.sum() > 0
     np.testing.assert_array_equal(r.prompt_ids[0], r.prompt_ids[1])  # G consecutive rows per prompt
     want = recomputed(tiny, r, temperature) * r.completion_mask
@@ -93,11 +93,11 @@ def test_engine_rollout_logprobs_equal_the_trainers(tiny):
 
 
 def test_grouped_scoring_runs_each_prompt_once_and_equals_the_plain_path(tiny):
-    from jaxswift.api import eos_ids_of
+    from jaxswift.infer.generate import stop_token_ids
     from jaxswift.infer.rollout import grouped_completion_logps, shares_prompts
 
     r = rollout(tiny.params, prompt_ids(tiny, 3), tiny.config, sampling=RolloutSampling(max_completion_length=6),
-                num_generations=3, eos_ids=eos_ids_of(tiny), pad_id=0, key=jax.random.key(2))
+                num_generations=3, eos_ids=stop_token_ids(tiny.config, tiny.tokenizer), pad_id=0, key=jax.random.key(2))
     seqs = sequences(r)
     arrays = (seqs["tokens"], seqs["positions"], seqs["segment_ids"])
     P = r.prompt_ids.shape[1]

@@ -97,6 +97,31 @@ def test_adapter_and_merged_export_match_peft(variant, tmp_path):
     np.testing.assert_allclose(hf_logits(merged, TOKENS), ours, atol=ATOL, rtol=0)
 
 
+def test_adapter_base_is_what_peft_resolves(tmp_path, monkeypatch):
+    """adapter_config.json names a base other tools resolve: a local folder given relatively is written absolute, so
+    peft.AutoPeftModelForCausalLM loads base + adapter from the adapter folder alone, from any working directory;
+    the embedded model is written as its hub id (peft cannot download here: the value peft reads is checked)."""
+    from peft import AutoPeftModelForCausalLM, PeftConfig
+
+    hf, model = base_model(tmp_path)
+    lora_cfg = LoraConfig(rank=4, alpha=8, target_modules="all-linear")
+    params = randomized(add_lora(model.params, model.config, lora_cfg, jax.random.key(0)))
+    monkeypatch.chdir(tmp_path)
+    save_peft_adapter(params, model.config, lora_cfg, tmp_path / "adapter", "base")  # relative, as a user types it
+    assert PeftConfig.from_pretrained(str(tmp_path / "adapter")).base_model_name_or_path == str(tmp_path / "base")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), attn_implementation="eager").eval()
+    np.testing.assert_allclose(hf_logits(loaded, TOKENS), logits(params, model.config), atol=ATOL, rtol=0)
+
+    for spelling in ("smollm2-135m-instruct", "SmolLM2-135M-Instruct"):
+        save_peft_adapter(params, model.config, lora_cfg, tmp_path / spelling, spelling)
+        assert PeftConfig.from_pretrained(str(tmp_path / spelling)).base_model_name_or_path == \
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+    save_peft_adapter(params, model.config, lora_cfg, tmp_path / "hub", "org/not-local")  # neither: as given
+    assert PeftConfig.from_pretrained(str(tmp_path / "hub")).base_model_name_or_path == "org/not-local"
+
+
 def test_save_load_round_trip_is_exact(tmp_path):
     _, model = base_model(tmp_path, "qwen2")
     lora_cfg = LoraConfig(rank=4, alpha=8, dropout=0.05, target_modules=["q_proj", "wv", "down_proj"],

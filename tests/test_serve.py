@@ -620,7 +620,7 @@ def test_serve_recipe_flags_are_checked(tmp_path):
 
     args = parse_args(ServeArguments, ["--port", "9000", "--api_key", "a", "b", "--rate_limit", "5/second"])
     assert args.port == 9000 and args.api_key == ["a", "b"] and args.model == "smollm2-135m-instruct"
-    shipped = Path(__file__).parents[1] / "recipes" / "serve_smollm2.yaml"
+    shipped = Path(__file__).parents[1] / "jaxswift" / "recipes" / "configs" / "serve_smollm2.yaml"
     assert parse_args(ServeArguments, ["--config", str(shipped)]).max_model_len == 2048
     with pytest.raises(ConfigError, match="NAME=DIR"):
         parse_adapters(["just-a-folder"])

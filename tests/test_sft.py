@@ -215,7 +215,9 @@ def test_yaml_config_and_flag_override(tmp_path):
 
 
 def test_shipped_recipe_yaml_parses():
-    args = parse_args(SftArguments, ["--config", str(Path(__file__).parents[1] / "recipes/sft_lora_smollm2.yaml")])
+    from jaxswift.recipes.common import resolve_config
+
+    args = parse_args(SftArguments, ["--config", resolve_config("sft_lora_smollm2")])
     assert args.packing and args.tuner_type == "lora"
 
 

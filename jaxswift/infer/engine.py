@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxswift.errors import ConfigError
 from jaxswift.infer.engine_api import Engine, RequestSampling, ResultTokens
+from jaxswift.infer.generate import stop_token_ids
 from jaxswift.infer.kv_cache import SCRATCH_PAGE, PageAllocator, init_pools, pages_for
 from jaxswift.infer.multi_lora import stack_adapters, with_adapter_index
 from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, sample_slots, token_logprobs
@@ -181,12 +182,10 @@ class JaxEngine(Engine):
     def __init__(self, model, *, max_concurrent_decodes: int = 8, max_model_len: int = 2048, page_size: int = 16,
                  num_pages: int | None = None, prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048),
                  adapters: dict[str, str] | None = None):
-        from jaxswift.api import eos_ids_of
-
         cfg: ModelConfig = model.config
         _check_sizes(max_concurrent_decodes, max_model_len, page_size, num_pages, prefill_buckets)
         self.config, self.tokenizer = cfg, model.tokenizer
-        self.eos_ids = tuple(int(i) for i in eos_ids_of(model))
+        self.eos_ids = tuple(int(i) for i in stop_token_ids(cfg, model.tokenizer))
         self._slots, self._max_len, self.page_size = max_concurrent_decodes, max_model_len, page_size
         self._buckets = tuple(sorted(b for b in prefill_buckets if b < max_model_len)) or (min(prefill_buckets),)
         self._pages_per_slot = pages_for(max_model_len, page_size)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxswift.errors import ConfigError
 from jaxswift.infer.sampling import SamplingParams, sample
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
@@ -21,6 +22,16 @@ PREFILL_BUCKET = 64
 
 def _bucket(n: int, multiple: int = PREFILL_BUCKET) -> int:
     return max(multiple, -(-n // multiple) * multiple)
+
+
+def stop_token_ids(config: ModelConfig, tokenizer=None) -> np.ndarray:
+    """The ids that end a generation: config.json's eos ids plus the tokenizer's eos when it is another one."""
+    ids = list(config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ConfigError("the model has no eos token id (config.json eos_token_id or the tokenizer's eos)")
+    return np.asarray(ids, np.int32)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,6 +49,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def last_logits(params, tokens, cfg, positions, segments, cache):
+    """Logits [B, V] of each row's last position and the updated cache."""
     h, cache = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments, cache=cache)
     return logits_from_hidden(params, h[:, -1:], cfg)[:, 0], cache
 

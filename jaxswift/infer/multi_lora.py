@@ -21,7 +21,7 @@ from jaxswift.checkpoints.peft import load_peft_adapter
 from jaxswift.errors import CheckpointError
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import linear
-from jaxswift.tuners.lora import _split_equation, is_lora
+from jaxswift.tuners.lora import is_lora, split_equation
 
 
 @struct.dataclass
@@ -32,7 +32,7 @@ class MultiLoraWeight:
     index: Any = None  # [B] adapter per row, set by with_adapter_index
 
     def apply(self, equation: str, x):
-        x_spec, contracted, w_out, out, r = _split_equation(equation)
+        x_spec, contracted, w_out, out, r = split_equation(equation)
         row = x_spec[0]
         kept = "".join(c for c in x_spec if c not in contracted)
         base_out = linear(equation, x, self.base)

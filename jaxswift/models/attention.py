@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.hints import constrain
-from jaxswift.models.transformer import _MASKED, ACT, _qkv, feed_forward, linear, rms_norm
+from jaxswift.models.transformer import _MASKED, ACT, feed_forward, linear, project_qkv, rms_norm
 
 
 def write_token_kv(k_pool, v_pool, k_BKH, v_BKH, page_B, offset_B):
@@ -51,7 +51,7 @@ def paged_decoder_layer(x_BD, layer, window, cfg: ModelConfig, position_B, pages
     B = x_BD.shape[0]
     x = x_BD[:, None]
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = _qkv(h, layer, cfg, position_B[:, None])
+    q, k, v = project_qkv(h, layer, cfg, position_B[:, None])
     k_pool, v_pool = write_token_kv(*pages, k[:, 0], v[:, 0], page_B, offset_B)
     attn = paged_attention(q[:, 0], k_pool, v_pool, table_BC, position_B, window)
     x = x + linear("BTNH,NHD->BTD", attn.reshape(B, 1, cfg.num_heads, cfg.head_dim), layer["wo"])

@@ -145,7 +145,8 @@ def causal_self_attention(q_BTNH, k_BKHT, v_BKTH, mask_BTT, block: int = CAUSAL_
     return jnp.concatenate(out, axis=1)
 
 
-def _qkv(h_BTD, layer, cfg: ModelConfig, positions_BT):
+def project_qkv(h_BTD, layer, cfg: ModelConfig, positions_BT):
+    """q [B,T,N,H], k and v [B,T,K,H] of one layer's input, with q/k norms and RoPE applied."""
     q = linear("BTD,DNH->BTNH", h_BTD, layer["wq"])
     k = linear("BTD,DKH->BTKH", h_BTD, layer["wk"])
     v = linear("BTD,DKH->BTKH", h_BTD, layer["wv"])
@@ -211,7 +212,7 @@ def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_
     """
     B, T, _ = x_BTD.shape
     h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = _qkv(h, layer, cfg, positions_BT)
+    q, k, v = project_qkv(h, layer, cfg, positions_BT)
     if kv is None:
         attn = override("self_attention", self_attention)(q, k, v, positions_BT, segment_ids_BT, window)
         new_kv = None

@@ -1,4 +1,4 @@
-"""Logical-axis rule tables (sharding/*.yaml): the only place where model axes meet mesh axes."""
+"""Logical-axis rule tables (jaxswift/sharding/*.yaml): the only place where model axes meet mesh axes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from jaxswift.models import hints
 from jaxswift.parallel.mesh import MESH_AXES
 
 log = logging.getLogger(__name__)
-RULES_DIR = Path(__file__).resolve().parents[2] / "sharding"
+RULES_DIR = Path(__file__).resolve().parents[1] / "sharding"  # jaxswift/sharding, shipped in the wheel
 LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "experts", "layers",
                 "norm", "lora_rank")
 
@@ -53,7 +53,7 @@ def _table(raw, where: str) -> dict:
 
 
 def load_rules(name_or_path: str = "default") -> ShardingRules:
-    """A rule table by name (a file in sharding/) or by path."""
+    """A rule table by name (a file in jaxswift/sharding/) or by path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = RULES_DIR / f"{name_or_path}.yaml"

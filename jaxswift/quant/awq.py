@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxswift.errors import CheckpointError
 from jaxswift.models.config import ModelConfig
-from jaxswift.models.transformer import _qkv, feed_forward, linear, self_attention
+from jaxswift.models.transformer import feed_forward, linear, project_qkv, self_attention
 from jaxswift.quant.calibration import INPUT_GROUPS, flat_weight, sequence_positions, subsample_rows
 from jaxswift.quant.gptq import check_bits
 from jaxswift.quant.packing import pack_int32, unpack_int32
@@ -98,7 +98,7 @@ def block_output(block: str, layer: dict, x_BTI, cfg: ModelConfig, window: int):
     if block == "attention":
         B, T = x_BTI.shape[:2]
         positions, segments = sequence_positions(B, T)
-        q, k, v = _qkv(x_BTI, layer, cfg, positions)
+        q, k, v = project_qkv(x_BTI, layer, cfg, positions)
         return linear("BTNH,NHD->BTD", self_attention(q, k, v, positions, segments, window), layer["wo"])
     if block == "mlp":
         return feed_forward(x_BTI, layer, cfg)[0]

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxswift.checkpoints.safetensors_io import write_safetensors
 from jaxswift.errors import ConfigError
 from jaxswift.models.config import ModelConfig, config_to_hf
 from jaxswift.models.families import weight_maps
@@ -166,8 +167,6 @@ def quantized_tensors(params: dict, cfg: ModelConfig, spec: QuantSpec) -> dict[s
 
 def save_quantized(model, params: dict, spec: QuantSpec, out_dir: str | Path) -> Path:
     """config.json with `quantization_config`, model.safetensors, generation config and tokenizer."""
-    from jaxswift.checkpoints.safetensors_io import write_safetensors
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxswift.checkpoints.hf import dense_leaf, read_hf_config, set_path
+from jaxswift.checkpoints.safetensors_io import iter_folder_tensors, write_safetensors
 from jaxswift.errors import CheckpointError, ConfigError
+from jaxswift.models.config import config_to_hf
+from jaxswift.models.families import weight_maps
+from jaxswift.models.spec import abstract_params, param_specs
+from jaxswift.quant.int8 import quantize_int8
 
 F32 = jnp.float32
 BLOCKSIZE = 64
@@ -224,8 +231,6 @@ LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 def _n_in(cfg, name: str) -> int:
-    from jaxswift.models.spec import param_specs
-
     return len(param_specs(cfg)["layers"][name].fan_in_axes)
 
 
@@ -248,8 +253,6 @@ def quantize_params(params: dict, cfg, method: str = "nf4") -> dict:
 @partial(jax.jit, static_argnums=(1, 2))
 def _quantize_all(weights: dict, n_ins: tuple, method: str) -> dict:
     """All projections in one compiled call (one compile instead of one per weight)."""
-    from jaxswift.quant.int8 import quantize_int8
-
     quantize = quantize_nf4 if method == "nf4" else quantize_int8
     return {name: quantize(weights[name], n_in) for name, n_in in n_ins}
 
@@ -260,8 +263,6 @@ QUANT_METHODS = ("nf4", "int8")
 def abstract_quantized_params(cfg, method: str = "nf4", params_abstract=None) -> dict:
     """ShapeDtypeStruct leaves of the quantized base params of `cfg` (for memory planning and AOT lowering);
     nothing is allocated. params_abstract defaults to `models.spec.abstract_params(cfg)`."""
-    from jaxswift.models.spec import abstract_params
-
     params_abstract = abstract_params(cfg) if params_abstract is None else params_abstract
     return jax.eval_shape(lambda p: quantize_params(p, cfg, method), params_abstract)
 
@@ -348,12 +349,6 @@ def _get(tree, path):
 def save_bnb_nf4(params: dict, cfg, out_dir, *, tokenizer=None):
     """An HF folder that `AutoModelForCausalLM.from_pretrained` loads with bitsandbytes Linear4bit layers: NF4Weight
     leaves as bitsandbytes' tensors, everything else in float as `save_hf` writes it."""
-    from pathlib import Path
-
-    from jaxswift.checkpoints.safetensors_io import write_safetensors
-    from jaxswift.models.config import config_to_hf
-    from jaxswift.models.families import weight_maps
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -389,13 +384,6 @@ def _check_bnb_config(raw: dict, where: str):
 def load_bnb_nf4(folder, dtype: str | None = None):
     """(ModelConfig, params) from an HF folder of bitsandbytes NF4 weights (transformers' save_pretrained of a
     load_in_4bit model, or `save_bnb_nf4`): Linear4bit weights become NF4Weight leaves, the rest float arrays."""
-    from pathlib import Path
-
-    from jaxswift.checkpoints.hf import dense_leaf, read_hf_config, set_path
-    from jaxswift.checkpoints.safetensors_io import iter_folder_tensors
-    from jaxswift.models.families import weight_maps
-    from jaxswift.models.spec import param_specs
-
     folder = Path(folder)
     cfg, raw = read_hf_config(folder, dtype=dtype)
     _check_bnb_config(raw, str(folder / "config.json"))

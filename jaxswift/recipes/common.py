@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
-from jaxswift.errors import JaxswiftError
+from jaxswift.errors import ConfigError, JaxswiftError
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # recipe YAMLs shipped in the wheel
 
 
 def quiet_libraries():
@@ -22,13 +25,38 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     """Runs a recipe; a JaxswiftError (bad flag, file, row...) prints one line and exits with status 2."""
     quiet_libraries()
     try:
-        return main(sys.argv[1:] if argv is None else argv) or 0
+        return main(with_config_path(sys.argv[1:] if argv is None else argv)) or 0
     except JaxswiftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def resolve_config(name_or_path: str) -> str:
+    """`--config` value -> a YAML path: an existing file as given, else a config shipped with jaxswift by name
+    (`sft_lora_smollm2` or `sft_lora_smollm2.yaml`, from jaxswift/recipes/configs/)."""
+    if Path(name_or_path).is_file():
+        return name_or_path
+    packaged = CONFIGS_DIR / Path(name_or_path).name
+    packaged = packaged if packaged.suffix in (".yaml", ".yml") else packaged.with_name(packaged.name + ".yaml")
+    if packaged.is_file() and Path(name_or_path).parent == Path("."):
+        return str(packaged)
+    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise ConfigError(f"--config {name_or_path}: no such file, and no config of that name ships with jaxswift "
+                      f"(shipped: {known})")
+
+
+def with_config_path(argv: list[str]) -> list[str]:
+    """argv with a `--config NAME` (or `--config=NAME`) rewritten to the path `resolve_config` finds."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            argv[i + 1] = resolve_config(argv[i + 1])
+        elif arg.startswith("--config="):
+            argv[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    return argv
 
 
 def print_outcome(result, demo_question: str):

@@ -7,7 +7,7 @@ With --quant_method the (merged) model is quantized on the way out, in the layou
   gptq (--quant_bits 4|8, --group_size, --desc_act, calibrated on --dataset) -> AutoGPTQ/optimum/vLLM "gptq";
   awq (--quant_bits 4, --group_size, calibrated on --dataset) -> AutoAWQ/vLLM "awq" GEMM;
   fp8 (e4m3, --quant_per_channel true|false) and int8 (per channel) -> compressed-tensors, which vLLM serves and
-  transformers loads on CPU. jaxswift.load_model reads all four back (see jaxswift.checkpoints.quantized).
+  transformers loads on CPU. jaxswift.load_model reads all four back (see jaxswift.quant.load).
 """
 
 from __future__ import annotations

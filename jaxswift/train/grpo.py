@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxswift.api import eos_ids_of
+from jaxswift.infer.generate import stop_token_ids
 from jaxswift.data.prompts import PromptRow, PromptStream, load_prompts
 from jaxswift.errors import ConfigError
 from jaxswift.infer.rollout import (Rollout, completion_logps, grouped_completion_logps, sequences,
@@ -335,7 +335,7 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True) ->
     total_steps = total_steps_of(args, steps_per_epoch)
     optimizer, schedule = build_optimizer(args, total_steps, cfg)
 
-    eos = eos_ids_of(model)
+    eos = stop_token_ids(model.config, model.tokenizer)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else int(eos[0])
     demo_before = demo_answer(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
     tuned = prepare_tuner(model.params, args, cfg)

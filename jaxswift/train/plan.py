@@ -109,9 +109,9 @@ def read_model_config_dict(model: str) -> tuple[dict, str]:
     if not path.exists():
         preset = _preset_path(model)
         if preset is None:
-            from jaxswift.checkpoints.registry import _embedded_name, resolve_model_path
+            from jaxswift.checkpoints.registry import embedded_name, resolve_model_path
 
-            if _embedded_name(model) is None:
+            if embedded_name(model) is None:
                 raise ConfigError(f"--model {model!r}: not a file, a folder or a preset "
                                   f"(presets: {', '.join(preset_names())})")
             path = resolve_model_path(model)

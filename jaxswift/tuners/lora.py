@@ -81,7 +81,8 @@ class LoraConfig:
 # --- the weight ---------------------------------------------------------------------------------------------------
 
 
-def _split_equation(equation: str):
+def split_equation(equation: str):
+    """(x spec, contracted letters, weight's output letters, output spec, the rank letter) of a linear's einsum."""
     inputs, out = equation.replace(" ", "").split("->")
     x_spec, w_spec = inputs.split(",")
     contracted = "".join(c for c in w_spec if c in x_spec)
@@ -129,7 +130,7 @@ class LoraWeight:
         return self.a.shape[-1]
 
     def apply(self, equation: str, x):
-        x_spec, contracted, w_out, out, r = _split_equation(equation)
+        x_spec, contracted, w_out, out, r = split_equation(equation)
         kept = "".join(c for c in x_spec if c not in contracted)
         base_out = linear(equation, x, self.base)
         lora_x = x if self.dropout_key is None else _dropout(x, self.dropout, self.dropout_key)
