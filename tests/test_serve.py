@@ -542,7 +542,8 @@ def test_fuzzed_request_bodies_never_get_a_5xx(served):
     valid_chat = {**valid, "messages": st.lists(message, min_size=1, max_size=3), "logprobs": st.booleans()}
     valid_completion = {**valid, "prompt": st.one_of(st.text(min_size=1, max_size=40),
                                                      st.lists(st.integers(0, 49151), min_size=1, max_size=5)),
-                        "logprobs": st.integers(0, 3)}
+                        "logprobs": st.integers(0, 3), "echo": st.booleans(),
+                        "max_tokens": st.integers(0, 4)}
     chat_required, completion_required = {"messages", "max_tokens"}, {"prompt", "max_tokens"}  # short answers
 
     def bodies_for(fields: dict, required: set):

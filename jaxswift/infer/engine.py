@@ -109,6 +109,34 @@ def _prefill(params, tokens_T, length, adapter, *, cfg: ModelConfig, chunk: int)
     return k, v, logits, prompt_mask
 
 
+def _prompt_logprobs(params, tokens_T, length, adapter, *, cfg: ModelConfig, chunk: int, num_top: int):
+    """Each prompt token's log-prob given the tokens before it, and the num_top best alternatives there, under the
+    raw float32 logits: (chosen [T], top ids [T, num_top], top log-probs [T, num_top]); entry t scores token t + 1
+    (the host shifts them; the first prompt token has none). The prompt runs in T // chunk chunks, as in prefill,
+    so the [chunk, V] logits of one chunk at a time are live."""
+    params = with_adapter_index(params, adapter[None])
+    T = tokens_T.shape[0]
+    index = jnp.arange(T, dtype=jnp.int32)
+    real = index < length
+    tokens, positions, segments = tokens_T[None], jnp.where(real, index, 0)[None], real.astype(jnp.int32)[None]
+    following = jnp.concatenate([tokens_T[1:], tokens_T[:1]])
+    cache = init_cache(cfg, 1, T, per_layer=True)
+    out = (jnp.zeros((T,), jnp.float32), jnp.zeros((T, num_top), jnp.int32), jnp.zeros((T, num_top), jnp.float32))
+
+    def run_chunk(c, carry):
+        cache, out = carry
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
+        h, cache = hidden_states(params, part(tokens), cfg, positions=part(positions), segment_ids=part(segments),
+                                 cache=cache)
+        logits = logits_from_hidden(params, h, cfg)[0]
+        scored = token_logprobs(logits, jax.lax.dynamic_slice_in_dim(following, c * chunk, chunk), num_top)
+        out = tuple(jax.lax.dynamic_update_slice_in_dim(whole, new, c * chunk, axis=0)
+                    for whole, new in zip(out, scored))
+        return cache, out
+
+    return jax.lax.fori_loop(0, T // chunk, run_chunk, (cache, out))[1]
+
+
 def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X, max_tokens, adapter, *,
                  num_top: int):
     """The first token and the request's slot arrays (one compile for every bucket)."""
@@ -167,6 +195,7 @@ def _free(state: DecodeState, slot) -> DecodeState:
 # Module-level, so engines of the same model and sizes share compiled functions.
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "chunk"))
 _first_token_jit = jax.jit(_first_token, static_argnames=("num_top",))
+_prompt_logprobs_jit = jax.jit(_prompt_logprobs, static_argnames=("cfg", "chunk", "num_top"))
 _generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top"), donate_argnums=(1,))
 _insert_jit = jax.jit(_insert, donate_argnums=(0,))
 _free_jit = jax.jit(_free, donate_argnums=(0,))
@@ -288,6 +317,24 @@ class JaxEngine(Engine):
                                                  jnp.int32(sampling.adapter), cfg=self._shape_cfg,
                                                  chunk=min(T, self.max_prefill_length))
         return self._first(Prefix(k, v, int(true_length), sampling, {}, False, logits, prompt_mask), sampling)
+
+    def prompt_logprobs(self, params, token_ids: list[int], num_top: int, adapter: int = 0) -> list:
+        """vLLM's prompt_logprobs: for each prompt token, None for the first, else (its log-prob given the tokens
+        before it, [(token id, log-prob)] of the num_top best alternatives there, best first), under the raw
+        logits (as `logprobs` of generated tokens). Runs the prompt once more than prefill does: only echo-scoring
+        requests ask for it."""
+        if not 0 <= num_top <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"prompt logprobs: num_top must be in 0..{MAX_TOP_LOGPROBS}, got {num_top}")
+        if not 0 <= adapter <= len(self._adapter_names):
+            raise ConfigError(f"sampling adapter must be in [0, {len(self._adapter_names)}], got {adapter}")
+        padded, n = self.pad_prompt(token_ids)
+        k = MAX_TOP_LOGPROBS if num_top else 0  # two compiled variants per bucket, not one per k
+        chosen, top_ids, top_lps = jax.device_get(_prompt_logprobs_jit(
+            params, padded, jnp.int32(n), jnp.int32(adapter), cfg=self._shape_cfg,
+            chunk=min(padded.shape[0], self.max_prefill_length), num_top=k))
+        return [None] + [(float(chosen[t]), [(int(i), float(p)) for i, p in zip(top_ids[t, :num_top],
+                                                                               top_lps[t, :num_top])])
+                         for t in range(n - 1)]
 
     def resample(self, prefix: Prefix, sampling: RequestSampling) -> tuple[Prefix, ResultTokens]:
         """Another request over the same prompt, without running it again: the prefix's keys/values (shared; insert

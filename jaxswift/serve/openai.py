@@ -1,6 +1,11 @@
 """OpenAI's HTTP API over an Orchestrator (FastAPI): /v1/models, /v1/completions, /v1/chat/completions (SSE streaming
 with `data: [DONE]`), /health, /metrics, /tokenize, /detokenize.
 
+Evaluators (lm-evaluation-harness's `local-completions`) score prompts through /v1/completions: token-id prompts
+(`list[int]`, `list[list[int]]`), `echo` with `logprobs` returns the prompt's tokens first, each with its log-prob
+given the tokens before it and its top alternatives (the first token's are null), and `max_tokens: 0` scores the
+prompt alone. `echo` is refused with `stream: true`.
+
 Every error, FastAPI's own validation errors included, answers with OpenAI's envelope
 `{"error": {"message", "type", "param", "code"}}`; a client's mistake is a 4xx, never a 500. Bodies are validated
 strictly (no type coercion, unknown fields refused) so that nothing a client sends is silently ignored.
@@ -171,7 +176,7 @@ class _SamplingBody(_Strict):
 
 class CompletionBody(_SamplingBody):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0 only with echo: the prompt's log-probs alone (evaluators)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
@@ -334,14 +339,23 @@ def _chat_logprobs(server: OpenAIServer, items: list[TokenLogprob]) -> dict:
 
 
 def _completion_logprobs(server: OpenAIServer, items: list[TokenLogprob], text_start: int = 0) -> dict:
+    """OpenAI's legacy completions log-probs; an item whose logprob is None (the first echoed prompt token, which
+    nothing before it predicts) gets null log-prob and null alternatives, as vLLM answers."""
     tokens = [server.token_text(lp.token_id) for lp in items]
     offsets, at = [], text_start
     for t in tokens:
         offsets.append(at)
         at += len(t)
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{server.token_text(i): p for i, p in lp.top} for lp in items],
+            "top_logprobs": [None if lp.logprob is None else {server.token_text(i): p for i, p in lp.top}
+                             for lp in items],
             "text_offset": offsets}
+
+
+def _echoed_logprobs(prompt_ids: list[int], scored: list[TokenLogprob | None] | None) -> list[TokenLogprob]:
+    """The prompt's tokens as log-prob items: the first unscored (None), the others as the engine scored them."""
+    scored = scored or [None] * len(prompt_ids)
+    return [TokenLogprob(t, None, []) if lp is None else lp for t, lp in zip(prompt_ids, scored)]
 
 
 @dataclasses.dataclass
@@ -352,6 +366,9 @@ class _Shape:
     model: str
     created: int
     logprobs: bool
+    # completions with echo: per prompt, (its text, its token ids); choice i echoes prompt i // n
+    echo: list[tuple[str, list[int]]] | None = None
+    n: int = 1
 
     @property
     def object(self) -> str:
@@ -444,10 +461,16 @@ async def _collect(server, request, shape: _Shape, sink, ticket, n: int, prompt_
         m = merged[index]
         m.text += chunk.text
         m.logprobs += chunk.logprobs
+        m.prompt_logprobs = m.prompt_logprobs or chunk.prompt_logprobs
         m.completion_tokens, m.finish_reason = chunk.completion_tokens, chunk.finish_reason
         left -= chunk.final
     completion_tokens = sum(m.completion_tokens for m in merged)
     server.metrics.observe_finished(ticket, prompt_tokens, completion_tokens)
+    if shape.echo is not None:  # the prompt's text and scores first; choice i's prompt scored with choice i - i % n
+        for i, m in enumerate(merged):
+            text, ids = shape.echo[i // shape.n]
+            m.text = text + m.text
+            m.logprobs = _echoed_logprobs(ids, merged[i - i % shape.n].prompt_logprobs) + m.logprobs
     choices = [shape.choice(server, i, m.text, m.logprobs, m.finish_reason, delta=False)
                for i, m in enumerate(merged)]
     return shape.envelope(choices, _usage(prompt_tokens, completion_tokens), chunk=False)
@@ -541,13 +564,25 @@ def _add_generation_routes(app: FastAPI, server: OpenAIServer, client):
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request, who: str = Depends(client)):
         adapter = server.adapter_for(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported by this server", param="echo")
+        if body.echo and body.stream:
+            raise APIError(400, "echo is not supported with stream: true on this server (send stream: false)",
+                           param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 is allowed only with echo (scoring the prompt)", param="max_tokens")
         prompts = server.completion_prompts(body.prompt)
         server.check_fits(prompts, body.max_tokens)
+        echo = None
+        if body.echo:
+            one = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
+            texts = [p if isinstance(p, str) else server.tokenizer.decode(ids)
+                     for p, ids in zip([body.prompt] if one else body.prompt, prompts)]
+            echo = list(zip(texts, prompts))
         shape = _Shape(False, f"cmpl-{uuid.uuid4().hex}", body.model or server.config.model_name,
-                       int(time.time()), body.logprobs is not None)
+                       int(time.time()), body.logprobs is not None, echo, body.n)
         requests = server.requests(body, prompts, body.max_tokens, body.logprobs, adapter)
+        if body.echo and body.logprobs is not None:  # the first choice of each prompt scores it for all n
+            requests = [dataclasses.replace(r, prompt_logprobs=body.logprobs) if i % body.n == 0 else r
+                        for i, r in enumerate(requests)]
         return await _run(server, request, shape, body, requests, sum(map(len, prompts)), who)
 
 
