@@ -32,7 +32,7 @@ from jaxswift.errors import ConfigError
 from jaxswift.infer.engine_api import Engine, RequestSampling, ResultTokens
 from jaxswift.infer.kv_cache import SCRATCH_PAGE, PageAllocator, init_pools, pages_for
 from jaxswift.infer.multi_lora import stack_adapters, with_adapter_index
-from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, sample_slots, token_logprobs
+from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, apply_token_mask, sample_slots, token_logprobs
 from jaxswift.models.attention import paged_decode_hidden
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
@@ -68,6 +68,7 @@ class Prefix:
     done: bool
     logits: jax.Array  # [1, V] after the prompt: what `resample` draws another first token from
     prompt_mask: jax.Array  # [1, V]
+    guide: object = None  # grammar.GuideState of a constrained request, advanced past its first token
 
 
 def _finished(tokens_S, generated_S, stop_ids_SX, max_tokens_S):
@@ -137,11 +138,13 @@ def _prompt_logprobs(params, tokens_T, length, adapter, *, cfg: ModelConfig, chu
     return jax.lax.fori_loop(0, T // chunk, run_chunk, (cache, out))[1]
 
 
-def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X, max_tokens, adapter, *,
-                 num_top: int):
-    """The first token and the request's slot arrays (one compile for every bucket)."""
+def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X, max_tokens, adapter, allowed_1W,
+                 *, num_top: int):
+    """The first token and the request's slot arrays (one compile for every bucket; allowed_1W None: no
+    constraint)."""
     counts = jnp.zeros(logits.shape, jnp.int32)
-    first = sample_slots(logits, prompt_mask, counts, sampling, jnp.zeros((1,), jnp.int32))
+    masked = logits if allowed_1W is None else apply_token_mask(logits, allowed_1W)
+    first = sample_slots(masked, prompt_mask, counts, sampling, jnp.zeros((1,), jnp.int32))
     chosen, top_ids, top_logprobs = token_logprobs(logits, first, num_top)
     one = jnp.ones((1,), jnp.int32)
     done = _finished(first, one, stop_ids_X[None], max_tokens[None])
@@ -166,7 +169,7 @@ def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
     return state._replace(k_pages=tuple(ks), v_pages=tuple(vs), **updated)
 
 
-def _generate(params, state: DecodeState, table_BC, *, cfg: ModelConfig, num_top: int):
+def _generate(params, state: DecodeState, table_BC, allowed_SW, *, cfg: ModelConfig, num_top: int):
     params = with_adapter_index(params, state.adapter)
     P = state.k_pages[0].shape[2]
     C = table_BC.shape[1]
@@ -176,7 +179,8 @@ def _generate(params, state: DecodeState, table_BC, *, cfg: ModelConfig, num_top
     h, ks, vs = paged_decode_hidden(params, state.tokens, cfg, pos, state.k_pages, state.v_pages, page, pos % P,
                                     table_BC)
     logits = logits_from_hidden(params, h[:, None], cfg)[:, 0]
-    tokens = sample_slots(logits, state.prompt_mask, state.output_counts, state.sampling, state.generated)
+    masked = logits if allowed_SW is None else apply_token_mask(logits, allowed_SW)  # log-probs stay raw (vLLM)
+    tokens = sample_slots(masked, state.prompt_mask, state.output_counts, state.sampling, state.generated)
     chosen, top_ids, top_logprobs = token_logprobs(logits, tokens, num_top)
     generated = state.generated + active
     done = active & _finished(tokens, generated, state.stop_ids, state.max_tokens)
@@ -228,6 +232,7 @@ class JaxEngine(Engine):
         self._seeds = np.random.default_rng()
         # The compiled functions see only the shapes of the model, so engines of variants share them.
         self._shape_cfg = cfg.replace(bos_token_id=None, eos_token_ids=(), pad_token_id=None)
+        self._grammar = None
         self._reset_host()
 
     # --- sizes ----------------------------------------------------------------------------------------------------
@@ -347,17 +352,37 @@ class JaxEngine(Engine):
 
     def _first(self, prefix: Prefix, sampling: RequestSampling) -> tuple[Prefix, ResultTokens]:
         max_tokens = min(sampling.max_tokens, self._max_len - prefix.length)  # prompt + completion fit the context
+        guide, allowed = None, None
+        if sampling.constraint is not None:
+            guide = sampling.constraint.guide(self.grammar)
+            allowed = np.zeros((1, self.grammar.words), np.uint32)
+            guide.write_mask(allowed[0])
         slot, out = _first_token_jit(prefix.logits, prefix.prompt_mask, jnp.int32(prefix.length),
                                      self._slot_sampling(sampling), self._stop_ids(sampling), jnp.int32(max_tokens),
-                                     jnp.int32(sampling.adapter), num_top=MAX_TOP_LOGPROBS if sampling.logprobs else 0)
+                                     jnp.int32(sampling.adapter), allowed,
+                                     num_top=MAX_TOP_LOGPROBS if sampling.logprobs else 0)
         first = self._result(jax.device_get(out), [sampling])
-        return dataclasses.replace(prefix, sampling=sampling, slot=slot, done=bool(first.done[0])), first
+        if guide is not None and not first.done[0]:
+            guide.advance(int(first.tokens[0]))
+        return dataclasses.replace(prefix, sampling=sampling, slot=slot, done=bool(first.done[0]), guide=guide), first
+
+    @property
+    def grammar(self):
+        """The grammar.GrammarCompiler of this engine's tokenizer (built on first use: it indexes the vocabulary)."""
+        if self._grammar is None:
+            from jaxswift.infer.grammar import GrammarCompiler
+
+            if self.tokenizer is None:
+                raise ConfigError("structured output needs the model's tokenizer")
+            self._grammar = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.eos_ids)
+        return self._grammar
 
     # --- slots ----------------------------------------------------------------------------------------------------
 
     def _reset_host(self):
         self._pages = PageAllocator(self._num_pages, self._slots, self._pages_per_slot)
         self._requests: list[RequestSampling | None] = [None] * self._slots
+        self._guides: list = [None] * self._slots  # grammar.GuideState of constrained slots
         self._positions = np.zeros((self._slots,), np.int64)
         self._active = np.zeros((self._slots,), bool)
 
@@ -386,12 +411,13 @@ class JaxEngine(Engine):
         pages[:len(self._pages.owned[slot])] = self._pages.owned[slot]
         state = _insert_jit(decode_state, prefix.k, prefix.v, prefix.slot, jnp.int32(slot), pages)
         self._requests[slot], self._positions[slot], self._active[slot] = prefix.sampling, prefix.length, True
+        self._guides[slot] = prefix.guide
         return state
 
     def free_resource(self, decode_state: DecodeState, slot: int) -> DecodeState:
         self._check_slot(slot)
         self._pages.release(slot)
-        self._requests[slot], self._active[slot] = None, False
+        self._requests[slot], self._active[slot], self._guides[slot] = None, False, None
         return _free_jit(decode_state, jnp.int32(slot))
 
     def _gather_pages(self) -> int:
@@ -408,8 +434,17 @@ class JaxEngine(Engine):
         table = self._pages.table[:, :self._gather_pages()]
         requests = [r if a else None for r, a in zip(self._requests, self._active)]
         num_top = MAX_TOP_LOGPROBS if any(r is not None and r.logprobs for r in requests) else 0
-        state, out = _generate_jit(params, decode_state, table, cfg=self._shape_cfg, num_top=num_top)
+        guided = [slot for slot in np.flatnonzero(self._active) if self._guides[slot] is not None]
+        allowed = None  # no constrained slot: the step compiled without the mask
+        if guided:
+            allowed = np.full((self._slots, self.grammar.words), 0xFFFFFFFF, np.uint32)
+            for slot in guided:
+                self._guides[slot].write_mask(allowed[slot])
+        state, out = _generate_jit(params, decode_state, table, allowed, cfg=self._shape_cfg, num_top=num_top)
         result = self._result(jax.device_get(out), requests)
+        for slot in guided:
+            if result.valid[slot] and not result.done[slot]:
+                self._guides[slot].advance(int(result.tokens[slot]))
         self._positions += result.valid
         self._active &= ~result.done
         return state, result
@@ -430,7 +465,7 @@ class JaxEngine(Engine):
         while True:
             table = self._pages.table[:, :min(pages, self._pages_per_slot)]
             for num_top in (0, MAX_TOP_LOGPROBS):
-                state, _ = _generate_jit(params, state, table, cfg=self._shape_cfg, num_top=num_top)
+                state, _ = _generate_jit(params, state, table, None, cfg=self._shape_cfg, num_top=num_top)
             if pages >= self._pages_per_slot:
                 return self.init_decode_state()
             pages *= 2
