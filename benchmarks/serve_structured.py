@@ -49,8 +49,9 @@ def main(argv=None):
     constraint = engine.grammar.json_schema(SCHEMA)
     compile_s = time.perf_counter() - t0
     questions = [f"List {i + 3} fruits as JSON." for i in range(args.clients)]
-    prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-               for q in questions]
+    prompts = [model.tokenizer.encode(model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+        for q in questions]
 
     def wave(constrained: bool) -> tuple[float, int, list[str]]:
         requests = [GenerationRequest(tuple(ids), RequestSampling(
@@ -59,6 +60,9 @@ def main(argv=None):
         start = time.perf_counter()
         out = orchestrator.generate(requests)
         wall = time.perf_counter() - start
+        errors = [c.error for c in out if c.error is not None]
+        if errors:
+            raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
         return wall, sum(len(c.token_ids) for c in out), [c.text for c in out]
 
     rows = {}
