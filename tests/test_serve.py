@@ -542,7 +542,17 @@ def test_fuzzed_request_bodies_never_get_a_5xx(served):
     valid_chat = {**valid, "messages": st.lists(message, min_size=1, max_size=3), "logprobs": st.booleans()}
     valid_completion = {**valid, "prompt": st.one_of(st.text(min_size=1, max_size=40),
                                                      st.lists(st.integers(0, 49151), min_size=1, max_size=5)),
-                        "logprobs": st.integers(0, 3)}
+                        "logprobs": st.integers(0, 3), "echo": st.booleans(),
+                        "max_tokens": st.integers(0, 4)}
+    tool = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.sampled_from(["f", "get_x", "bad name"])},
+        optional={"parameters": st.sampled_from([{"type": "object"}, {"type": 3}, {"enum": ["a"]}])})})
+    valid_chat.update(tools=st.lists(tool, max_size=2), tool_choice=st.sampled_from(
+        ["auto", "none", "required", {"type": "function", "function": {"name": "f"}}]),
+        response_format=st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"},
+                                         {"type": "json_schema", "json_schema": {"schema": {"enum": ["x", "y"]}}}]))
+    valid_completion["structured_outputs"] = st.sampled_from(
+        [{"choice": ["a", "b"]}, {"regex": "[0-9]{2}"}, {"regex": "("}, {"json": {"type": "integer"}}, {}])
     chat_required, completion_required = {"messages", "max_tokens"}, {"prompt", "max_tokens"}  # short answers
 
     def bodies_for(fields: dict, required: set):

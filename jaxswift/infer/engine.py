@@ -33,7 +33,7 @@ from jaxswift.infer.engine_api import Engine, RequestSampling, ResultTokens
 from jaxswift.infer.generate import stop_token_ids
 from jaxswift.infer.kv_cache import SCRATCH_PAGE, PageAllocator, init_pools, pages_for
 from jaxswift.infer.multi_lora import stack_adapters, with_adapter_index
-from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, sample_slots, token_logprobs
+from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, apply_token_mask, sample_slots, token_logprobs
 from jaxswift.models.attention import paged_decode_hidden
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
@@ -69,6 +69,7 @@ class Prefix:
     done: bool
     logits: jax.Array  # [1, V] after the prompt: what `resample` draws another first token from
     prompt_mask: jax.Array  # [1, V]
+    guide: object = None  # grammar.GuideState of a constrained request, advanced past its first token
 
 
 def _finished(tokens_S, generated_S, stop_ids_SX, max_tokens_S):
@@ -110,11 +111,41 @@ def _prefill(params, tokens_T, length, adapter, *, cfg: ModelConfig, chunk: int)
     return k, v, logits, prompt_mask
 
 
-def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X, max_tokens, adapter, *,
-                 num_top: int):
-    """The first token and the request's slot arrays (one compile for every bucket)."""
+def _prompt_logprobs(params, tokens_T, length, adapter, *, cfg: ModelConfig, chunk: int, num_top: int):
+    """Each prompt token's log-prob given the tokens before it, and the num_top best alternatives there, under the
+    raw float32 logits: (chosen [T], top ids [T, num_top], top log-probs [T, num_top]); entry t scores token t + 1
+    (the host shifts them; the first prompt token has none). The prompt runs in T // chunk chunks, as in prefill,
+    so the [chunk, V] logits of one chunk at a time are live."""
+    params = with_adapter_index(params, adapter[None])
+    T = tokens_T.shape[0]
+    index = jnp.arange(T, dtype=jnp.int32)
+    real = index < length
+    tokens, positions, segments = tokens_T[None], jnp.where(real, index, 0)[None], real.astype(jnp.int32)[None]
+    following = jnp.concatenate([tokens_T[1:], tokens_T[:1]])
+    cache = init_cache(cfg, 1, T, per_layer=True)
+    out = (jnp.zeros((T,), jnp.float32), jnp.zeros((T, num_top), jnp.int32), jnp.zeros((T, num_top), jnp.float32))
+
+    def run_chunk(c, carry):
+        cache, out = carry
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
+        h, cache = hidden_states(params, part(tokens), cfg, positions=part(positions), segment_ids=part(segments),
+                                 cache=cache)
+        logits = logits_from_hidden(params, h, cfg)[0]
+        scored = token_logprobs(logits, jax.lax.dynamic_slice_in_dim(following, c * chunk, chunk), num_top)
+        out = tuple(jax.lax.dynamic_update_slice_in_dim(whole, new, c * chunk, axis=0)
+                    for whole, new in zip(out, scored))
+        return cache, out
+
+    return jax.lax.fori_loop(0, T // chunk, run_chunk, (cache, out))[1]
+
+
+def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X, max_tokens, adapter, allowed_1W,
+                 *, num_top: int):
+    """The first token and the request's slot arrays (one compile for every bucket; allowed_1W None: no
+    constraint)."""
     counts = jnp.zeros(logits.shape, jnp.int32)
-    first = sample_slots(logits, prompt_mask, counts, sampling, jnp.zeros((1,), jnp.int32))
+    masked = logits if allowed_1W is None else apply_token_mask(logits, allowed_1W)
+    first = sample_slots(masked, prompt_mask, counts, sampling, jnp.zeros((1,), jnp.int32))
     chosen, top_ids, top_logprobs = token_logprobs(logits, first, num_top)
     one = jnp.ones((1,), jnp.int32)
     done = _finished(first, one, stop_ids_X[None], max_tokens[None])
@@ -139,7 +170,7 @@ def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
     return state._replace(k_pages=tuple(ks), v_pages=tuple(vs), **updated)
 
 
-def _generate(params, state: DecodeState, table_BC, *, cfg: ModelConfig, num_top: int):
+def _generate(params, state: DecodeState, table_BC, allowed_SW, *, cfg: ModelConfig, num_top: int):
     params = with_adapter_index(params, state.adapter)
     P = state.k_pages[0].shape[2]
     C = table_BC.shape[1]
@@ -149,7 +180,8 @@ def _generate(params, state: DecodeState, table_BC, *, cfg: ModelConfig, num_top
     h, ks, vs = paged_decode_hidden(params, state.tokens, cfg, pos, state.k_pages, state.v_pages, page, pos % P,
                                     table_BC)
     logits = logits_from_hidden(params, h[:, None], cfg)[:, 0]
-    tokens = sample_slots(logits, state.prompt_mask, state.output_counts, state.sampling, state.generated)
+    masked = logits if allowed_SW is None else apply_token_mask(logits, allowed_SW)  # log-probs stay raw (vLLM)
+    tokens = sample_slots(masked, state.prompt_mask, state.output_counts, state.sampling, state.generated)
     chosen, top_ids, top_logprobs = token_logprobs(logits, tokens, num_top)
     generated = state.generated + active
     done = active & _finished(tokens, generated, state.stop_ids, state.max_tokens)
@@ -168,6 +200,7 @@ def _free(state: DecodeState, slot) -> DecodeState:
 # Module-level, so engines of the same model and sizes share compiled functions.
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "chunk"))
 _first_token_jit = jax.jit(_first_token, static_argnames=("num_top",))
+_prompt_logprobs_jit = jax.jit(_prompt_logprobs, static_argnames=("cfg", "chunk", "num_top"))
 _generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top"), donate_argnums=(1,))
 _insert_jit = jax.jit(_insert, donate_argnums=(0,))
 _free_jit = jax.jit(_free, donate_argnums=(0,))
@@ -198,6 +231,7 @@ class JaxEngine(Engine):
         self._seeds = np.random.default_rng()
         # The compiled functions see only the shapes of the model, so engines of variants share them.
         self._shape_cfg = cfg.replace(bos_token_id=None, eos_token_ids=(), pad_token_id=None)
+        self._grammar = None
         self._reset_host()
 
     # --- sizes ----------------------------------------------------------------------------------------------------
@@ -288,6 +322,24 @@ class JaxEngine(Engine):
                                                  chunk=min(T, self.max_prefill_length))
         return self._first(Prefix(k, v, int(true_length), sampling, {}, False, logits, prompt_mask), sampling)
 
+    def prompt_logprobs(self, params, token_ids: list[int], num_top: int, adapter: int = 0) -> list:
+        """vLLM's prompt_logprobs: for each prompt token, None for the first, else (its log-prob given the tokens
+        before it, [(token id, log-prob)] of the num_top best alternatives there, best first), under the raw
+        logits (as `logprobs` of generated tokens). Runs the prompt once more than prefill does: only echo-scoring
+        requests ask for it."""
+        if not 0 <= num_top <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"prompt logprobs: num_top must be in 0..{MAX_TOP_LOGPROBS}, got {num_top}")
+        if not 0 <= adapter <= len(self._adapter_names):
+            raise ConfigError(f"sampling adapter must be in [0, {len(self._adapter_names)}], got {adapter}")
+        padded, n = self.pad_prompt(token_ids)
+        k = MAX_TOP_LOGPROBS if num_top else 0  # two compiled variants per bucket, not one per k
+        chosen, top_ids, top_lps = jax.device_get(_prompt_logprobs_jit(
+            params, padded, jnp.int32(n), jnp.int32(adapter), cfg=self._shape_cfg,
+            chunk=min(padded.shape[0], self.max_prefill_length), num_top=k))
+        return [None] + [(float(chosen[t]), [(int(i), float(p)) for i, p in zip(top_ids[t, :num_top],
+                                                                               top_lps[t, :num_top])])
+                         for t in range(n - 1)]
+
     def resample(self, prefix: Prefix, sampling: RequestSampling) -> tuple[Prefix, ResultTokens]:
         """Another request over the same prompt, without running it again: the prefix's keys/values (shared; insert
         copies them) and a first token drawn anew under `sampling`. For n completions of one prompt (GRPO's G)."""
@@ -299,17 +351,37 @@ class JaxEngine(Engine):
 
     def _first(self, prefix: Prefix, sampling: RequestSampling) -> tuple[Prefix, ResultTokens]:
         max_tokens = min(sampling.max_tokens, self._max_len - prefix.length)  # prompt + completion fit the context
+        guide, allowed = None, None
+        if sampling.constraint is not None:
+            guide = sampling.constraint.guide(self.grammar)
+            allowed = np.zeros((1, self.grammar.words), np.uint32)
+            guide.write_mask(allowed[0])
         slot, out = _first_token_jit(prefix.logits, prefix.prompt_mask, jnp.int32(prefix.length),
                                      self._slot_sampling(sampling), self._stop_ids(sampling), jnp.int32(max_tokens),
-                                     jnp.int32(sampling.adapter), num_top=MAX_TOP_LOGPROBS if sampling.logprobs else 0)
+                                     jnp.int32(sampling.adapter), allowed,
+                                     num_top=MAX_TOP_LOGPROBS if sampling.logprobs else 0)
         first = self._result(jax.device_get(out), [sampling])
-        return dataclasses.replace(prefix, sampling=sampling, slot=slot, done=bool(first.done[0])), first
+        if guide is not None and not first.done[0]:
+            guide.advance(int(first.tokens[0]))
+        return dataclasses.replace(prefix, sampling=sampling, slot=slot, done=bool(first.done[0]), guide=guide), first
+
+    @property
+    def grammar(self):
+        """The grammar.GrammarCompiler of this engine's tokenizer (built on first use: it indexes the vocabulary)."""
+        if self._grammar is None:
+            from jaxswift.infer.grammar import GrammarCompiler
+
+            if self.tokenizer is None:
+                raise ConfigError("structured output needs the model's tokenizer")
+            self._grammar = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.eos_ids)
+        return self._grammar
 
     # --- slots ----------------------------------------------------------------------------------------------------
 
     def _reset_host(self):
         self._pages = PageAllocator(self._num_pages, self._slots, self._pages_per_slot)
         self._requests: list[RequestSampling | None] = [None] * self._slots
+        self._guides: list = [None] * self._slots  # grammar.GuideState of constrained slots
         self._positions = np.zeros((self._slots,), np.int64)
         self._active = np.zeros((self._slots,), bool)
 
@@ -338,12 +410,13 @@ class JaxEngine(Engine):
         pages[:len(self._pages.owned[slot])] = self._pages.owned[slot]
         state = _insert_jit(decode_state, prefix.k, prefix.v, prefix.slot, jnp.int32(slot), pages)
         self._requests[slot], self._positions[slot], self._active[slot] = prefix.sampling, prefix.length, True
+        self._guides[slot] = prefix.guide
         return state
 
     def free_resource(self, decode_state: DecodeState, slot: int) -> DecodeState:
         self._check_slot(slot)
         self._pages.release(slot)
-        self._requests[slot], self._active[slot] = None, False
+        self._requests[slot], self._active[slot], self._guides[slot] = None, False, None
         return _free_jit(decode_state, jnp.int32(slot))
 
     def _gather_pages(self) -> int:
@@ -360,8 +433,17 @@ class JaxEngine(Engine):
         table = self._pages.table[:, :self._gather_pages()]
         requests = [r if a else None for r, a in zip(self._requests, self._active)]
         num_top = MAX_TOP_LOGPROBS if any(r is not None and r.logprobs for r in requests) else 0
-        state, out = _generate_jit(params, decode_state, table, cfg=self._shape_cfg, num_top=num_top)
+        guided = [slot for slot in np.flatnonzero(self._active) if self._guides[slot] is not None]
+        allowed = None  # no constrained slot: the step compiled without the mask
+        if guided:
+            allowed = np.full((self._slots, self.grammar.words), 0xFFFFFFFF, np.uint32)
+            for slot in guided:
+                self._guides[slot].write_mask(allowed[slot])
+        state, out = _generate_jit(params, decode_state, table, allowed, cfg=self._shape_cfg, num_top=num_top)
         result = self._result(jax.device_get(out), requests)
+        for slot in guided:
+            if result.valid[slot] and not result.done[slot]:
+                self._guides[slot].advance(int(result.tokens[slot]))
         self._positions += result.valid
         self._active &= ~result.done
         return state, result
@@ -382,7 +464,7 @@ class JaxEngine(Engine):
         while True:
             table = self._pages.table[:, :min(pages, self._pages_per_slot)]
             for num_top in (0, MAX_TOP_LOGPROBS):
-                state, _ = _generate_jit(params, state, table, cfg=self._shape_cfg, num_top=num_top)
+                state, _ = _generate_jit(params, state, table, None, cfg=self._shape_cfg, num_top=num_top)
             if pages >= self._pages_per_slot:
                 return self.init_decode_state()
             pages *= 2

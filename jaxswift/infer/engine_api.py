@@ -45,6 +45,8 @@ class RequestSampling:
     ignore_eos: bool = False
     logprobs: int | None = None
     adapter: int = 0  # index of a LoRA adapter served on the same base (0: the base model)
+    # structured output: a grammar.Constraint the output must match (the engine masks every step's tokens)
+    constraint: Any = None
 
 
 @dataclasses.dataclass

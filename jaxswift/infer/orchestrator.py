@@ -69,6 +69,9 @@ class GenerationRequest:
     sampling: RequestSampling
     stop: tuple[str, ...] = ()
     timeout: float | None = None  # seconds from submission; None: the orchestrator's default
+    # vLLM's prompt_logprobs: score the prompt's tokens too, with this many alternatives each (None: don't). With
+    # sampling.max_tokens 0 the request only scores its prompt (an evaluator's echo request) and takes no slot.
+    prompt_logprobs: int | None = None
 
 
 @dataclasses.dataclass
@@ -88,6 +91,9 @@ class Chunk:
     error: OrchestratorError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated so far (the final eos / stop token id excluded)
+    # on the request's first chunk when it asked for prompt_logprobs: per prompt token, None for the first, else
+    # a TokenLogprob of that token given the ones before it
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def final(self) -> bool:
@@ -165,6 +171,13 @@ class _Live:
         self.completion_tokens = 0
         self.slot: int | None = None
         self.finished = False
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # goes out with the first chunk
+
+    def score_prompt(self, engine: Engine, params):
+        k = self.request.prompt_logprobs
+        scored = engine.prompt_logprobs(params, list(self.request.prompt_ids), k, self.request.sampling.adapter)
+        self.prompt_logprobs = [None if entry is None else TokenLogprob(token, entry[0], entry[1])
+                                for token, entry in zip(self.request.prompt_ids, scored)]
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline
@@ -172,6 +185,7 @@ class _Live:
     def send(self, chunk: Chunk):
         chunk.prompt_tokens = len(self.request.prompt_ids)
         chunk.completion_tokens = self.completion_tokens
+        chunk.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         self.finished = self.finished or chunk.final
         self.ticket.deliver(self.index, chunk)
 
@@ -303,6 +317,7 @@ class Orchestrator:
             merged.text += chunk.text
             merged.token_ids += chunk.token_ids
             merged.logprobs += chunk.logprobs
+            merged.prompt_logprobs = merged.prompt_logprobs or chunk.prompt_logprobs
             merged.prompt_tokens, merged.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
             merged.finish_reason, merged.error = chunk.finish_reason, chunk.error
             if chunk.final:
@@ -380,6 +395,10 @@ class Orchestrator:
             live = self._next_admissible()
             if live is None:
                 return state
+            if not self._score_prompt(live) or live.request.sampling.max_tokens == 0:
+                if not live.finished:  # max_tokens 0: the prompt's scores were all it asked for
+                    live.send(Chunk(finish_reason="length"))
+                continue
             try:
                 first = self._prefill(live)
                 if first is None or live.take_token(first[1], 0) or live.ticket.cancelled:
@@ -397,6 +416,8 @@ class Orchestrator:
         with self._wake:
             while self._waiting:
                 live = self._waiting[0]
+                if live.request.sampling.max_tokens == 0:  # scores its prompt only: needs no slot nor pages
+                    return self._waiting.popleft()
                 try:
                     ok = self.engine.can_admit(len(live.request.prompt_ids), live.request.sampling.max_tokens)
                 except JaxswiftError as e:
@@ -410,6 +431,20 @@ class Orchestrator:
                 self._waiting.popleft()  # nothing will ever free pages for it
                 live.fail(RequestTooLarge("the request needs more KV-cache pages than the engine has"))
             return None
+
+    def _score_prompt(self, live: _Live) -> bool:
+        """Scores the prompt when the request asks for prompt_logprobs; False when that failed (it then failed)."""
+        if live.request.prompt_logprobs is None:
+            return True
+        try:
+            live.score_prompt(self.engine, self.params)
+            return True
+        except JaxswiftError as e:
+            live.fail(RequestRejected(str(e)))
+        except Exception as e:
+            log.exception("scoring the prompt failed")
+            live.fail(EngineFailure(f"scoring the prompt failed: {type(e).__name__}: {e}"))
+        return False
 
     def _prefill(self, live: _Live):
         """(prefix, first ResultTokens), or None when the engine refused the request (only it fails). The n choices

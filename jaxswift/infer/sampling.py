@@ -203,6 +203,14 @@ def sample_slots(logits_SV, prompt_mask_SV, output_counts_SV, s: SlotSampling, t
     return jnp.where(random, drawn, greedy)
 
 
+def apply_token_mask(logits_SV, allowed_SW) -> jax.Array:
+    """Structured output: -inf where the slot's bitmask (uint32 [S, ceil(V / 32)], bit v % 32 of word v // 32)
+    forbids the token; an unconstrained slot's row is all ones."""
+    v = jnp.arange(logits_SV.shape[-1])
+    bits = (allowed_SW[:, v // 32] >> (v % 32).astype(jnp.uint32)) & 1
+    return jnp.where(bits.astype(bool), logits_SV, -jnp.inf)
+
+
 def token_logprobs(logits_SV, tokens_S, num_top: int):
     """(log-prob of each chosen token [S], top ids [S, num_top], their log-probs [S, num_top]) under the raw
     logits (vLLM's default logprobs mode), in float32."""

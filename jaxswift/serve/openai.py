@@ -1,6 +1,18 @@
 """OpenAI's HTTP API over an Orchestrator (FastAPI): /v1/models, /v1/completions, /v1/chat/completions (SSE streaming
 with `data: [DONE]`), /health, /metrics, /tokenize, /detokenize.
 
+Evaluators (lm-evaluation-harness's `local-completions`) score prompts through /v1/completions: token-id prompts
+(`list[int]`, `list[list[int]]`), `echo` with `logprobs` returns the prompt's tokens first, each with its log-prob
+given the tokens before it and its top alternatives (the first token's are null), and `max_tokens: 0` scores the
+prompt alone. `echo` is refused with `stream: true`.
+
+Structured output: chat `response_format` `{"type": "json_object"}` / `{"type": "json_schema", "json_schema":
+{"schema": ...}}`, and vLLM's `structured_outputs` (`json`, `json_object`, `regex`, `choice`) on both endpoints,
+compiled by infer/grammar.py (outlines-core) and enforced per token inside the engine's step. Tool calling: `tools`,
+`tool_choice` (`auto` parses the output's Hermes `<tool_call>` blocks into `tool_calls`, also as streamed deltas;
+`none` leaves the text alone; `required` and a named function constrain the output to one call, so it always
+parses), `role: "tool"` messages; rendering as serve/tools.py describes.
+
 Every error, FastAPI's own validation errors included, answers with OpenAI's envelope
 `{"error": {"message", "type", "param", "code"}}`; a client's mistake is a 4xx, never a 500. Bodies are validated
 strictly (no type coercion, unknown fields refused) so that nothing a client sends is silently ignored.
@@ -32,6 +44,7 @@ from jaxswift.infer.orchestrator import (AsyncSink, Chunk, EngineShutdown, Gener
                                          TokenLogprob)
 from jaxswift.serve.limits import ClientLimits, TooManyRequests
 from jaxswift.serve.metrics import ServerMetrics
+from jaxswift.serve.tools import ToolStreamParser, parse_tool_calls, render_hermes, template_handles_tools
 
 MAX_N = 16
 MAX_PROMPTS = 64
@@ -63,7 +76,8 @@ def _field_path(loc) -> str | None:
     return ".".join(parts) or None
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "StreamOptions", "ResponseFormat"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "StreamOptions", "ResponseFormat",
+              "NamedToolChoice", "ToolCall", "Tool", "JsonSchemaFormat", "StructuredOutputs"}
 
 
 def _validation_error(errors: list[dict]) -> APIError:
@@ -131,16 +145,66 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
 
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` request field (the constraints this server supports; give exactly one)."""
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
 class _SamplingBody(_Strict):
@@ -161,6 +225,7 @@ class _SamplingBody(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -171,7 +236,7 @@ class _SamplingBody(_Strict):
 
 class CompletionBody(_SamplingBody):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0 only with echo: the prompt's log-probs alone (evaluators)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
@@ -184,12 +249,15 @@ class ChatBody(_SamplingBody):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 class TokenizeBody(_Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
 
@@ -240,11 +308,20 @@ class OpenAIServer:
                                      "max_model_len": self.engine.max_model_len}
         return [card(base, None)] + [card(name, base) for name in self.config.adapter_names]
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[Tool] | None = None) -> list[int]:
+        """The conversation's prompt ids; tools, tool calls and tool results rendered by the template when it
+        knows tools, else the Hermes way (serve/tools.py)."""
         rendered = [_message_dict(m, i) for i, m in enumerate(messages)]
+        tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+        extra = {}
+        if template_handles_tools(self.tokenizer):
+            extra = {"tools": tool_dicts} if tool_dicts else {}
+        else:
+            rendered = render_hermes(rendered, tool_dicts)
         try:
             text = self.tokenizer.apply_chat_template(rendered, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt, **extra)
         except Exception as e:  # the template rejected the conversation (e.g. roles out of order)
             raise APIError(400, f"messages: the chat template cannot render them ({e})", param="messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -269,6 +346,64 @@ class OpenAIServer:
             raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                            param=param)
 
+    # ---- structured output
+    async def constraint(self, body: _SamplingBody, tool_mode: str = "none", tool_name: str | None = None):
+        """The grammar.Constraint the request asks for (response_format, structured_outputs, or tool_choice
+        required / named), compiled off the event loop; None for free text. 400 naming the field when the
+        constraint is invalid, unsupported or given twice."""
+        asked = []
+        fmt = getattr(body, "response_format", None)
+        if fmt is not None and fmt.type != "text":
+            if fmt.type == "json_schema" and fmt.json_schema is None:
+                raise APIError(400, "response_format: type json_schema needs a json_schema object",
+                               param="response_format.json_schema")
+            if fmt.type == "json_object" and fmt.json_schema is not None:
+                raise APIError(400, "response_format: json_schema is only for type json_schema",
+                               param="response_format.json_schema")
+            asked.append(("response_format.json_schema.schema", "json_schema", fmt.json_schema.schema_)
+                         if fmt.type == "json_schema" else ("response_format", "json_object", None))
+        so = body.structured_outputs
+        if so is not None:
+            given = [(f"structured_outputs.{name}", kind, value) for name, kind, value in (
+                ("json", "json_schema", so.json_), ("json_object", "json_object", so.json_object or None),
+                ("regex", "regex", so.regex), ("choice", "choice", so.choice)) if value is not None]
+            if len(given) != 1:
+                raise APIError(400, "structured_outputs: give exactly one of json, json_object, regex, choice",
+                               param="structured_outputs")
+            asked += given
+        if tool_mode in ("required", "named"):
+            asked.append(("tool_choice", "tool_call", tool_name))
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise APIError(400, f"{asked[0][0]} and {asked[1][0]} both constrain the output; give one",
+                           param=asked[1][0])
+        param, kind, value = asked[0]
+        tools = [t.model_dump(exclude_none=True) for t in getattr(body, "tools", None) or []]
+        return await asyncio.to_thread(self._compile, param, kind, value, tools)
+
+    def _compile(self, param: str, kind: str, value, tools: list[dict]):
+        from jaxswift.infer.grammar import ConstraintError
+
+        try:
+            grammar = self.engine.grammar
+            if kind == "json_schema":
+                if isinstance(value, str):
+                    try:
+                        value = json.loads(value)
+                    except ValueError as e:
+                        raise ConstraintError(f"not valid JSON ({e})") from None
+                return grammar.json_schema(value)
+            if kind == "json_object":
+                return grammar.json_object()
+            if kind == "regex":
+                return grammar.regex(value)
+            if kind == "choice":
+                return grammar.choice(value)
+            return grammar.tool_call(tools, value)
+        except ConstraintError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+
     # ---- requests
     def check_fits(self, prompts: list[list[int]], max_tokens: int):
         limit = self.engine.max_model_len
@@ -281,7 +416,8 @@ class OpenAIServer:
             except RequestTooLarge as e:
                 raise _orchestrator_error(e) from None
 
-    def sampling(self, body: _SamplingBody, max_tokens: int, logprobs: int | None, adapter: int, choice: int):
+    def sampling(self, body: _SamplingBody, max_tokens: int, logprobs: int | None, adapter: int, choice: int,
+                 constraint=None):
         if body.logit_bias:
             raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
         for t in body.stop_token_ids or ():
@@ -292,12 +428,12 @@ class OpenAIServer:
             repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, seed=seed, max_tokens=max_tokens,
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
-            adapter=adapter)
+            adapter=adapter, constraint=constraint)
 
     def requests(self, body: _SamplingBody, prompts: list[list[int]], max_tokens: int, logprobs: int | None,
-                 adapter: int) -> list[GenerationRequest]:
+                 adapter: int, constraint=None) -> list[GenerationRequest]:
         stops = body.stop_strings()
-        return [GenerationRequest(tuple(ids), self.sampling(body, max_tokens, logprobs, adapter, j), stops)
+        return [GenerationRequest(tuple(ids), self.sampling(body, max_tokens, logprobs, adapter, j, constraint), stops)
                 for ids in prompts for j in range(body.n)]
 
     def submit(self, requests: list[GenerationRequest], sink, client: str):
@@ -317,9 +453,52 @@ def _message_dict(m: ChatMessage, i: int) -> dict:
     if isinstance(content, list):
         content = "".join(part.text for part in content)
     out = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
-    out.update({k: v for k, v in (("name", m.name), ("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id))
-                if v is not None})
+    out.update({k: v for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v is not None})
+    if m.tool_calls:
+        out["tool_calls"] = [_tool_call_dict(c, f"messages.{i}.tool_calls.{j}.function.arguments")
+                             for j, c in enumerate(m.tool_calls)]
     return out
+
+
+def _tool_call_dict(call: ToolCall, where: str) -> dict:
+    """A tool call with its arguments parsed: what tool-aware templates (and the Hermes rendering) expect."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError as e:
+        raise APIError(400, f"{where}: not valid JSON ({e})", param=where) from None
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"{where}: expected a JSON object, got {call.function.arguments!r:.80}", param=where)
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+
+
+def check_tools(tools: list[Tool] | None, tool_choice) -> tuple[str, str | None]:
+    """(mode: "none" | "auto" | "required" | "named", the named function) of a request; 400 naming the field for
+    a tool_choice without tools, a name not among the tools, a duplicate name or a parameters schema that is not
+    one."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    names = [t.function.name for t in tools or []]
+    for i, t in enumerate(tools or []):
+        if names.index(t.function.name) != i:
+            raise APIError(400, f"tools.{i}.function.name: {t.function.name!r} is given twice",
+                           param=f"tools.{i}.function.name")
+        if t.function.parameters is not None:
+            try:
+                Draft202012Validator.check_schema(t.function.parameters)
+            except SchemaError as e:
+                where = f"tools.{i}.function.parameters"
+                raise APIError(400, f"{where}: not a valid JSON schema ({e.message})", param=where) from None
+    if tool_choice is None:
+        return ("auto" if tools else "none"), None
+    if not tools and tool_choice != "none":
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    if isinstance(tool_choice, NamedToolChoice):
+        if tool_choice.function.name not in names:
+            raise APIError(400, f"tool_choice: no tool named {tool_choice.function.name!r} (tools: "
+                                f"{', '.join(names)})", param="tool_choice")
+        return "named", tool_choice.function.name
+    return tool_choice, None
 
 
 # ---------------------------------------------------------------- response shapes
@@ -334,14 +513,23 @@ def _chat_logprobs(server: OpenAIServer, items: list[TokenLogprob]) -> dict:
 
 
 def _completion_logprobs(server: OpenAIServer, items: list[TokenLogprob], text_start: int = 0) -> dict:
+    """OpenAI's legacy completions log-probs; an item whose logprob is None (the first echoed prompt token, which
+    nothing before it predicts) gets null log-prob and null alternatives, as vLLM answers."""
     tokens = [server.token_text(lp.token_id) for lp in items]
     offsets, at = [], text_start
     for t in tokens:
         offsets.append(at)
         at += len(t)
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{server.token_text(i): p for i, p in lp.top} for lp in items],
+            "top_logprobs": [None if lp.logprob is None else {server.token_text(i): p for i, p in lp.top}
+                             for lp in items],
             "text_offset": offsets}
+
+
+def _echoed_logprobs(prompt_ids: list[int], scored: list[TokenLogprob | None] | None) -> list[TokenLogprob]:
+    """The prompt's tokens as log-prob items: the first unscored (None), the others as the engine scored them."""
+    scored = scored or [None] * len(prompt_ids)
+    return [TokenLogprob(t, None, []) if lp is None else lp for t, lp in zip(prompt_ids, scored)]
 
 
 @dataclasses.dataclass
@@ -352,6 +540,10 @@ class _Shape:
     model: str
     created: int
     logprobs: bool
+    # completions with echo: per prompt, (its text, its token ids); choice i echoes prompt i // n
+    echo: list[tuple[str, list[int]]] | None = None
+    n: int = 1
+    tool_names: set[str] | None = None  # chat with tools: the output's <tool_call> blocks become tool_calls
 
     @property
     def object(self) -> str:
@@ -364,10 +556,14 @@ class _Shape:
             body["usage"] = usage
         return body
 
-    def choice(self, server: OpenAIServer, index: int, text: str, logprobs: list[TokenLogprob],
-               finish_reason: str | None, *, delta: bool, first: bool = False, text_start: int = 0) -> dict:
+    def choice(self, server: OpenAIServer, index: int, text: str | None, logprobs: list[TokenLogprob],
+               finish_reason: str | None, *, delta: bool, first: bool = False, text_start: int = 0,
+               tool_calls: list[dict] | None = None) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": text} if (first or not delta) else {"content": text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             out = {"index": index, ("delta" if delta else "message"): message}
             out["logprobs"] = _chat_logprobs(server, logprobs) if self.logprobs else None
         else:
@@ -444,17 +640,27 @@ async def _collect(server, request, shape: _Shape, sink, ticket, n: int, prompt_
         m = merged[index]
         m.text += chunk.text
         m.logprobs += chunk.logprobs
+        m.prompt_logprobs = m.prompt_logprobs or chunk.prompt_logprobs
         m.completion_tokens, m.finish_reason = chunk.completion_tokens, chunk.finish_reason
         left -= chunk.final
     completion_tokens = sum(m.completion_tokens for m in merged)
     server.metrics.observe_finished(ticket, prompt_tokens, completion_tokens)
-    choices = [shape.choice(server, i, m.text, m.logprobs, m.finish_reason, delta=False)
-               for i, m in enumerate(merged)]
+    if shape.echo is not None:  # the prompt's text and scores first; choice i's prompt scored with choice i - i % n
+        for i, m in enumerate(merged):
+            text, ids = shape.echo[i // shape.n]
+            m.text = text + m.text
+            m.logprobs = _echoed_logprobs(ids, merged[i - i % shape.n].prompt_logprobs) + m.logprobs
+    choices = []
+    for i, m in enumerate(merged):
+        text, calls = (m.text, None) if shape.tool_names is None else parse_tool_calls(m.text, shape.tool_names)
+        choices.append(shape.choice(server, i, text, m.logprobs, m.finish_reason, delta=False, tool_calls=calls))
     return shape.envelope(choices, _usage(prompt_tokens, completion_tokens), chunk=False)
 
 
 async def _stream(server, shape: _Shape, sink, ticket, n: int, prompt_tokens: int, include_usage: bool):
     started, text_len, tokens = [False] * n, [0] * n, [0] * n
+    parsers = None if shape.tool_names is None else [ToolStreamParser(shape.tool_names) for _ in range(n)]
+    calls_sent = [0] * n
     left = n
     while left:
         index, chunk = await _next_chunk(sink, None)
@@ -464,11 +670,20 @@ async def _stream(server, shape: _Shape, sink, ticket, n: int, prompt_tokens: in
             break
         tokens[index] = chunk.completion_tokens
         left -= chunk.final
-        if not (chunk.text or chunk.logprobs or chunk.final or not started[index]):
+        text, calls = chunk.text, None
+        if parsers is not None:  # tool calls go out whole, each when its block closes
+            text, calls = parsers[index].push(chunk.text)
+            text += parsers[index].finish() if chunk.final else ""
+            calls = [{"index": calls_sent[index] + k, **c} for k, c in enumerate(calls)] or None
+            calls_sent[index] += len(calls or ())
+        if not (text or calls or chunk.logprobs or chunk.final or not started[index]):
             continue
-        choice = shape.choice(server, index, chunk.text, chunk.logprobs, chunk.finish_reason, delta=True,
-                              first=not started[index], text_start=text_len[index])
-        started[index], text_len[index] = True, text_len[index] + len(chunk.text)
+        finish = chunk.finish_reason
+        if finish == "stop" and calls_sent[index] and parsers is not None:
+            finish = "tool_calls"
+        choice = shape.choice(server, index, text, chunk.logprobs, finish, delta=True,
+                              first=not started[index], text_start=text_len[index], tool_calls=calls)
+        started[index], text_len[index] = True, text_len[index] + len(text)
         yield _sse(shape.envelope([choice], None, chunk=True))
     else:
         server.metrics.observe_finished(ticket, prompt_tokens, sum(tokens))
@@ -528,26 +743,44 @@ def _add_generation_routes(app: FastAPI, server: OpenAIServer, client):
         adapter = server.adapter_for(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        prompt = server.chat_prompt(body.messages, body.add_generation_prompt)
+        tool_mode, tool_name = check_tools(body.tools, body.tool_choice)
+        prompt = server.chat_prompt(body.messages, body.add_generation_prompt, body.tools)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(
             server.engine.max_model_len - len(prompt), 1)
         server.check_fits([prompt], max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         shape = _Shape(True, f"chatcmpl-{uuid.uuid4().hex}", body.model or server.config.model_name,
-                       int(time.time()), body.logprobs)
-        requests = server.requests(body, [prompt], max_tokens, logprobs, adapter)
+                       int(time.time()), body.logprobs,
+                       tool_names=None if tool_mode == "none" else {t.function.name for t in body.tools})
+        constraint = await server.constraint(body, tool_mode, tool_name)
+        requests = server.requests(body, [prompt], max_tokens, logprobs, adapter, constraint)
         return await _run(server, request, shape, body, requests, len(prompt), who)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request, who: str = Depends(client)):
         adapter = server.adapter_for(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported by this server", param="echo")
+        if body.echo and body.stream:
+            raise APIError(400, "echo is not supported with stream: true on this server (send stream: false)",
+                           param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 is allowed only with echo (scoring the prompt)", param="max_tokens")
         prompts = server.completion_prompts(body.prompt)
         server.check_fits(prompts, body.max_tokens)
+        echo = None
+        if body.echo:
+            one = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
+            texts = [p if isinstance(p, str) else server.tokenizer.decode(ids)
+                     for p, ids in zip([body.prompt] if one else body.prompt, prompts)]
+            echo = list(zip(texts, prompts))
         shape = _Shape(False, f"cmpl-{uuid.uuid4().hex}", body.model or server.config.model_name,
-                       int(time.time()), body.logprobs is not None)
-        requests = server.requests(body, prompts, body.max_tokens, body.logprobs, adapter)
+                       int(time.time()), body.logprobs is not None, echo, body.n)
+        constraint = await server.constraint(body)
+        if constraint is not None and body.max_tokens == 0:
+            raise APIError(400, "structured_outputs needs max_tokens >= 1", param="structured_outputs")
+        requests = server.requests(body, prompts, body.max_tokens, body.logprobs, adapter, constraint)
+        if body.echo and body.logprobs is not None:  # the first choice of each prompt scores it for all n
+            requests = [dataclasses.replace(r, prompt_logprobs=body.logprobs) if i % body.n == 0 else r
+                        for i, r in enumerate(requests)]
         return await _run(server, request, shape, body, requests, sum(map(len, prompts)), who)
 
 
@@ -573,7 +806,7 @@ def _add_utility_routes(app: FastAPI, server: OpenAIServer, client):
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            ids = server.chat_prompt(body.messages, body.add_generation_prompt)
+            ids = server.chat_prompt(body.messages, body.add_generation_prompt, body.tools)
         else:
             ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": server.engine.max_model_len}
