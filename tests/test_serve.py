@@ -113,7 +113,7 @@ def limited(model):
     """One slot, a queue of one, 2 requests/minute and 1 in flight per key: for the 429 tests."""
     engine = JaxEngine(model, max_concurrent_decodes=1, max_model_len=1024, page_size=16, prefill_buckets=(64,))
     orchestrator = Orchestrator(engine, max_queue=1)
-    keys = ["rate-a", "rate-b", "conc-a", "conc-b", "queue-a", "queue-b", "queue-c", "queue-d"]
+    keys = ["rate-a", "rate-b", "rate-c", "conc-a", "conc-b", "queue-a", "queue-b", "queue-c", "queue-d"]
     app = build_app(orchestrator, model_name=MODEL, api_keys=keys, rate_limit="2/minute", max_concurrency=1)
     with running(app) as url:
         yield Served(url, orchestrator, engine)
@@ -458,6 +458,15 @@ def test_rate_limit_is_429_with_retry_after_while_other_keys_are_served(limited)
     assert status == 429 and int(headers["retry-after"]) >= 1
     assert_envelope(err, 429)
     assert post(url, body, key="rate-b")[0] == 200
+
+
+def test_user_field_gives_each_end_user_of_a_key_its_own_limits(limited):
+    url = limited.url + "/v1/completions"
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    statuses = [post(url, {**body, "user": name}, key="rate-c")[0] for name in ("ann", "ann", "ann", "bob")]
+    assert statuses == [200, 200, 429, 200]
+    status, _, err = post(url, {**body, "user": ""}, key="rate-c")
+    assert status == 400 and "user" in err["error"]["message"]
 
 
 def test_full_queue_and_concurrency_cap_are_429_while_other_requests_are_served(limited):

@@ -1,5 +1,6 @@
 """Per-client admission: a request-rate limit (`--rate_limit 60/minute`, the `limits` package's moving window) and a
-cap on one client's requests in flight (`--max_concurrency`). A client is its API key, or its address without auth.
+cap on one client's requests in flight (`--max_concurrency`). A client is its API key, or its address without auth,
+and the request's `user` when it names one (each end user of an app gets its own share).
 Going over either raises `TooManyRequests` (429 with Retry-After); other clients are not affected."""
 
 from __future__ import annotations

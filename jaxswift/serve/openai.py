@@ -15,7 +15,9 @@ parses), `role: "tool"` messages; rendering as serve/tools.py describes.
 
 Every error, FastAPI's own validation errors included, answers with OpenAI's envelope
 `{"error": {"message", "type", "param", "code"}}`; a client's mistake is a 4xx, never a 500. Bodies are validated
-strictly (no type coercion, unknown fields refused) so that nothing a client sends is silently ignored.
+strictly (no type coercion, unknown fields refused) so that nothing a client sends is silently ignored. `user`
+(OpenAI's end-user id) gives each end user of a client its own share of the per-client limits (`--rate_limit`,
+`--max_concurrency`).
 
     app = build_app(orchestrator, model_name="smollm2-135m-instruct", api_keys=["secret"])
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -223,7 +225,7 @@ class _SamplingBody(_Strict):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(None, min_length=1, max_length=256)  # the end user: limits count per (client, user)
     logit_bias: dict[str, float] | None = None
     structured_outputs: StructuredOutputs | None = None
 
@@ -601,6 +603,8 @@ class _LeasedStream(StreamingResponse):
 async def _run(server: OpenAIServer, request: Request, shape: _Shape, body: _SamplingBody,
                requests: list[GenerationRequest], prompt_tokens: int, client: str):
     sink = AsyncSink()
+    if body.user is not None:  # an app serving many people: one of them cannot spend the others' limits
+        client = f"{client}|user:{body.user}"
     try:
         ticket, release = server.submit(requests, sink, client)
     except (QueueFull, TooManyRequests, RequestTooLarge, EngineShutdown) as e:
