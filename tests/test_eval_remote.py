@@ -86,3 +86,66 @@ def test_loglik_tasks_through_echo_or_a_clear_message(deployed, tiny, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: the server at {deployed} does not return prompt log-probs (echo)"), err
     assert "\n" not in err
+
+
+@pytest.fixture(scope="module")
+def echo_stub(tiny_chat_model):
+    """A server speaking the legacy completions echo shape (vLLM / OpenAI: `tokens`, `token_logprobs` with a null
+    first entry, `top_logprobs`, `text_offset`), its numbers computed by transformers on the same tiny model: the
+    client's parsing checked against an independent reference."""
+    import http.server
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+
+    def echo(prompt: str) -> dict:
+        enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        texts = [tok.decode([i]) for i in ids]
+        lps = [None] + [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
+        tops = [None] + [{tok.decode([int(logp[j - 1].argmax())]): float(logp[j - 1].max())}
+                         for j in range(1, len(ids))]
+        return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops,
+                "text_offset": [start for start, _ in enc["offset_mapping"]]}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _send(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send({"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert body["echo"] and body["max_tokens"] == 0 and body["logprobs"] >= 1
+            self._send({"choices": [{"index": 0, "text": body["prompt"], "logprobs": echo(body["prompt"]),
+                                     "finish_reason": "length"}]})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_loglik_through_standard_echo_shape(echo_stub, tiny):
+    mcq = [t for t in load_tasks(["builtin"]) if t.name == "general_mcq"]
+    [remote] = evaluate(mcq, RemoteTarget(echo_stub), limit=8)
+    [local] = evaluate(mcq, InProcessTarget(tiny.params, tiny.config, tiny.tokenizer), limit=8)
+    np.testing.assert_allclose([x["logliks"] for x in remote.records], [x["logliks"] for x in local.records],
+                               atol=1e-3)
+    assert [x["is_greedy"] for x in remote.records] == [x["is_greedy"] for x in local.records]
+    assert remote.metrics == local.metrics
