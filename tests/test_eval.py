@@ -11,7 +11,13 @@ import pytest
 import jaxswift
 from jaxswift.cli import main as cli_main
 from jaxswift.errors import ConfigError, DataError
-from jaxswift.eval import InProcessTarget, evaluate, load_task, load_tasks, make_evaluator
+from jaxswift.eval import (
+    InProcessTarget,
+    evaluate,
+    load_task,
+    load_tasks,
+    make_evaluator,
+)
 from jaxswift.eval.loglik import encode_pair, loglikelihoods
 from jaxswift.eval.scoring import extract, generation, rouge_l
 
@@ -183,7 +189,8 @@ def test_bad_inputs(tmp_path, capsys):
 def test_bad_rows_raise_typed_errors(tmp_path):
     with pytest.raises(DataError, match=r"a\.jsonl:1: ARC row needs choices"):
         load_task(f"arc={_write(tmp_path / 'a.jsonl', json.dumps({'question': 'q', 'answerKey': 'A'}))}")
+    row = {"activity_label": "x", "ctx_a": "y", "endings": ["a"], "label": 3}
     with pytest.raises(DataError, match=r"h\.jsonl:1: HellaSwag 'label'"):
-        load_task(f"hellaswag={_write(tmp_path / 'h.jsonl', json.dumps(dict(activity_label='x', ctx_a='y', endings=['a'], label=3)))}")
+        load_task(f"hellaswag={_write(tmp_path / 'h.jsonl', json.dumps(row))}")
     with pytest.raises(ConfigError, match="--eval_limit must be >= 1"):
         evaluate(load_tasks(["builtin"])[:1], None, limit=0)

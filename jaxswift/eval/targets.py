@@ -107,7 +107,7 @@ class RemoteTarget:
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None, temperature: float = 0.0,
                  seed: int = 0, concurrency: int = 8, timeout: float = 600.0):
         self.url = url.rstrip("/")
-        self.base = self.url[:-3] if self.url.endswith("/v1") else self.url
+        self.base = self.url.removesuffix("/v1")
         self.api_key, self.temperature, self.seed = api_key, temperature, seed
         self.concurrency, self.timeout = concurrency, timeout
         self.model = model or self._first_model()
