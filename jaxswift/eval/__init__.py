@@ -7,14 +7,7 @@
 
 from jaxswift.eval.runner import TaskResult, evaluate, flat_metrics, make_evaluator
 from jaxswift.eval.targets import EvalError, InProcessTarget, RemoteTarget
-from jaxswift.eval.tasks import (
-           FORMATS,
-           Item,
-           Task,
-           builtin_tasks,
-           load_task,
-           load_tasks,
-)
+from jaxswift.eval.tasks import FORMATS, Item, Task, builtin_tasks, load_task, load_tasks
 
 __all__ = ["FORMATS", "EvalError", "InProcessTarget", "Item", "RemoteTarget", "Task", "TaskResult", "builtin_tasks",
            "evaluate", "flat_metrics", "load_task", "load_tasks", "make_evaluator"]
