@@ -15,6 +15,7 @@ COMMANDS = {
     "export": "jaxswift.recipes.export",
     "plan": "jaxswift.recipes.plan",
     "deploy": "jaxswift.recipes.serve",
+    "eval": "jaxswift.recipes.eval",
 }
 ALIASES = {"train": "sft", "chat": "infer", "serve": "deploy"}
 
