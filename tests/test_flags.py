@@ -15,12 +15,13 @@ import sys
 import pytest
 
 from jaxswift.errors import ConfigError
+from jaxswift.eval.tasks import BUILTIN_DIR
 from jaxswift.recipes import grpo as grpo_recipe
+from jaxswift.recipes import rlhf as rlhf_recipe
+from jaxswift.recipes import sft as sft_recipe
 from jaxswift.train.args import SftArguments
 from jaxswift.train.grpo_args import GrpoArguments
-from jaxswift.train.rlhf import run_rlhf
 from jaxswift.train.rlhf_args import RlhfArguments
-from jaxswift.train.sft import run_sft
 
 # Read by the recipe entry points before a trainer runs: `config` by parse_args (tests/test_sft.py: YAML), the
 # multi-process flags by initialize_distributed (sft) or refused by single_process (rlhf, grpo)
@@ -29,22 +30,23 @@ ENTRY_FLAGS = {"config", "coordinator_address", "num_processes", "process_id"}
 
 COMMON = dict(max_steps=2, logging_steps=1, learning_rate=1e-3, disable_tqdm=True, save_steps=1, eval_steps=1,
               max_length=128, lora_dropout=0.0, mesh="1", demo_question="Hi?", demo_max_new_tokens=2)
+TASKS = dict(eval_dataset=[f"general_mcq={BUILTIN_DIR / 'general_mcq.csv'}"], eval_limit=2)  # scored in training
 FULL = dict(tuner_type="full", use_galore=True, galore_rank=4, freeze_parameters=["mlp_norm"],
             trainable_parameters=["final_norm"], demo_question="")
 
 RUNS = {
-    "sft": (SftArguments, run_sft, [
-        dict(split_dataset_ratio=0.3, dataset=["builtin:self_identity#12"]),
+    "sft": (SftArguments, sft_recipe.train, [
+        dict(TASKS, split_dataset_ratio=0.3, dataset=["builtin:self_identity#12"]),
         dict(FULL, galore_quantization=True, galore_target_modules=["q_proj", "v_proj"], packing=False,
              val_dataset=["builtin:self_identity#2"], dataset=["builtin:self_identity#8"]),
     ]),
-    "rlhf": (RlhfArguments, run_rlhf, [
-        dict(split_dataset_ratio=0.3, dataset=["builtin:preference_demo#12"], per_device_train_batch_size=2),
+    "rlhf": (RlhfArguments, rlhf_recipe.train, [
+        dict(TASKS, split_dataset_ratio=0.3, dataset=["builtin:preference_demo#12"], per_device_train_batch_size=2),
         dict(FULL, precompute_ref_log_probs=False, dataset=["builtin:preference_demo#8"], packing=False,
              val_dataset=["builtin:preference_demo#2"]),
     ]),
     "grpo": (GrpoArguments, grpo_recipe.train, [
-        dict(dataset=["builtin:arithmetic#16"], num_generations=4, per_device_train_batch_size=8,
+        dict(TASKS, dataset=["builtin:arithmetic#16"], num_generations=4, per_device_train_batch_size=8,
              max_completion_length=4, max_length=96),
         dict(FULL, dataset=["builtin:arithmetic#16"], num_generations=4, per_device_train_batch_size=8,
              max_completion_length=4, dynamic_sample=True, max_resample_times=1, multi_turn_env=

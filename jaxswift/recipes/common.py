@@ -21,6 +21,17 @@ def quiet_libraries():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def task_scorer_of(args):
+    """--eval_dataset of a training recipe -> the trainer's `task_scorer` (train/loop.TaskScorer), or None. The tasks
+    are read here, before the model loads, so a bad task file fails at once."""
+    if not args.eval_dataset:
+        return None
+    from jaxswift.eval import load_tasks, make_evaluator
+
+    tasks = load_tasks(args.eval_dataset)
+    return lambda tokenizer, cfg: make_evaluator(tasks, tokenizer, cfg, seed=args.seed, limit=args.eval_limit)
+
+
 def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Runs a recipe; a JaxswiftError (bad flag, file, row...) prints one line and exits with status 2."""
     quiet_libraries()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxswift.recipes.common import print_outcome, run_main
+from jaxswift.recipes.common import print_outcome, run_main, task_scorer_of
 
 
 def main(argv: list[str]) -> int:
@@ -26,13 +26,14 @@ def main(argv: list[str]) -> int:
 
 
 def train(args, *, progress: bool = True):
-    """GRPO with its rl/ parts (rewards, rollout backend) built from the arguments."""
+    """GRPO with its rl/ parts (rewards, rollout backend) built from the arguments, and the --eval_dataset tasks
+    scored during training."""
     from jaxswift.rl import rewards, samplers
     from jaxswift.train.grpo import GrpoParts, run_grpo
 
     funcs, weights = samplers.reward_funcs(args)
     parts = GrpoParts(funcs, weights, rewards.score, samplers.sampler_factory(args))
-    return run_grpo(args, parts, progress=progress)
+    return run_grpo(args, parts, progress=progress, task_scorer=task_scorer_of(args))
 
 
 if __name__ == "__main__":

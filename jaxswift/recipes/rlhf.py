@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxswift.recipes.common import print_outcome, run_main
+from jaxswift.recipes.common import print_outcome, run_main, task_scorer_of
 
 SHOWN = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl", "log_odds_ratio")
 
@@ -20,18 +20,23 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(RlhfArguments, argv)
     single_process("rlhf", args)  # before JAX creates its CPU client
-    from jaxswift.train.rlhf import run_rlhf
-
-    result = run_rlhf(args)
+    result = train(args)
     losses = list(result.losses.values())
     if losses:
         print(f"loss: first {losses[0]:.4f} -> last {losses[-1]:.4f} over {len(losses)} steps")
     if result.final_metrics:
-        where = "validation items" if result.eval_metrics else "training items"
+        where = "validation items" if any("loss" in m for m in result.eval_metrics.values()) else "training items"
         shown = ", ".join(f"{k} {result.final_metrics[k]:.3f}" for k in SHOWN if k in result.final_metrics)
         print(f"{args.rlhf_type} on the {where}: {shown}")
     print_outcome(result, args.demo_question)
     return 0
+
+
+def train(args, *, progress: bool = True):
+    """A preference run, with the --eval_dataset tasks scored during training."""
+    from jaxswift.train.rlhf import run_rlhf
+
+    return run_rlhf(args, progress=progress, task_scorer=task_scorer_of(args))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxswift.recipes.common import print_outcome, run_main
+from jaxswift.recipes.common import print_outcome, run_main, task_scorer_of
 
 
 def main(argv: list[str]) -> int:
@@ -17,9 +17,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(SftArguments, argv)
     # before JAX creates its backend: join a multi-process job, and on CPU make this process's virtual devices
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, mesh=args.mesh)
-    from jaxswift.train.sft import run_sft
-
-    result = run_sft(args)
+    result = train(args)
     losses = list(result.losses.values())
     if losses:
         print(f"loss: first {losses[0]:.4f} -> last {losses[-1]:.4f} over {len(losses)} steps")
@@ -27,6 +25,13 @@ def main(argv: list[str]) -> int:
         print(f"eval loss: {list(result.eval_losses.values())[-1]:.4f}")
     print_outcome(result, args.demo_question)
     return 0
+
+
+def train(args, *, progress: bool = True):
+    """SFT, with the --eval_dataset tasks scored during training."""
+    from jaxswift.train.sft import run_sft
+
+    return run_sft(args, progress=progress, task_scorer=task_scorer_of(args))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ class SftArguments:
                                metadata={"help": "files or folders; `path#N` takes N rows"})
     val_dataset: list[str] = field(default_factory=list)
     split_dataset_ratio: float = 0.0
+    eval_dataset: list[str] = field(default_factory=list, metadata={
+        "help": "benchmark tasks scored every --eval_steps and at the end, as `jaxswift eval --eval_dataset` takes "
+                "them (builtin | FORMAT=PATH | NAME:FORMAT=PATH | a task YAML); logged as eval/TASK/METRIC"})
+    eval_limit: Optional[int] = field(default=None, metadata={"help": "--eval_dataset: the first N items per task"})
     system: Optional[str] = None
     max_length: int = 512
     truncation_strategy: str = field(default="delete", metadata={"help": "delete | left | right"})
@@ -146,6 +150,8 @@ class SftArguments:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.eval_limit is not None and (self.eval_limit < 1 or not self.eval_dataset):
+            raise ConfigError(f"--eval_limit {self.eval_limit}: needs --eval_dataset and a value >= 1")
         self._check_memory_flags()
 
     def _reject_unused(self):

@@ -29,7 +29,7 @@ from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
 from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.loop import (Feed, compile_step, demo_answer, export_model, init_state, plot_run, start_run,
-                                 total_steps_of, train_loop)
+                                 total_steps_of, train_loop, TaskScorer, with_task_scores)
 from jaxswift.train.shardings import shard_params
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
@@ -322,7 +322,8 @@ def _summary(args: GrpoArguments, prompts_per_step: int, lora: bool) -> str:
             + ("; reference: the base with adapters off" if lora and args.beta else ""))
 
 
-def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True) -> GrpoResult:
+def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
+             task_scorer: TaskScorer | None = None) -> GrpoResult:
     ctx = start_run(args)
     model, cfg = ctx.model, ctx.cfg
     if model.tokenizer is None:
@@ -349,7 +350,7 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True) ->
                           temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare)
     holder = _Holder(state, compile_step(ctx, step, state))
     feed = Feed(holder.step, RolloutPlan(generator, holder, total_steps, args.num_iterations).batches, rows,
-                args.max_length + args.max_completion_length, steps_per_epoch)
+                args.max_length + args.max_completion_length, steps_per_epoch, with_task_scores(None, ctx, task_scorer))
     messages.append(_summary(args, prompts_per_step, tuned.lora is not None))
     loop = train_loop(ctx, state, feed, total_steps=total_steps, start_step=start_step, schedule=schedule,
                       messages=messages, progress=progress)

@@ -30,10 +30,11 @@ DEMO_REWARDS = ["accuracy"]
 class GrpoArguments(SftArguments):
     RECIPE: ClassVar[str] = "grpo"
     UNUSED: ClassVar[dict[str, str]] = {
-        "val_dataset": "GRPO has no validation pass; its rewards are logged every step",
-        "split_dataset_ratio": "GRPO has no validation pass; its rewards are logged every step",
-        "eval_steps": "GRPO has no validation pass; its rewards are logged every step",
-        "per_device_eval_batch_size": "GRPO has no validation pass; its rewards are logged every step",
+        "val_dataset": "GRPO has no validation loss (its rewards are logged every step; --eval_dataset scores tasks)",
+        "split_dataset_ratio": "GRPO has no validation loss (its rewards are logged every step; --eval_dataset "
+                               "scores tasks)",
+        "per_device_eval_batch_size": "GRPO has no validation loss (its rewards are logged every step; "
+                                      "--eval_dataset scores tasks)",
         "packing": "rollout rows (a prompt and its completion) are never packed",
         "packing_length": "rollout rows (a prompt and its completion) are never packed",
         "loss_scale": "the policy loss covers exactly the sampled completion tokens",

@@ -30,6 +30,7 @@ from jaxswift.checkpoints.peft import save_peft_adapter
 from jaxswift.checkpoints.state import StateCheckpointer, resolve_resume, restore_state
 from jaxswift.data.formats import check_dataset_specs
 from jaxswift.errors import JaxswiftError
+from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, is_primary, process_rows, put_process_batch
 from jaxswift.parallel.mesh import make_mesh
 from jaxswift.parallel.rules import activation_sharding, data_parallel_size, rules_for_mesh
@@ -249,7 +250,7 @@ def train_loop(ctx: RunContext, state, feed: Feed, *, total_steps: int, start_st
     try:
         state = _run_steps(ctx, state, feed, reader, checkpointer, evals, start_step, total_steps)
         if feed.evaluate is not None and total_steps not in evals and total_steps > start_step:
-            evals[total_steps] = _evaluate(feed, state, logger, total_steps, announce=False)
+            evals[total_steps] = _evaluate(feed, state, logger, total_steps)
         if total_steps > start_step:
             checkpointer.save(state, _checkpoint_meta(args, total_steps))
     finally:
@@ -272,7 +273,7 @@ def _run_steps(ctx, state, feed: Feed, reader: MetricsReader, checkpointer, eval
         if step_no % args.eval_steps == 0 and feed.evaluate is not None:
             reader.read(*pending)
             pending = None
-            evals[step_no] = _evaluate(feed, state, reader.logger, step_no, announce=True)
+            evals[step_no] = _evaluate(feed, state, reader.logger, step_no)
         if step_no % args.save_steps == 0 and step_no != total_steps:
             checkpointer.save(state, _checkpoint_meta(args, step_no))
     if pending is not None:
@@ -280,11 +281,29 @@ def _run_steps(ctx, state, feed: Feed, reader: MetricsReader, checkpointer, eval
     return state
 
 
-def _evaluate(feed: Feed, state, logger: RunLogger, step_no: int, *, announce: bool) -> dict:
+# (tokenizer, cfg) -> (params -> {"task/metric": score}): the --eval_dataset tasks, read by the recipe (train does
+# not import eval), built here once the model is loaded.
+TaskScorer = Callable[[Any, Any], Callable[[Any], dict]]
+
+
+def with_task_scores(evaluate: Callable | None, ctx: RunContext, task_scorer: TaskScorer | None) -> Callable | None:
+    """Feed.evaluate plus the benchmark tasks' scores of the params being trained (Q-GaLore's 8-bit weights read as
+    floats; LoRA adapters applied by the forward, nothing merged)."""
+    if task_scorer is None:
+        return evaluate
+    score = task_scorer(ctx.model.tokenizer, ctx.cfg)
+
+    def evaluate_with_tasks(state) -> dict:
+        metrics = evaluate(state) if evaluate is not None else {}
+        return {**metrics, **score(float_view(state.params))}
+
+    return evaluate_with_tasks
+
+
+def _evaluate(feed: Feed, state, logger: RunLogger, step_no: int) -> dict:
     metrics = feed.evaluate(state)
     logger.log(step_no, metrics, prefix="eval")
-    if announce:
-        logger.write(f"step {step_no}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    logger.write(f"step {step_no}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
 

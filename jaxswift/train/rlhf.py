@@ -24,7 +24,7 @@ from jaxswift.data.preference import build_preference_items
 from jaxswift.errors import ConfigError, DataError
 from jaxswift.parallel.distributed import is_primary
 from jaxswift.train.loop import (Feed, RunContext, compile_step, demo_answer, export_model, host_params, init_state,
-                                 plot_run, start_run, total_steps_of, train_loop)
+                                 plot_run, start_run, total_steps_of, train_loop, TaskScorer, with_task_scores)
 from jaxswift.train.preference import (evaluate_items, init_value_head, item_assembler, make_eval_fn, make_logps_fn,
                                        make_preference_step, objective_from_args, preference_plan, score_items)
 from jaxswift.train.rlhf_args import RlhfArguments
@@ -116,7 +116,7 @@ class _Scoring:
     put: Callable
 
 
-def run_rlhf(args: RlhfArguments, *, progress: bool = True) -> RlhfResult:
+def run_rlhf(args: RlhfArguments, *, progress: bool = True, task_scorer: TaskScorer | None = None) -> RlhfResult:
     ctx = start_run(args)
     model, cfg, obj = ctx.model, ctx.cfg, objective_from_args(args)
     messages: list[str] = []
@@ -151,7 +151,7 @@ def run_rlhf(args: RlhfArguments, *, progress: bool = True) -> RlhfResult:
                                          val_ref)) if val_items else None
     feed = Feed(compile_step(ctx, step, state, *(() if ref_params is None else (ref_params,))),
                 grain_batches(ctx, plan, train_items, total_steps, item_assembler(slots, train_ref)),
-                plan.rows_per_step, plan.length, plan.steps_per_epoch, evaluate)
+                plan.rows_per_step, plan.length, plan.steps_per_epoch, with_task_scores(evaluate, ctx, task_scorer))
     loop = train_loop(ctx, state, feed, total_steps=total_steps, start_step=start_step, schedule=schedule,
                       messages=messages, progress=progress)
     final = _final_metrics(loop, obj, val_items, train_items, train_ref, eval_scorer, scoring, ctx.out_dir)

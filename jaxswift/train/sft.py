@@ -16,7 +16,8 @@ from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.ring_attention import balanced_step
 from jaxswift.train.args import SftArguments
 from jaxswift.train.loop import (Feed, RunContext, compile_eval, compile_step, demo_answer, export_model,
-                                 host_params, init_state, plot_run, start_run, total_steps_of, train_loop)
+                                 host_params, init_state, plot_run, start_run, total_steps_of, train_loop,
+                                 TaskScorer, with_task_scores)
 from jaxswift.train.step import make_eval_step, make_train_step
 from jaxswift.train.tuning import build_optimizer, prepare_tuner
 
@@ -68,7 +69,7 @@ def grain_batches(ctx: RunContext, plan: StepPlan, source, total_steps: int, ass
                                                 assemble_fn=assemble_fn))
 
 
-def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
+def run_sft(args: SftArguments, *, progress: bool = True, task_scorer: TaskScorer | None = None) -> TrainResult:
     ctx = start_run(args)
     model, cfg = ctx.model, ctx.cfg
     messages: list[str] = []
@@ -88,7 +89,8 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
     train_step = balanced_step(make_train_step(cfg, optimizer, **step_kwargs), ctx.mesh, ctx.parallel)
     feed = Feed(compile_step(ctx, train_step, state), grain_batches(ctx, plan, train_examples, total_steps),
                 plan.rows_per_step, plan.length, plan.steps_per_epoch,
-                sft_evaluator(ctx, state, val_examples) if len(val_examples) else None)
+                with_task_scores(sft_evaluator(ctx, state, val_examples) if len(val_examples) else None, ctx,
+                                 task_scorer))
 
     loop = train_loop(ctx, state, feed, total_steps=total_steps, start_step=start_step, schedule=schedule,
                       messages=messages, progress=progress)
@@ -96,7 +98,7 @@ def run_sft(args: SftArguments, *, progress: bool = True) -> TrainResult:
     export_dir = export_model(ctx, final_params, lora_cfg)
     plot_run(ctx)
     demo_after = demo_answer(model, final_params, cfg, args.demo_question, args.demo_max_new_tokens)
-    eval_losses = {step: m["loss"] for step, m in loop.eval_metrics.items()}
+    eval_losses = {step: m["loss"] for step, m in loop.eval_metrics.items() if "loss" in m}
     return TrainResult(loop.losses, eval_losses, ctx.out_dir, export_dir, demo_before, demo_after,
                        int(jax.device_get(loop.state.skipped_steps)), loop.first_step_seconds)
 
