@@ -15,8 +15,10 @@ COMMANDS = {
     "export": "jaxswift.recipes.export",
     "plan": "jaxswift.recipes.plan",
     "deploy": "jaxswift.recipes.serve",
+    "web-ui": "jaxswift.recipes.webui",
+    "app": "jaxswift.recipes.app",
 }
-ALIASES = {"train": "sft", "chat": "infer", "serve": "deploy"}
+ALIASES = {"train": "sft", "chat": "infer", "serve": "deploy", "webui": "web-ui"}
 
 
 def main(argv: list[str] | None = None) -> int:
