@@ -59,11 +59,15 @@ def build(ctx) -> gr.Timer:
                  for key, label in CHARTS]
     log = gr.Textbox(label=L["log"], lines=16, max_lines=16, autoscroll=True, elem_id="runs-log")
     timer = gr.Timer(REFRESH_S, active=False)
+    known = gr.State(None)  # the runs this page has listed: a run that appears later is selected (just launched)
 
-    def refresh_all(current: str | None):
+    def refresh_all(current: str | None, seen: list | None):
         found = runs.scan(ctx.output_root)
         choices = [str(r.output_dir) for r in found]
-        if current not in choices:
+        new = [c for c in choices if seen is not None and c not in seen]
+        if new:
+            current = new[0]  # the newest: follow what was just launched
+        elif current not in choices:
             current = choices[0] if choices else None
         run = next((r for r in found if str(r.output_dir) == current), None)
         frames, text = chart_frames(run)
@@ -74,15 +78,16 @@ def build(ctx) -> gr.Timer:
                                                          if run.returncode not in (None, 0) else "")
             head += f"\n\n`{run.command}`"
             tail = runs.log_tail(run)
-        return (table(found), gr.update(choices=choices, value=current), head, text, *frames, tail)
+        return (table(found), gr.update(choices=choices, value=current), head, text, *frames, tail, choices)
 
-    outputs = [listing, selected, status, caption, *plots, log]
-    timer.tick(refresh_all, inputs=selected, outputs=outputs, show_progress="hidden")
-    refresh.click(refresh_all, inputs=selected, outputs=outputs)
-    selected.input(refresh_all, inputs=selected, outputs=outputs, show_progress="hidden")
-    ctx.on_load.append((refresh_all, [selected], outputs))
+    outputs = [listing, selected, status, caption, *plots, log, known]
+    inputs = [selected, known]
+    timer.tick(refresh_all, inputs=inputs, outputs=outputs, show_progress="hidden")
+    refresh.click(refresh_all, inputs=inputs, outputs=outputs)
+    selected.input(refresh_all, inputs=inputs, outputs=outputs, show_progress="hidden")
+    ctx.on_load.append((refresh_all, inputs, outputs))
 
-    def stop_selected(current: str | None):
+    def stop_selected(current: str | None, seen: list | None):
         if not current:
             gr.Warning("no run selected")
         else:
@@ -91,7 +96,7 @@ def build(ctx) -> gr.Timer:
                 gr.Info(f"{run.name}: {run.status}")
             except JaxswiftError as e:
                 gr.Warning(str(e))
-        return refresh_all(current)
+        return refresh_all(current, seen)
 
-    stop.click(stop_selected, inputs=selected, outputs=outputs, concurrency_limit=None)
+    stop.click(stop_selected, inputs=inputs, outputs=outputs, concurrency_limit=None)
     return timer
