@@ -16,8 +16,10 @@ COMMANDS = {
     "plan": "jaxswift.recipes.plan",
     "deploy": "jaxswift.recipes.serve",
     "eval": "jaxswift.recipes.eval",
+    "web-ui": "jaxswift.recipes.webui",
+    "app": "jaxswift.recipes.app",
 }
-ALIASES = {"train": "sft", "chat": "infer", "serve": "deploy"}
+ALIASES = {"train": "sft", "chat": "infer", "serve": "deploy", "webui": "web-ui"}
 
 
 def main(argv: list[str] | None = None) -> int:

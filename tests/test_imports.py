@@ -23,7 +23,8 @@ LAYERS = [
     {"infer"},                                                              # generation, the serving engine
     {"api", "jaxswift"},                                                    # the public facade (load_model, generate)
     {"train", "rl", "serve", "eval"},                                       # trainers, rollouts, server, evaluation
-    {"recipes", "webui"},                                                   # entry points
+    {"webui"},                                                              # the browser UI (forms over the recipes)
+    {"recipes"},                                                            # entry points
     {"cli"},                                                                # `jaxswift <command>`
 ]
 SAME_LAYER_ALLOWED = {2}  # floor packages may use each other (e.g. quant reads folders through checkpoints)

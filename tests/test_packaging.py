@@ -25,6 +25,7 @@ NOT_IMPORTED: dict[str, str] = {}  # declared without an import of ours (none no
 SERVE_ONLY = "jaxswift/serve"  # imported only by the server (and its recipe): the `serve` extra
 SERVE_RECIPE = "jaxswift/recipes/serve.py"
 GRAMMAR = "jaxswift/infer/grammar.py"  # structured output: reached only through the server's requests
+WEBUI_ONLY = ("jaxswift/webui", "jaxswift/recipes/webui.py", "jaxswift/recipes/app.py")  # the `webui` extra
 
 
 def _name(requirement: str) -> str:
@@ -61,12 +62,14 @@ def test_runtime_dependencies_are_exactly_what_the_package_imports():
     imported = _third_party_imports(sorted((REPO / "jaxswift").rglob("*.py")))
     serve_only = {d for d, files in imported.items()
                   if all(f.startswith(SERVE_ONLY) or f in (SERVE_RECIPE, GRAMMAR) for f in files)}
-    core = set(imported) - serve_only - {"datasets"}
+    webui_only = {d for d, files in imported.items() if all(f.startswith(WEBUI_ONLY) for f in files)}
+    core = set(imported) - serve_only - webui_only - {"datasets"}
     runtime = _declared(None)
     assert core - runtime == set(), f"imported by jaxswift/ but not declared: {core - runtime}"
     assert runtime - core == set(NOT_IMPORTED), f"declared but never imported: {runtime - core - set(NOT_IMPORTED)}"
     assert serve_only <= _declared("serve"), f"server imports missing from the serve extra: {serve_only - _declared('serve')}"
     assert _declared("serve") <= serve_only, f"serve extra lists what the server does not import"
+    assert webui_only <= _declared("webui"), f"web UI imports missing from the webui extra: {webui_only - _declared('webui')}"
     assert _declared("datasets") == {"datasets"} and imported["datasets"] == {"jaxswift/data/formats.py"}
 
 
