@@ -185,3 +185,23 @@ def test_rope_index_adjacent_images_and_text_only():
         rope_index(ids, [(1, 2, 4)], cfg)
     inputs = vision_inputs([np.zeros((8, 4)), np.zeros((12, 4))], [(1, 2, 4), (1, 2, 6)], 2, pad_to=24)
     assert inputs.patch_frames.tolist() == [1] * 8 + [2] * 12 + [0] * 4
+
+
+def test_infer_cli_with_images(qwen2_vl, tmp_path, capsys):
+    """`jaxswift infer --images a.png b.png --prompt ...` answers as chat() does with the same user turn."""
+    from jaxswift.cli import main
+
+    _, _, model, folder = qwen2_vl
+    random_image(60, 40, seed=11).save(tmp_path / "a.png")
+    random_image(30, 90, seed=12).save(tmp_path / "b.png")
+    assert main(["infer", "--model", str(folder), "--images", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+                 "--prompt", "the cat", "--max_new_tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    expected = jaxswift.chat(model, user({"type": "image", "image": str(tmp_path / "a.png")},
+                                         {"type": "image", "image": str(tmp_path / "b.png")},
+                                         {"type": "text", "text": "the cat"}), max_new_tokens=6)
+    assert printed == expected.strip()
+    assert main(["infer", "--model", str(folder), "--images", str(tmp_path / "a.png")]) != 0
+    assert "--images goes with --prompt" in capsys.readouterr().err
+    assert main(["infer", "--model", str(folder), "--images", "http://h/x.png", "--prompt", "a"]) != 0
+    assert "never downloads" in capsys.readouterr().err
