@@ -1,5 +1,6 @@
-"""Qwen2-VL parity with transformers on a tiny random model built offline (float32): logits with one image, two
-images of different sizes and a video; token expansion; greedy generation; save -> transformers; bad inputs."""
+"""Qwen2-VL and Qwen2.5-VL parity with transformers on tiny random models built offline (float32): logits with one
+image, two images of different sizes and a video; token expansion; greedy generation; save -> transformers; the
+infer CLI; bad inputs."""
 
 import numpy as np
 import pytest
@@ -13,14 +14,46 @@ from jaxswift.models.vision import rope_index, vision_inputs, vlm_forward
 
 from vlm_fixtures import make_qwen2_vl, random_image
 
-forward = jax.jit(vlm_forward, static_argnames="cfg")
+_forward = jax.jit(vlm_forward, static_argnames="cfg")
+
+
+def forward_logits(model, prompt):
+    """vlm_forward of one prompt, right-padded to 64 tokens (segment 0) so the tests share compiled shapes; the
+    logits of the real tokens."""
+    T = len(prompt.ids)
+    pad = -T % 64
+    tokens = np.pad(np.asarray([prompt.ids]), ((0, 0), (0, pad)))
+    segments = np.pad(np.ones((1, T), np.int32), ((0, 0), (0, pad)))
+    positions = np.pad(np.arange(T)[None], ((0, 0), (0, pad)))
+    rope = np.pad(prompt.rope_positions[:, None], ((0, 0), (0, 0), (0, pad)))
+    logits = _forward(model.params, jnp.asarray(tokens), cfg=model.config,
+                      vision=model.processor.batch_vision([prompt]), rope_positions=jnp.asarray(rope),
+                      positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+    return np.asarray(logits)[:, :T]
+
+
+_BUILT = {}
+
+
+def built(family, tmp_path_factory):
+    """(transformers model, its processor, jaxswift model, folder), built once per family."""
+    if family not in _BUILT:
+        folder = tmp_path_factory.mktemp(family)
+        # Qwen2.5-VL: images up to 40 merged tokens, so its 2x2-token windows come full and partial.
+        hf_model, processor = make_qwen2_vl(folder, family=family,
+                                            max_pixels=28 * 28 * (40 if family == "qwen2_5_vl" else 16))
+        _BUILT[family] = hf_model, processor, jaxswift.load_model(str(folder)), folder
+    return _BUILT[family]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen_vl(request, tmp_path_factory):
+    return built(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def qwen2_vl(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen2_vl")
-    hf_model, processor = make_qwen2_vl(folder)
-    return hf_model, processor, jaxswift.load_model(str(folder)), folder
+    return built("qwen2_vl", tmp_path_factory)
 
 
 def user(*parts):
@@ -39,21 +72,19 @@ def check_logits(hf_model, processor, model, messages, images):
     assert ours.rope_delta == int(delta)
     with torch.no_grad():
         expected = hf_model(**inputs).logits.numpy()
-    vision = model.processor.batch_vision([ours])
-    logits = forward(model.params, jnp.asarray([ours.ids]), cfg=model.config, vision=vision,
-                         rope_positions=jnp.asarray(ours.rope_positions[:, None]))
+    logits = forward_logits(model, ours)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 
 
-def test_logits_one_image(qwen2_vl):
-    hf_model, processor, model, _ = qwen2_vl
-    image = random_image(70, 110, seed=1)
+def test_logits_one_image(qwen_vl):
+    hf_model, processor, model, _ = qwen_vl
+    image = random_image(150, 200, seed=1)  # Qwen2.5-VL: 5 x 7 merged tokens, full and partial windows
     check_logits(hf_model, processor, model, user({"type": "image", "image": image},
                                                   {"type": "text", "text": "the cat"}), [image])
 
 
-def test_logits_two_images_of_different_sizes(qwen2_vl):
-    hf_model, processor, model, _ = qwen2_vl
+def test_logits_two_images_of_different_sizes(qwen_vl):
+    hf_model, processor, model, _ = qwen_vl
     a, b = random_image(60, 90, seed=2), random_image(130, 40, seed=3)
     messages = user({"type": "image", "image": a}, {"type": "text", "text": "the cat"},
                     {"type": "image_url", "image_url": {"url": jaxswift.data.images.image_to_data_url(b)}},
@@ -61,10 +92,10 @@ def test_logits_two_images_of_different_sizes(qwen2_vl):
     check_logits(hf_model, processor, model, messages, [a, b])
 
 
-def test_logits_video(qwen2_vl):
+def test_logits_video(qwen_vl):
     """transformers' video processor needs torchvision (absent here), so the model gets our video patches (their
     layout is tested against the image processor's in test_images.py) and the video tokens of our expansion."""
-    hf_model, _, model, _ = qwen2_vl
+    hf_model, _, model, _ = qwen_vl
     frames = [random_image(56, 84, seed=s) for s in range(4)]
     image = random_image(40, 60, seed=9)
     prompt = model.processor.encode_chat(user({"type": "video", "video": frames}, {"type": "text", "text": "a"},
@@ -80,14 +111,12 @@ def test_logits_video(qwen2_vl):
         positions, _ = hf_model.model.get_rope_index(ids, token_types, torch.tensor([image_grid]),
                                                      torch.tensor([video_grid]))
     np.testing.assert_array_equal(prompt.rope_positions, positions[:, 0].numpy())
-    logits = forward(model.params, jnp.asarray([prompt.ids]), cfg=model.config,
-                     vision=model.processor.batch_vision([prompt]),
-                     rope_positions=jnp.asarray(prompt.rope_positions[:, None]))
+    logits = forward_logits(model, prompt)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_matches(qwen2_vl):
-    hf_model, processor, model, _ = qwen2_vl
+def test_greedy_generation_matches(qwen_vl):
+    hf_model, processor, model, _ = qwen_vl
     image = random_image(80, 50, seed=4)
     messages = user({"type": "image", "image": image}, {"type": "text", "text": "the dog"})
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -120,12 +149,10 @@ def test_chat_and_generate_api(qwen2_vl, tmp_path):
     assert isinstance(raw[0], str)
 
 
-def test_save_loads_in_transformers(qwen2_vl, tmp_path):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    hf_model, processor, model, _ = qwen2_vl
+def test_save_loads_in_transformers(qwen_vl, tmp_path):
+    hf_model, processor, model, _ = qwen_vl
     jaxswift.save_model(model, tmp_path / "out")
-    reloaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    reloaded = type(hf_model).from_pretrained(tmp_path / "out").eval()
     image = random_image(60, 60, seed=7)
     text = processor.apply_chat_template(user({"type": "image"}, {"type": "text", "text": "a"}),
                                          add_generation_prompt=True)

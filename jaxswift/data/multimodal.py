@@ -157,4 +157,5 @@ class VLMProcessor:
             return None
         # Padding patches (their own frame 0) up to a multiple of 64: fewer compiled shapes across images.
         total = sum(len(p) for p in patches)
-        return vision_inputs(patches, grids, self.cfg.vision.merge_size, pad_to=-(-total // 64) * 64)
+        return vision_inputs(patches, grids, self.cfg.vision.merge_size, pad_to=-(-total // 64) * 64,
+                             window=self.cfg.vision.window)

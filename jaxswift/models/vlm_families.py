@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from jaxswift.models.families import WeightMap
-from jaxswift.models.vision import VisionConfig, VLMConfig
+from jaxswift.models.vision import VisionConfig, VLMConfig, aligner_specs, vision_specs
 
 # transformers >= 5 writes model.language_model.* / model.visual.*; checkpoints from before write model.* / visual.*
 TEXT_PREFIX, VISION_PREFIX = "model.language_model.", "model.visual."
@@ -58,6 +58,12 @@ def vision_weight_maps(v: VisionConfig) -> list[WeightMap]:
         (("vision", "layers", "fc1_bias"), block + "mlp.fc1.bias", None, None),
         (("vision", "layers", "fc2"), block + "mlp.fc2.weight", _t, _t),
         (("vision", "layers", "fc2_bias"), block + "mlp.fc2.bias", None, None),
+        (("vision", "layers", "w_gate"), block + "mlp.gate_proj.weight", _t, _t),
+        (("vision", "layers", "w_gate_bias"), block + "mlp.gate_proj.bias", None, None),
+        (("vision", "layers", "w_up"), block + "mlp.up_proj.weight", _t, _t),
+        (("vision", "layers", "w_up_bias"), block + "mlp.up_proj.bias", None, None),
+        (("vision", "layers", "w_down"), block + "mlp.down_proj.weight", _t, _t),
+        (("vision", "layers", "w_down_bias"), block + "mlp.down_proj.bias", None, None),
         (("aligner", "norm"), VISION_PREFIX + "merger.ln_q.weight", None, None),
         (("aligner", "norm_bias"), VISION_PREFIX + "merger.ln_q.bias", None, None),
         (("aligner", "fc1"), VISION_PREFIX + "merger.mlp.0.weight", _t, _t),
@@ -66,11 +72,21 @@ def vision_weight_maps(v: VisionConfig) -> list[WeightMap]:
         (("aligner", "fc2_bias"), VISION_PREFIX + "merger.mlp.2.bias", None, None),
     ]
     same = lambda w: w  # noqa: E731
-    return [WeightMap(path, name, to_ours or same, to_hf or same) for path, name, to_ours, to_hf in table]
+    specs = {"vision": vision_specs(v), "aligner": aligner_specs(v)}
+
+    def in_specs(path):
+        node = specs
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node is not None
+
+    return [WeightMap(path, name, to_ours or same, to_hf or same) for path, name, to_ours, to_hf in table
+            if in_specs(path)]
 
 
 # PEFT target_modules names of the tower's and the aligner's linears (ms-swift's vit / aligner parts).
-VISION_MODULE_NAMES = {"wqkv": "qkv", "wo": "proj", "fc1": "fc1", "fc2": "fc2"}
+VISION_MODULE_NAMES = {"wqkv": "qkv", "wo": "proj", "fc1": "fc1", "fc2": "fc2", "w_gate": "gate_proj",
+                       "w_up": "up_proj", "w_down": "down_proj"}
 ALIGNER_MODULE_NAMES = {"fc1": "mlp.0", "fc2": "mlp.2"}
 
 
