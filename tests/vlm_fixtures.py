@@ -25,7 +25,7 @@ def word_tokenizer(special: list[str], template: str):
 
     vocab = {tok: i for i, tok in enumerate(special + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Split(r"\s+|\n", behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special[2] if len(special) > 2 else special[0],
                                    pad_token=special[0], additional_special_tokens=special[1:])
     fast.chat_template = template

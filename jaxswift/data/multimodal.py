@@ -19,7 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxswift.data.formats import iter_rows, row_media, row_to_messages
 from jaxswift.data.images import QwenVisionProcessor, load_image, read_processor_config
+from jaxswift.data.templates import EncodedChat, encode_chat
 from jaxswift.errors import DataError
 from jaxswift.models.vision import VisionInputs, VLMConfig, rope_index, vision_inputs
 
@@ -70,6 +72,8 @@ def message_media(messages: list[dict], *, base_dir=None, where: str = "messages
         parts = []
         for p_index, part in enumerate(content):
             here = f"{where} message {m_index} part {p_index}"
+            if isinstance(part, dict) and part.get("type") in ("image_url", "image", "video"):
+                here = f"{where} {part['type'].replace('_url', '')} {len(media)} (message {m_index} part {p_index})"
             if not isinstance(part, dict):
                 raise DataError(f"{here}: a content part must be an object, got {type(part).__name__}")
             kind = part.get("type") or next((k for k in ("image_url", "image", "video", "text") if k in part), None)
@@ -159,3 +163,75 @@ class VLMProcessor:
         total = sum(len(p) for p in patches)
         return vision_inputs(patches, grids, self.cfg.vision.merge_size, pad_to=-(-total // 64) * 64,
                              window=self.cfg.vision.window)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset rows with images (training examples)
+
+
+@dataclasses.dataclass
+class MultimodalExample:
+    """One training row: `encoded` (ids with expanded image tokens, loss mask False on them), the row's images /
+    videos as patches and grids in text order, and the M-RoPE positions [3, T]."""
+    encoded: EncodedChat
+    patches: list[np.ndarray]
+    grids: list[tuple[int, int, int]]
+    rope_positions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+def row_messages_with_media(row: dict, where: str) -> list[dict]:
+    """The row's messages, with ms-swift `<image>` / `<video>` markers + `images` / `videos` columns turned into
+    content parts (media are taken in order across the messages); OpenAI-style parts pass through."""
+    messages = row_to_messages(row, where)
+    images, videos = row_media(row, where)
+    markers_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if isinstance(m["content"], str))
+    markers_vid = sum(m["content"].count(VIDEO_PLACEHOLDER) for m in messages if isinstance(m["content"], str))
+    if markers_img != len(images) or markers_vid != len(videos):
+        raise DataError(f"{where}: {markers_img} {IMAGE_PLACEHOLDER} and {markers_vid} {VIDEO_PLACEHOLDER} markers "
+                        f"in the messages but {len(images)} images and {len(videos)} videos in the row")
+    out = []
+    for k, m in enumerate(messages):
+        content = m["content"]
+        if isinstance(content, str) and (IMAGE_PLACEHOLDER in content or VIDEO_PLACEHOLDER in content):
+            n_img, n_vid = content.count(IMAGE_PLACEHOLDER), content.count(VIDEO_PLACEHOLDER)
+            content = split_image_placeholders(content, images[:n_img], videos[:n_vid], where=f"{where} message {k}")
+            images, videos = images[n_img:], videos[n_vid:]
+        out.append({**m, "content": content})
+    return out
+
+
+def encode_multimodal_row(row: dict, where: str, processor: VLMProcessor, *, base_dir=None,
+                          loss_scale: str = "default", system: str | None = None) -> MultimodalExample:
+    """Row -> MultimodalExample. The chat is encoded with the text path's loss mask (templates.encode_chat) on
+    one placeholder token per image, then each placeholder is repeated for its image's tokens (never trained on);
+    the ids equal transformers' processor on the same chat."""
+    messages = row_messages_with_media(row, where)
+    media, normalized = message_media(messages, base_dir=base_dir, where=where)
+    try:
+        encoded = encode_chat(processor.tokenizer, normalized, loss_scale=loss_scale, system=system)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    patches, grids = processor.preprocess(media, where)
+    cfg = processor.cfg
+    is_placeholder = np.isin(encoded.input_ids, cfg.placeholder_ids)
+    if int(is_placeholder.sum()) != len(media):
+        raise DataError(f"{where}: the chat template wrote {int(is_placeholder.sum())} image/video placeholders for "
+                        f"{len(media)} images/videos")
+    repeats = np.ones(len(encoded), np.int64)
+    repeats[is_placeholder] = [processor.images.num_tokens(g) for g in grids]
+    ids = np.repeat(encoded.input_ids, repeats)
+    mask = np.repeat(encoded.loss_mask & ~is_placeholder, repeats)
+    positions, _ = rope_index(ids, grids, cfg)
+    return MultimodalExample(EncodedChat(ids.astype(np.int32), mask), patches, grids, positions)
+
+
+def iter_multimodal_examples(path: str | Path, processor: VLMProcessor, **kwargs):
+    """Every row of a dataset file as a MultimodalExample; image paths resolve against the file's folder."""
+    base_dir = Path(path).parent
+    for where, row in iter_rows(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object (a row with named fields), got {type(row).__name__}")
+        yield encode_multimodal_row(row, where, processor, base_dir=base_dir, **kwargs)
