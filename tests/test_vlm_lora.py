@@ -16,6 +16,8 @@ from jaxswift.tuners.vlm_lora import add_vlm_lora, randomize_b
 
 from vlm_fixtures import make_qwen2_vl, random_image
 
+forward = jax.jit(vlm_forward, static_argnames="cfg")
+
 
 @pytest.mark.parametrize("parts", [("vision", "aligner", "llm"), ("vision",)])
 def test_peft_loads_the_vlm_adapter(tmp_path, parts):
@@ -40,10 +42,10 @@ def test_peft_loads_the_vlm_adapter(tmp_path, parts):
     with torch.no_grad():
         expected = peft_model(**inputs).logits.numpy()
     prompt = model.processor.encode_chat(messages)
-    ours = vlm_forward(params, jnp.asarray([prompt.ids]), model.config, model.processor.batch_vision([prompt]),
-                       rope_positions=jnp.asarray(prompt.rope_positions[:, None]))
-    base = vlm_forward(model.params, jnp.asarray([prompt.ids]), model.config, model.processor.batch_vision([prompt]),
-                       rope_positions=jnp.asarray(prompt.rope_positions[:, None]))
+    tokens, vision = jnp.asarray([prompt.ids]), model.processor.batch_vision([prompt])
+    rope = jnp.asarray(prompt.rope_positions[:, None])
+    ours = forward(params, tokens, cfg=model.config, vision=vision, rope_positions=rope)
+    base = forward(model.params, tokens, cfg=model.config, vision=vision, rope_positions=rope)
     assert np.abs(np.asarray(ours) - np.asarray(base)).max() > 1e-3  # the adapters really change the output
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=0)
 

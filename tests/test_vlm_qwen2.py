@@ -2,6 +2,8 @@
 image, two images of different sizes and a video; token expansion; greedy generation; save -> transformers; the
 infer CLI; bad inputs."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -232,3 +234,24 @@ def test_infer_cli_with_images(qwen2_vl, tmp_path, capsys):
     assert "--images goes with --prompt" in capsys.readouterr().err
     assert main(["infer", "--model", str(folder), "--images", "http://h/x.png", "--prompt", "a"]) != 0
     assert "never downloads" in capsys.readouterr().err
+
+
+def test_mesh_forward_equals_single_device(qwen2_vl):
+    """The tower and aligner shard through the same logical-axis rules as the LLM (no mesh names in models/):
+    a 4x2 mesh over 8 virtual devices gives the single-device logits."""
+    from jaxswift.models.vision import vlm_logical_axes
+    from jaxswift.parallel.mesh import make_mesh
+    from jaxswift.parallel.rules import activation_sharding, load_rules, param_shardings
+
+    _, _, model, _ = qwen2_vl
+    prompt = model.processor.encode_chat(user({"type": "image", "image": random_image(60, 90, seed=13)},
+                                              {"type": "text", "text": "a"}))
+    expected = forward_logits(model, prompt)
+    mesh = make_mesh("4x2", jax.devices()[:8])
+    rules = load_rules("default")
+    shardings = param_shardings(vlm_logical_axes(model.config), model.params, rules, mesh)
+    params = jax.device_put(model.params, shardings)
+    assert params["vision"]["layers"]["wqkv"].sharding.spec[3] == "tensor"  # the tower's heads really are split
+    with activation_sharding(rules, mesh):
+        logits = forward_logits(dataclasses.replace(model, params=params), prompt)
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
