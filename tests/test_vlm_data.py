@@ -42,8 +42,9 @@ def test_rows_equal_the_processor(vlm, tmp_path):
     ]
     examples = list(iter_multimodal_examples(write_rows(tmp_path / "train.jsonl", rows), model.processor))
     for example, images, row in zip(examples, [[a, b], [b]], rows):
+        markup = "<|vision_start|><|image_pad|><|vision_end|>"
         parts = [[{"type": "image"} if p.get("type") != "text" else p for p in m["content"]]
-                 if isinstance(m["content"], list) else m["content"].replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+                 if isinstance(m["content"], list) else m["content"].replace("<image>", markup)
                  for m in row["messages"]]
         messages = [{"role": m["role"], "content": c} for m, c in zip(row["messages"], parts)]
         text = hf_processor.apply_chat_template(messages)
@@ -65,7 +66,8 @@ def test_bad_rows_name_file_line_and_image(vlm, tmp_path):
     user = lambda text: [{"role": "user", "content": text}, {"role": "assistant", "content": "w1"}]  # noqa: E731
     cases = [
         ({"messages": user("<image>a"), "images": ["http://example.com/a.png"]}, r"bad.jsonl:1 image 0.*never downl"),
-        ({"messages": user("<image><image>a"), "images": ["ok.png", "gone.png"]}, r"bad.jsonl:1 image 1.*gone.png.*not found"),
+        ({"messages": user("<image><image>a"), "images": ["ok.png", "gone.png"]},
+         r"bad.jsonl:1 image 1.*gone.png.*not found"),
         ({"messages": user("<image>a"), "images": ["broken.png"]}, r"bad.jsonl:1 image 0.*broken.png.*not a readable"),
         ({"messages": user("<image>a"), "images": []}, r"bad.jsonl:1: 1 <image> .* but 0 images"),
         ({"messages": user("a"), "images": "ok.png"}, r"bad.jsonl:1: 0 <image> .* but 1 images"),

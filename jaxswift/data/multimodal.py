@@ -27,7 +27,8 @@ from jaxswift.models.vision import VisionInputs, VLMConfig, rope_index, vision_i
 
 IMAGE_PLACEHOLDER = "<image>"  # ms-swift's marker in dataset text
 VIDEO_PLACEHOLDER = "<video>"
-QWEN_MARKUP = {"image": "<|vision_start|><|image_pad|><|vision_end|>", "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+QWEN_MARKUP = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+               "video": "<|vision_start|><|video_pad|><|vision_end|>"}
 
 
 @dataclasses.dataclass
