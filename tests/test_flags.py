@@ -30,25 +30,28 @@ ENTRY_FLAGS = {"config", "coordinator_address", "num_processes", "process_id"}
 
 COMMON = dict(max_steps=2, logging_steps=1, learning_rate=1e-3, disable_tqdm=True, save_steps=1, eval_steps=1,
               max_length=128, lora_dropout=0.0, mesh="1", demo_question="Hi?", demo_max_new_tokens=2)
+EPOCH = dict(max_steps=0, num_train_epochs=1)  # length by epochs (the other run by --max_steps)
 TASKS = dict(eval_dataset=[f"general_mcq={BUILTIN_DIR / 'general_mcq.csv'}"], eval_limit=2)  # scored in training
 FULL = dict(tuner_type="full", use_galore=True, galore_rank=4, freeze_parameters=["mlp_norm"],
             trainable_parameters=["final_norm"], demo_question="")
 
 RUNS = {
     "sft": (SftArguments, sft_recipe.train, [
-        dict(TASKS, split_dataset_ratio=0.3, dataset=["builtin:self_identity#12"]),
+        dict(TASKS, EPOCH, split_dataset_ratio=0.3, dataset=["builtin:self_identity#6"]),
         dict(FULL, galore_quantization=True, galore_target_modules=["q_proj", "v_proj"], packing=False,
              val_dataset=["builtin:self_identity#2"], dataset=["builtin:self_identity#8"]),
     ]),
     "rlhf": (RlhfArguments, rlhf_recipe.train, [
-        dict(TASKS, split_dataset_ratio=0.3, dataset=["builtin:preference_demo#12"], per_device_train_batch_size=2),
+        dict(TASKS, EPOCH, split_dataset_ratio=0.3, dataset=["builtin:preference_demo#8"],
+             per_device_train_batch_size=2),
         dict(FULL, precompute_ref_log_probs=False, dataset=["builtin:preference_demo#8"], packing=False,
              val_dataset=["builtin:preference_demo#2"]),
     ]),
     "grpo": (GrpoArguments, grpo_recipe.train, [
-        dict(TASKS, dataset=["builtin:arithmetic#16"], num_generations=4, per_device_train_batch_size=8,
+        dict(TASKS, EPOCH, dataset=["builtin:arithmetic#4"], num_generations=4, per_device_train_batch_size=8,
              max_completion_length=4, max_length=96),
-        dict(FULL, dataset=["builtin:arithmetic#16"], num_generations=4, per_device_train_batch_size=8,
+        dict(FULL, galore_quantization=True, dataset=["builtin:arithmetic#16"], num_generations=4,
+             per_device_train_batch_size=8,
              max_completion_length=4, dynamic_sample=True, max_resample_times=1, multi_turn_env=
              "builtin:arithmetic_retry", max_turns=2, reward_funcs=["env"], max_length=96),
     ]),

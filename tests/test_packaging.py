@@ -45,7 +45,8 @@ def _third_party_imports(paths) -> dict[str, set[str]]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top in sys.stdlib_module_names or top in ("jaxswift", "__future__") or top.startswith("test_"):
+                local = (REPO / "tests" / f"{top}.py").exists()  # a test helper module (conftest, fixtures)
+                if top in sys.stdlib_module_names or top in ("jaxswift", "__future__") or local:
                     continue
                 dist = DISTRIBUTION.get(top, top).lower().replace("_", "-")
                 found.setdefault(dist, set()).add(str(path.relative_to(REPO)))

@@ -107,10 +107,49 @@ def _message(m: Any, where: str, field: str, role_key: str, content_key: str, ro
     if role not in ROLES:
         allowed = sorted(role_map) if role_map else ROLES
         raise DataError(f"{where}: {field}.{role_key}={m[role_key]!r}; expected one of {', '.join(allowed)}")
-    out = {"role": role, "content": _text(m.get(content_key), where, f"{field}.{content_key}")}
+    content = m.get(content_key)
+    # OpenAI-style content parts (text, image_url, image, video) stay a list for vision-language models.
+    content = _parts(content, where, f"{field}.{content_key}") if isinstance(content, list) else _text(
+        content, where, f"{field}.{content_key}")
+    out = {"role": role, "content": content}
     # Tool-calling fields ride along so templates that support them can render them.
     out.update({k: v for k, v in m.items() if k in ("tool_calls", "name", "tool_call_id") and v is not None})
     return out
+
+
+PART_TYPES = ("text", "image_url", "image", "video")
+
+
+def _parts(parts: list, where: str, field: str) -> list[dict]:
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in PART_TYPES or (kind not in part and kind != "image"):
+            raise DataError(f"{where}: {field}[{k}]: expected a content part {{type: {'|'.join(PART_TYPES)}, "
+                            f"<type>: ...}}, got {part!r:.80}")
+        if kind == "text" and not isinstance(part["text"], str):
+            raise DataError(f"{where}: {field}[{k}].text: expected a string, got {type(part['text']).__name__}")
+    return list(parts)
+
+
+def row_media(row: dict, where: str) -> tuple[list, list]:
+    """The row's `images` and `videos` columns (ms-swift): lists (or JSON strings of lists, or one path)."""
+    out = []
+    for key in ("images", "videos"):
+        value = _maybe_json(row.get(key), where, key)
+        if value in (None, "", []):
+            value = []
+        elif isinstance(value, (str, dict)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise DataError(f"{where}: field {key!r}: expected a list of paths or data URLs, got "
+                            f"{type(value).__name__}")
+        out.append(list(value))
+    return out[0], out[1]
+
+
+def has_media(messages: list[dict], row: dict) -> bool:
+    return any(isinstance(m.get("content"), list) for m in messages) or any(
+        _present(row, k) and row[k] != [] for k in ("images", "videos"))
 
 
 def _with_system_column(messages: list[dict], row: dict, where: str) -> list[dict]:
@@ -363,6 +402,8 @@ def iter_sft_examples(specs: list[str], tokenizer, tally: collections.Counter, *
 def _row_to_example(row, where: str, tokenizer, *, max_length, truncation_strategy, loss_scale, system):
     """(example or None, outcome) for one row; outcome is "kept", "truncated" or a skip reason."""
     messages = row_to_messages(row, where)
+    if has_media(messages, row):
+        raise DataError(f"{where}: the row has images or content parts; it needs a vision-language model")
     replies = [m for m in messages if m["role"] == "assistant"]
     if not replies:
         return None, SKIP_NO_ASSISTANT

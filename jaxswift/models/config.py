@@ -42,6 +42,7 @@ class RopeConfig:
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn
+    mrope_section: tuple[int, ...] = ()  # qwen2_vl: frequencies per (temporal, height, width) position row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +139,8 @@ def _rope_from_hf(d: dict, where: str) -> RopeConfig:
     params = {**scaling, **params}
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "mrope":  # older Qwen2-VL configs: default frequencies, sections given separately
+        rope_type = "default"
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"{where}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
@@ -152,7 +155,8 @@ def _rope_from_hf(d: dict, where: str) -> RopeConfig:
         original_max_position_embeddings=original,
         beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
         attention_factor=params.get("attention_factor"), mscale=params.get("mscale"),
-        mscale_all_dim=params.get("mscale_all_dim"), truncate=bool(params.get("truncate", True)))
+        mscale_all_dim=params.get("mscale_all_dim"), truncate=bool(params.get("truncate", True)),
+        mrope_section=tuple(int(s) for s in params.get("mrope_section") or ()))
 
 
 def _sliding_windows(d: dict, family: str, num_layers: int) -> tuple[int, ...]:
@@ -257,7 +261,8 @@ def config_from_hf(d: dict[str, Any], *, where: str = "config.json", dtype: str 
 
 def _rope_to_hf(rope: RopeConfig) -> dict:
     if rope.type == "default":
-        return {"rope_type": "default", "rope_theta": rope.theta}
+        mrope = {"mrope_section": list(rope.mrope_section)} if rope.mrope_section else {}
+        return {"rope_type": "default", "rope_theta": rope.theta, **mrope}
     out = {"rope_type": rope.type, "rope_theta": rope.theta, "factor": rope.factor}
     if rope.type == "llama3":
         out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,

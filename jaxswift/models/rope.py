@@ -75,13 +75,31 @@ def rope_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float
 
 
 def apply_rope(x_BTNH: jnp.ndarray, positions_BT: jnp.ndarray, rope: RopeConfig) -> jnp.ndarray:
-    """Rotates pairs (i, i + H/2) as HF's rotate_half does."""
+    """Rotates pairs (i, i + H/2) as HF's rotate_half does.
+
+    positions [B, T], or [3, B, T] for multimodal RoPE (Qwen2-VL's M-RoPE): frequency i then takes its position
+    from row (temporal, height, width) s % 3 of the section s of `rope.mrope_section` that holds i. Text tokens
+    carry the same position in all three rows, which is plain RoPE.
+    """
     head_dim = x_BTNH.shape[-1]
     inv_freq, scale = rope_frequencies(rope, head_dim)
-    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    cos = (jnp.cos(angles_BTh) * scale)[:, :, None, :]
-    sin = (jnp.sin(angles_BTh) * scale)[:, :, None, :]
-    x = x_BTNH.astype(jnp.float32)
-    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_BTNH.dtype)
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    if positions_BT.ndim == 3:
+        angles = mrope_angles(angles, rope.mrope_section)
+    return rotate_half_pairs(x_BTNH, jnp.cos(angles)[:, :, None, :] * scale, jnp.sin(angles)[:, :, None, :] * scale)
+
+
+def mrope_angles(angles_3BTh: jnp.ndarray, section: tuple[int, ...]) -> jnp.ndarray:
+    """[3, B, T, H/2] angles of the three position rows -> [B, T, H/2]: section s reads row s % 3."""
+    if sum(section) != angles_3BTh.shape[-1]:
+        raise ValueError(f"mrope_section {section} must sum to head_dim / 2 = {angles_3BTh.shape[-1]}")
+    bounds = np.cumsum((0,) + tuple(section))
+    return jnp.concatenate([angles_3BTh[s % 3, ..., bounds[s]:bounds[s + 1]] for s in range(len(section))], axis=-1)
+
+
+def rotate_half_pairs(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """x * cos + rotate_half(x) * sin in float32; cos and sin [..., H/2] broadcast against x[..., :H/2]."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -110,7 +110,11 @@ def _init_leaf(spec: ParamSpec, key, dtype):
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Random params (for tests and from-scratch pretraining)."""
-    specs = param_specs(cfg)
+    return init_from_specs(param_specs(cfg), key, cfg.weight_dtype)
+
+
+def init_from_specs(specs, key: jax.Array, dtype) -> dict:
+    """Random params of any ParamSpec tree (the text core's, a vision tower's)."""
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [_init_leaf(s, k, cfg.weight_dtype) for s, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [_init_leaf(s, k, dtype) for s, k in zip(leaves, keys)])

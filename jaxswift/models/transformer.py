@@ -202,9 +202,12 @@ def feed_forward(h_BTD, layer, cfg: ModelConfig, segment_ids_BT=None):
     return _mlp(h_BTD, layer), jnp.zeros((), jnp.float32)
 
 
-def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_ids_BT, kv=None):
+def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_ids_BT, kv=None,
+                  rope_positions=None):
     """One block -> (x, new_kv, aux). `kv` = (k_cache, v_cache, layer_index, cache_positions, cache_segments,
     write_index) or None; aux is the block's auxiliary loss (MoE load balancing; 0 for dense blocks).
+    rope_positions (default: positions_BT) rotate q and k only; [3, B, T] for M-RoPE (models/rope.py), while
+    positions_BT keep ordering the mask and the cache.
 
     With a cache, the new keys/values are written in place (a loop carry, so XLA updates them without copying the
     whole cache every step): into this layer's own k [Z, H, S] / v [Z, S, H] when layer_index is None, else at
@@ -212,7 +215,7 @@ def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_
     """
     B, T, _ = x_BTD.shape
     h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = project_qkv(h, layer, cfg, positions_BT)
+    q, k, v = project_qkv(h, layer, cfg, positions_BT if rope_positions is None else rope_positions)
     if kv is None:
         attn = override("self_attention", self_attention)(q, k, v, positions_BT, segment_ids_BT, window)
         new_kv = None
@@ -265,37 +268,54 @@ def scan_layers(layer_fn, x_BTD, side, layer_xs):
 
 
 def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions=None, segment_ids=None,
-                  cache: KVCache | None = None, return_aux: bool = False):
+                  cache: KVCache | None = None, return_aux: bool = False, rope_positions=None, embeds=None):
     """Final-normed hidden states [B, T, D] and the updated cache (None without one); with return_aux, also the
     summed auxiliary loss of the blocks (MoE load balancing; 0 for dense models).
+
+    Vision-language models (models/vision.py) pass `embeds` [B, T, D] (token embeddings with image features
+    scattered in) instead of looking tokens up, and `rope_positions` [3, B, T] (M-RoPE) or [B, T] for the
+    rotation; `positions` still order the causal mask and the cache.
 
     Stacked layers run under `jax.lax.scan` (or the "run_layers" override, e.g. a pipeline); the tuple of
     per-layer trees of `unstack_layers` runs unrolled.
     """
     positions, segment_ids = _default_positions(tokens_BT, positions, segment_ids)
-    x = jnp.take(params["embed"], tokens_BT, axis=0).astype(cfg.compute_dtype)
-    x = constrain(x, ACT)
+    x = jnp.take(params["embed"], tokens_BT, axis=0) if embeds is None else embeds
+    x = constrain(x.astype(cfg.compute_dtype), ACT)
     layers = params["layers"]
     aux = jnp.zeros((), jnp.float32)
     if cache is not None:
-        x, cache = _cached_layers(x, layers, cfg, positions, segment_ids, cache)
+        x, cache = _cached_layers(x, layers, cfg, positions, segment_ids, cache, rope_positions)
     elif isinstance(layers, (list, tuple)):
         for layer, window in zip(layers, cfg.window_per_layer):
-            x, _, layer_aux = decoder_layer(x, layer, window, cfg, positions, segment_ids)
+            x, _, layer_aux = decoder_layer(x, layer, window, cfg, positions, segment_ids,
+                                            rope_positions=rope_positions)
             aux = aux + layer_aux
     else:
         def layer_fn(x, side, xs):
-            (layer, window), (pos, seg) = xs, side
-            x, _, layer_aux = decoder_layer(x, layer, window, cfg, pos, seg)
+            (layer, window), (pos, seg, *rope) = xs, side
+            rope = _rope_from_side(rope[0]) if rope else None
+            x, _, layer_aux = decoder_layer(x, layer, window, cfg, pos, seg, rope_positions=rope)
             return x, layer_aux
         windows = jnp.asarray(cfg.window_per_layer, jnp.int32)
         run_layers = override("run_layers", scan_layers)
-        x, aux = run_layers(_remat(layer_fn, cfg.remat), x, (positions, segment_ids), (layers, windows))
+        side = (positions, segment_ids) if rope_positions is None else (
+            positions, segment_ids, _rope_to_side(rope_positions))
+        x, aux = run_layers(_remat(layer_fn, cfg.remat), x, side, (layers, windows))
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return (h, cache, aux) if return_aux else (h, cache)
 
 
-def _cached_layers(x, layers, cfg: ModelConfig, positions, segment_ids, cache: KVCache):
+def _rope_to_side(rope_positions):
+    """Side inputs are split on their leading batch axis (pipeline microbatches): M-RoPE's [3, B, T] -> [B, 3, T]."""
+    return jnp.moveaxis(rope_positions, 0, 1) if rope_positions.ndim == 3 else rope_positions
+
+
+def _rope_from_side(rope_side):
+    return jnp.moveaxis(rope_side, 1, 0) if rope_side.ndim == 3 else rope_side
+
+
+def _cached_layers(x, layers, cfg: ModelConfig, positions, segment_ids, cache: KVCache, rope_positions=None):
     """The decoder over `cache`: unrolled layers with a per-layer cache, or scanned ones with a stacked cache."""
     T = x.shape[1]
     cache_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
@@ -305,7 +325,7 @@ def _cached_layers(x, layers, cfg: ModelConfig, positions, segment_ids, cache: K
         x, k, v = carry
         layer, window, i = xs
         x, (k, v), _ = decoder_layer(x, layer, window, cfg, positions, segment_ids,
-                                     (k, v, i, cache_pos, cache_seg, cache.index))
+                                     (k, v, i, cache_pos, cache_seg, cache.index), rope_positions)
         return (x, k, v), None
 
     unrolled, per_layer = isinstance(layers, (list, tuple)), isinstance(cache.k, (list, tuple))

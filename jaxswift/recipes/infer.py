@@ -33,13 +33,23 @@ class InferArguments:
     result_path: Optional[str] = field(default=None, metadata={"help": "batch mode: output JSONL"})
     max_num_seqs: int = field(default=8, metadata={"help": "batch mode: requests decoded together"})
     max_model_len: int = field(default=2048, metadata={"help": "batch mode: prompt + completion tokens"})
+    images: Optional[list[str]] = field(default=None, metadata={
+        "help": "vision-language models: images (paths or data URLs) shown before --prompt, in one user turn"})
+    max_pixels: Optional[int] = field(default=None, metadata={"help": "VLMs: most pixels per image after resizing"})
+    min_pixels: Optional[int] = field(default=None, metadata={"help": "VLMs: fewest pixels per image after resizing"})
     config: Optional[str] = None
 
 
 def _load(args: InferArguments):
     import jaxswift
 
-    model = jaxswift.load_model(args.model, dtype=args.dtype)
+    model = jaxswift.load_model(args.model, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.images and not model.is_vlm:
+        raise ConfigError(f"--images: {args.model} is a text-only model")
+    if args.images and (args.prompt is None or args.dataset is not None):
+        raise ConfigError("--images goes with --prompt (one user turn: the images, then the text)")
+    if args.adapters and model.is_vlm:
+        raise ConfigError("--adapters on a vision-language model is not supported yet")
     if args.adapters:
         from jaxswift.checkpoints.peft import load_peft_adapter
 
@@ -69,7 +79,9 @@ def main(argv: list[str]) -> int:
                     top_k=args.top_k, seed=args.seed)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
-        print(jaxswift.chat(model, history + [{"role": "user", "content": args.prompt}], **sampling))
+        content = args.prompt if not args.images else [{"type": "image", "image": path} for path in args.images] + [
+            {"type": "text", "text": args.prompt}]
+        print(jaxswift.chat(model, history + [{"role": "user", "content": content}], **sampling))
         return 0
     print(f"chatting with {args.model} (empty line to quit)")
     while True:

@@ -89,7 +89,8 @@ def check_inputs(args) -> None:
     """Every input path a run reads, checked before anything heavy is loaded (a typo fails in a second, not after
     the model has loaded)."""
     check_dataset_specs(args.dataset, "--dataset")
-    check_dataset_specs(getattr(args, "val_dataset", []) or [], "--val_dataset")
+    if "val_dataset" not in args.UNUSED:
+        check_dataset_specs(args.val_dataset, "--val_dataset")
 
 
 def start_run(args) -> RunContext:
@@ -191,6 +192,7 @@ class MetricsReader:
     def __init__(self, args, logger: RunLogger, schedule, start_step: int, total_steps: int):
         self.args, self.logger, self.schedule = args, logger, schedule
         self.start_step, self.total_steps = start_step, total_steps
+        self.max_nonfinite_steps = args.max_nonfinite_steps
         self.losses: dict[int, float] = {}
         self.history: dict[int, dict[str, float]] = {}
         self.window: dict[str, list[float]] = {}
@@ -218,7 +220,7 @@ class MetricsReader:
 
     def _skipped(self, step_no: int, streak: int) -> None:
         self.logger.write(f"step {step_no}: non-finite loss or gradient, update skipped ({streak} in a row)")
-        if streak >= self.args.max_nonfinite_steps:
+        if streak >= self.max_nonfinite_steps:
             raise TrainingStopped(f"stopped at step {step_no}: {streak} non-finite steps in a row (lower "
                                   "--learning_rate, check the data, or use --dtype float32)")
 
@@ -240,7 +242,7 @@ def train_loop(ctx: RunContext, state, feed: Feed, *, total_steps: int, start_st
     """Steps start_step+1 .. total_steps: metrics read one step behind, logs, eval every --eval_steps (when the
     feed evaluates), checkpoints every --save_steps and at the end."""
     args = ctx.args
-    logger = RunLogger(ctx.out_dir, total_steps, start_step, enable_bar=progress and not args.disable_tqdm,
+    logger = RunLogger(ctx.out_dir, total_steps, start_step, enable_bar=not args.disable_tqdm and progress,
                        write_files=is_primary())
     for m in [*messages, _plan_line(ctx, feed, total_steps)]:
         logger.write(m)
