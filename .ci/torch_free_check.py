@@ -1,5 +1,5 @@
 """Run by .ci/fresh_venv_smoke inside the torch-free venv, from outside the checkout: every jaxswift module imports
-(the server's too: the venv has the serve extra), a model saved as an HF folder reloads through api.load_model with
+(the server's and the web UI's too: the venv has both extras), a model saved as an HF folder reloads through api.load_model with
 the same tokenizer (transformers' AutoTokenizer on a folder), and torch was never imported."""
 
 import importlib

@@ -37,18 +37,18 @@ FULL = dict(tuner_type="full", use_galore=True, galore_rank=4, freeze_parameters
 
 RUNS = {
     "sft": (SftArguments, sft_recipe.train, [
-        dict(TASKS, EPOCH, split_dataset_ratio=0.3, dataset=["builtin:self_identity#6"]),
+        dict(**TASKS, **EPOCH, split_dataset_ratio=0.3, dataset=["builtin:self_identity#6"]),
         dict(FULL, galore_quantization=True, galore_target_modules=["q_proj", "v_proj"], packing=False,
              val_dataset=["builtin:self_identity#2"], dataset=["builtin:self_identity#8"]),
     ]),
     "rlhf": (RlhfArguments, rlhf_recipe.train, [
-        dict(TASKS, EPOCH, split_dataset_ratio=0.3, dataset=["builtin:preference_demo#8"],
+        dict(**TASKS, **EPOCH, split_dataset_ratio=0.3, dataset=["builtin:preference_demo#8"],
              per_device_train_batch_size=2),
-        dict(FULL, precompute_ref_log_probs=False, dataset=["builtin:preference_demo#8"], packing=False,
-             val_dataset=["builtin:preference_demo#2"]),
+        dict(FULL, galore_quantization=True, precompute_ref_log_probs=False, dataset=["builtin:preference_demo#8"],
+             packing=False, val_dataset=["builtin:preference_demo#2"]),
     ]),
     "grpo": (GrpoArguments, grpo_recipe.train, [
-        dict(TASKS, EPOCH, dataset=["builtin:arithmetic#4"], num_generations=4, per_device_train_batch_size=8,
+        dict(**TASKS, **EPOCH, dataset=["builtin:arithmetic#4"], num_generations=4, per_device_train_batch_size=8,
              max_completion_length=4, max_length=96),
         dict(FULL, galore_quantization=True, dataset=["builtin:arithmetic#16"], num_generations=4,
              per_device_train_batch_size=8,

@@ -27,6 +27,7 @@ from jaxswift.infer.rollout import (Rollout, completion_logps, grouped_completio
                                     shares_prompts)
 from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
+from jaxswift.optim.qgalore import float_view
 from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.loop import (Feed, compile_step, demo_answer, export_model, init_state, plot_run, start_run,
                                  total_steps_of, train_loop, TaskScorer, with_task_scores)
@@ -76,13 +77,14 @@ def make_grpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, lo
 
         def accumulate(carry, xs):
             micro, key = xs
-            (loss, sums), grads = jax.value_and_grad(micro_loss, has_aux=True)(
-                state.trainable, state.frozen, micro, key, A * b, num_tokens)
+            (loss, sums), grads = jax.value_and_grad(micro_loss, has_aux=True)(  # at Q-GaLore's float view
+                float_view(state.trainable), state.frozen, micro, key, A * b, num_tokens)
             return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), sums
 
-        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.trainable))
+        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, float_view(state.trainable)))
         (loss, grads), per_micro = jax.lax.scan(accumulate, init, (batch, jax.random.split(rng, A)))
-        new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer, None)
+        new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer,
+                                                      jax.random.fold_in(rng, 1 << 30))  # Q-GaLore's rounding
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["segment_ids"] > 0),
                    "finite": finite, "bad_streak": new_state.bad_streak, "skipped_steps": new_state.skipped_steps,
                    **_step_metrics(jax.tree.map(jnp.sum, per_micro), batch, num_tokens, reward_names)}
@@ -158,7 +160,7 @@ class Generator:
     def sample_groups(self, state, generation: int, rows: list[PromptRow]):
         """(prompt rows, rollout, rewards [N, R]); with dynamic sampling, groups whose rewards are all equal are
         replaced by fresh prompts (up to max_resample_times rounds), then refilled from the dropped ones."""
-        params, k, weights = state.params, self.prompts_per_step, self.parts.reward_weights
+        params, k, weights = float_view(state.params), self.prompts_per_step, self.parts.reward_weights
         key = jax.random.fold_in(jax.random.key(self.args.seed), generation)
         r, env = self.sample(params, rows, key)
         scores = self.rewards_of(rows, r, env)
@@ -181,7 +183,7 @@ class Generator:
         seqs = sequences(r)
         total = scores @ self.parts.reward_weights
         batch = {**seqs, "completion_mask": r.completion_mask.copy()}
-        params = state.params
+        params = float_view(state.params)  # Q-GaLore's 8-bit weights as floats (identity otherwise)
         if args.num_iterations > 1 or args.kl_in_reward:
             batch["old_logps"] = self._logps(params, seqs)
         if args.beta != 0.0:
@@ -358,7 +360,7 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
 
 
 def _finish(ctx, args: GrpoArguments, loop, lora_cfg, demo_before) -> GrpoResult:
-    final_params = loop.state.params
+    final_params = float_view(loop.state.params)
     export_dir = export_model(ctx, final_params, lora_cfg)
     plot_run(ctx)
     demo_after = demo_answer(ctx.model, final_params, ctx.cfg, args.demo_question, args.demo_max_new_tokens)

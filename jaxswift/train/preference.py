@@ -26,6 +26,7 @@ from jaxswift.losses import preference as pl
 from jaxswift.losses.lm import token_logps
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
+from jaxswift.optim.qgalore import float_view
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
 
@@ -308,7 +309,7 @@ def make_preference_step(cfg: ModelConfig, optimizer: optax.GradientTransformati
             loss = terms.item_loss / denominators[0] + obj.nll_weight * terms.nll / denominators[1]
             return loss, terms.metrics
 
-        return jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        return jax.value_and_grad(loss_fn, has_aux=True)(float_view(state.trainable))  # Q-GaLore: at the floats
 
     def step(state: TrainState, batch: dict, ref_params=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -320,9 +321,10 @@ def make_preference_step(cfg: ModelConfig, optimizer: optax.GradientTransformati
             (loss, metrics), grads = micro_step(state, micro, key, ref_params, denominators)
             return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), metrics
 
-        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.trainable))
+        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, float_view(state.trainable)))
         (loss, grads), per_micro = jax.lax.scan(accumulate, init, (batch, micro_rngs))
-        new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer, None)
+        new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer,
+                                                      jax.random.fold_in(rng, 1 << 30))  # Q-GaLore's rounding
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["segment_ids"] > 0),
                    "finite": finite, "bad_streak": new_state.bad_streak, "skipped_steps": new_state.skipped_steps,
                    **finalize_metrics(jax.tree.map(jnp.sum, per_micro))}

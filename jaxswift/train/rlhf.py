@@ -22,6 +22,7 @@ from jaxswift.checkpoints.safetensors_io import write_safetensors
 from jaxswift.data.formats import split_train_val
 from jaxswift.data.preference import build_preference_items
 from jaxswift.errors import ConfigError, DataError
+from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import is_primary
 from jaxswift.train.loop import (Feed, RunContext, compile_step, demo_answer, export_model, host_params, init_state,
                                  plot_run, start_run, total_steps_of, train_loop, TaskScorer, with_task_scores)
@@ -147,8 +148,8 @@ def run_rlhf(args: RlhfArguments, *, progress: bool = True, task_scorer: TaskSco
     step = make_preference_step(cfg, optimizer, obj, reference=reference, loss_chunk=args.loss_chunk_size,
                                 prepare_params=tuned.prepare)
     eval_scorer = _bind(make_eval_fn(cfg, obj, reference=reference, loss_chunk=args.loss_chunk_size), ref_params)
-    evaluate = (lambda s: evaluate_items(eval_scorer(s.params), obj, val_items, scoring.rows, length, scoring.put,
-                                         val_ref)) if val_items else None
+    evaluate = (lambda s: evaluate_items(eval_scorer(float_view(s.params)), obj, val_items, scoring.rows, length,
+                                         scoring.put, val_ref)) if val_items else None
     feed = Feed(compile_step(ctx, step, state, *(() if ref_params is None else (ref_params,))),
                 grain_batches(ctx, plan, train_items, total_steps, item_assembler(slots, train_ref)),
                 plan.rows_per_step, plan.length, plan.steps_per_epoch, with_task_scores(evaluate, ctx, task_scorer))
@@ -176,7 +177,7 @@ def _tuned_params(model, args: RlhfArguments, cfg, obj) -> TunedParams:
 
 def _export_model(ctx: RunContext, state, lora_cfg):
     """(final params without the value head, export folder): SFT's export, the value head saved beside it."""
-    params = dict(host_params(state.params))
+    params = dict(host_params(float_view(state.params)))  # Q-GaLore's 8-bit weights back to floats
     head = params.pop("value_head", None)
     export_dir = export_model(ctx, params, lora_cfg)
     if head is not None:
@@ -223,7 +224,8 @@ def _final_metrics(loop, obj, val_items, train_items, train_ref, eval_scorer, sc
         return loop.eval_metrics[max(loop.eval_metrics)] if loop.eval_metrics else {}
     items = train_items[:FINAL_EVAL_ITEMS]
     ref = None if train_ref is None else train_ref[:len(items)]
-    metrics = evaluate_items(eval_scorer(loop.state.params), obj, items, scoring.rows, scoring.length, scoring.put,
+    metrics = evaluate_items(eval_scorer(float_view(loop.state.params)), obj, items, scoring.rows, scoring.length,
+                             scoring.put,
                              ref)
     step = max(loop.losses, default=0)
     if is_primary():

@@ -64,8 +64,6 @@ class RlhfArguments(SftArguments):
             self.beta = 2.0 if self.rlhf_type == "simpo" else 0.1
         self.loss_type = self._default_loss_type()
         self._check_objective()
-        if self.galore_quantization:  # its 8-bit weights need the SFT step's float view and stochastic write-back
-            raise ConfigError("--galore_quantization (Q-GaLore) is supported by sft only; use --use_galore without it")
         self._check_reference()
 
     def _default_loss_type(self) -> list[str] | None:
