@@ -192,14 +192,14 @@ def test_balance_sequence_permutes_every_token_array_alike():
 def test_sft_picks_the_sequence_rules_on_a_sequence_mesh(monkeypatch, tmp_path):
     """--mesh with sequence > 1 and --sharding_rules default -> sharding/sequence.yaml; a table named by the user
     stays."""
-    from jaxswift.train import trainer
+    from jaxswift.train import loop
     from jaxswift.train.args import SftArguments
 
-    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: type("Model", (), {"config": CFG})())
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: type("Model", (), {"config": CFG})())
 
     def rules(mesh, flag="default"):
         args = SftArguments(mesh=mesh, sharding_rules=flag, output_dir=str(tmp_path / f"{mesh}-{flag}"))
-        return trainer.start_run(args).rules.source
+        return loop.start_run(args).rules.source
 
     assert rules("sequence=2").endswith("sequence.yaml")
     assert rules("data=2,sequence=2,tensor=2").endswith("sequence.yaml")
