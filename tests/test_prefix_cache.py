@@ -282,3 +282,49 @@ def test_deploy_flag_turns_caching_off(tiny_chat_model):
             orchestrator.shutdown()
     with pytest.raises(SystemExit):
         parse_args(ServeArguments, ["--enable_prefix_caching", "sometimes"])
+
+
+def test_other_params_forget_the_cache(tiny):
+    """A trainer serving its next step's weights must not reuse keys/values of the previous ones."""
+    import jax
+
+    engine = tiny_engine(tiny)
+    ids = random_prompts([30], seed=8)[0]
+    sampling = RequestSampling(max_tokens=6, ignore_eos=True)
+    scaled = jax.tree.map(lambda w: w * 1.5, engine.params)
+    state, got = engine.init_decode_state(), []
+    for params in (engine.params, scaled, scaled):
+        prefix, first = engine.prefill(params, *engine.pad_prompt(ids), sampling)
+        state = engine.insert(prefix, state, 0)
+        out = [int(first.tokens[0])]
+        for _ in range(5):
+            state, result = engine.generate(params, state)
+            out.append(int(result.tokens[0]))
+        state = engine.free_resource(state, 0)
+        got.append(out)
+    assert engine.prefix_cache_hit_tokens == 24  # the third request only: same params as the second
+    fresh = tiny_engine(tiny, enable_prefix_caching=False)
+    assert got[1] == got[2] == drive(fresh, [(ids, sampling)], params=scaled)[0][0] != got[0]
+
+
+def test_a_request_that_ends_at_its_first_token_still_caches_its_prompt(tiny, smol_tokenizer):
+    import time
+
+    from jaxswift.infer.orchestrator import GenerationRequest, Orchestrator
+
+    engine = tiny_engine(tiny, num_pages=6)
+    ids = random_prompts([26], seed=12)[0]
+    orchestrator = Orchestrator(engine, tokenizer=smol_tokenizer)
+    try:
+        one = orchestrator.generate([GenerationRequest(ids, RequestSampling(max_tokens=1))])[0]
+        deadline = time.monotonic() + 10  # the engine thread caches the prompt after sending the token
+        while engine.kv_pages_cached < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.kv_pages_cached == 3 and engine.kv_pages_used == 0 and engine.can_admit(26, 20)
+        longer = ids + [5, 6]
+        more = orchestrator.generate([GenerationRequest(longer, RequestSampling(max_tokens=8, ignore_eos=True))])[0]
+    finally:
+        orchestrator.shutdown()
+    assert engine.prefix_cache_hit_tokens == 24
+    assert one.token_ids == greedy(tiny, ids, 1) and more.token_ids == greedy(tiny, longer, 8)
+    assert_all_released(engine)

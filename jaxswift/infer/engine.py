@@ -31,6 +31,7 @@ whole prompt: they need every prompt token's logits, which cached pages do not k
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import NamedTuple
 
 import jax
@@ -195,9 +196,9 @@ def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X
     return slot, (first, jnp.ones((1,), bool), one, done, chosen, top_ids, top_logprobs)
 
 
-def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
-    """The state with the prompt's keys/values copied into pages_C (the prompt's pages, then scratch) and the
-    slot's arrays set."""
+def _write_pages(state: DecodeState, k, v, pages_C) -> DecodeState:
+    """The state with the prompt's keys/values (page c of k/v) copied into pool page pages_C[c] (scratch for the
+    pages not to write)."""
     ks, vs = [], []
     for k_pool, v_pool, k_KHT, v_KTH in zip(state.k_pages, state.v_pages, k, v):
         K, H, T = k_KHT.shape
@@ -205,9 +206,15 @@ def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
         k_KCPH = k_KHT.transpose(0, 2, 1).reshape(K, T // P, P, H)
         ks.append(k_pool.at[:, pages_C].set(k_KCPH.astype(k_pool.dtype)))
         vs.append(v_pool.at[:, pages_C].set(v_KTH.reshape(K, T // P, P, H).astype(v_pool.dtype)))
+    return state._replace(k_pages=tuple(ks), v_pages=tuple(vs))
+
+
+def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
+    """The state with the prompt's keys/values written (`_write_pages`) and the slot's arrays set."""
+    state = _write_pages(state, k, v, pages_C)
     fields = {name: getattr(state, name) for name in slot_fields}
     updated = jax.tree.map(lambda whole, one: whole.at[slot].set(one[0].astype(whole.dtype)), fields, slot_fields)
-    return state._replace(k_pages=tuple(ks), v_pages=tuple(vs), **updated)
+    return state._replace(**updated)
 
 
 def _generate(params, state: DecodeState, table_BC, allowed_SW, *, cfg: ModelConfig, num_top: int):
@@ -244,6 +251,7 @@ _first_token_jit = jax.jit(_first_token, static_argnames=("num_top",))
 _prompt_logprobs_jit = jax.jit(_prompt_logprobs, static_argnames=("cfg", "chunk", "num_top"))
 _generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top"), donate_argnums=(1,))
 _insert_jit = jax.jit(_insert, donate_argnums=(0,))
+_write_pages_jit = jax.jit(_write_pages, donate_argnums=(0,))
 _free_jit = jax.jit(_free, donate_argnums=(0,))
 
 
@@ -383,6 +391,7 @@ class JaxEngine(Engine):
                                                               and T % self.max_prefill_length):
             raise ConfigError(f"prefill got {T} padded tokens with true_length {true_length}: use pad_prompt")
         n, P = int(true_length), self.page_size
+        self._check_params(params)
         tokens = tuple(int(t) for t in padded_tokens[:n])
         hashes = tuple(page_hashes(tokens, P, sampling.adapter)) if self.enable_prefix_caching else ()
         reusable = (n - 1) // P  # full pages before the last prompt token
@@ -498,10 +507,22 @@ class JaxEngine(Engine):
         self._positions = np.zeros((self._slots,), np.int64)
         self._active = np.zeros((self._slots,), bool)
         self._pools = None  # (k pools, v pools) of the decode state last returned: where cached pages live
+        self._cached_params = None  # weak reference to a leaf of the params the cached pages were computed with
 
     def _returned(self, state: DecodeState) -> DecodeState:
         self._pools = (state.k_pages, state.v_pages)
         return state
+
+    def _check_params(self, params):
+        """Cached keys/values hold for the weights that computed them: other params (a trainer's next step)
+        forget the cache."""
+        leaf = jax.tree.leaves(params)[0]
+        if self._cached_params is None or self._cached_params() is not leaf:
+            self._pages.clear_cache()
+            try:
+                self._cached_params = weakref.ref(leaf)
+            except TypeError:  # not weakly referable: every prefill counts as new params
+                self._cached_params = None
 
     def _check_state(self, state: DecodeState):
         """A decode state other than the one this engine last returned holds other pools: the cached hashes no
@@ -543,6 +564,24 @@ class JaxEngine(Engine):
         self._requests[slot], self._positions[slot], self._active[slot] = prefix.sampling, prefix.length, True
         self._guides[slot] = prefix.guide
         return self._returned(state)
+
+    def cache_prefix(self, prefix: Prefix, decode_state: DecodeState) -> DecodeState:
+        """Caches the full prompt pages of a request that takes no slot (it ended at its first token, or its
+        client left), so that the next request with this prompt finds them. The pages go straight to the
+        evictable list: they take nothing from running requests (a never-cached page, or the least recently
+        freed cached one, is reused). A no-op with prefix caching off."""
+        if not self.enable_prefix_caching or prefix.k is None:
+            return decode_state
+        self._check_state(decode_state)
+        page_of = np.arange(len(prefix.page_hashes)) if prefix.page_of is None else prefix.page_of
+        new = [i for i, key in enumerate(prefix.page_hashes) if key not in self._pages.cached]
+        new = new[:self._pages.available]
+        if not new:
+            return decode_state
+        pages = self._pages.keep(prefix.page_hashes[i] for i in new)
+        pages_C = np.full((prefix.k[0].shape[-1] // self.page_size,), SCRATCH_PAGE, np.int32)
+        pages_C[page_of[new]] = pages
+        return self._returned(_write_pages_jit(decode_state, prefix.k, prefix.v, pages_C))
 
     def _share_cached_pages(self, prefix: Prefix, slot: int) -> int:
         """Gives the slot the cached pages its prompt starts with: those prefill read (if still cached: one may

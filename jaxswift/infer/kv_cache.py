@@ -151,6 +151,20 @@ class PageAllocator:
             self.cached[key] = page
             self.page_hash[page] = key
 
+    def keep(self, keys) -> list[int]:
+        """Pages for contents no slot holds, cached under `keys` and evictable at once (the last key's page
+        first). Available pages stay as many: each comes from the free or the evictable list and goes back to the
+        latter."""
+        pages = []
+        for key in keys:
+            page = self._take()
+            self.cached[key] = page
+            self.page_hash[page] = key
+            pages.append(page)
+        for page in reversed(pages):
+            self.evictable[page] = None
+        return pages
+
     def lookup(self, keys: list[bytes]) -> list[int]:
         """The pages of the longest run of leading keys that are cached."""
         pages = []

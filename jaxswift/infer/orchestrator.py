@@ -401,7 +401,11 @@ class Orchestrator:
                 continue
             try:
                 first = self._prefill(live)
-                if first is None or live.take_token(first[1], 0) or live.ticket.cancelled:
+                if first is None:
+                    continue
+                if live.take_token(first[1], 0) or live.ticket.cancelled:  # ended at its first token
+                    if hasattr(self.engine, "cache_prefix"):  # its prompt may still serve the next request
+                        state = self.engine.cache_prefix(first[0], state)
                     continue
                 state = self.engine.insert(first[0], state, self._free_slots[-1])
             except Exception as e:  # the loop resets the engine; this request is in no queue, so fail it here
