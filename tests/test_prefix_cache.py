@@ -328,3 +328,15 @@ def test_a_request_that_ends_at_its_first_token_still_caches_its_prompt(tiny, sm
     assert engine.prefix_cache_hit_tokens == 24
     assert one.token_ids == greedy(tiny, ids, 1) and more.token_ids == greedy(tiny, longer, 8)
     assert_all_released(engine)
+
+
+def test_warmup_compiles_a_hit_after_each_bucket_and_counts_no_traffic(tiny):
+    from jaxswift.infer.engine import _prefill_after_prefix_jit
+
+    engine = tiny_engine(tiny, max_model_len=64, prefill_buckets=(16, 32))
+    engine.warmup()
+    assert engine.prefix_cache_hit_tokens == engine.prefix_cache_miss_tokens == 0 and engine.kv_pages_cached == 0
+    compiled = _prefill_after_prefix_jit._cache_size()
+    ids = random_prompts([40], seed=13)[0]
+    got, _ = drive(engine, [(ids[:32], RequestSampling(max_tokens=4)), (ids[:35], RequestSampling(max_tokens=4))])
+    assert engine.prefix_cache_hit_tokens == 32 and _prefill_after_prefix_jit._cache_size() == compiled

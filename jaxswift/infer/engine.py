@@ -638,15 +638,24 @@ class JaxEngine(Engine):
     def warmup(self, params=None) -> DecodeState:
         """Compiles prefill, insert and first-token sampling for every bucket, and the decode step for every
         gather size, with and without logprobs, so that no request waits for a compile (a server calls this
-        before taking traffic; prompts beyond the largest bucket still compile per chunk count). Returns a fresh
-        decode state (the previous one is reset)."""
+        before taking traffic; prompts beyond the largest bucket still compile per chunk count). With prefix
+        caching, also the prefill of a short rest after a cached prefix of each bucket's size (the common hit: a
+        long shared system prompt; other rest sizes compile on first use). Returns a fresh decode state (the
+        previous one is reset)."""
         params = self.params if params is None else params
+        counters = self.prefix_cache_hit_tokens, self.prefix_cache_miss_tokens  # warmup is no traffic
         state = self.init_decode_state()
         for bucket in self._buckets:
             for logprobs in (None, 1):
                 prefix, _ = self.prefill(params, np.zeros((bucket,), np.int32), 1,
                                          RequestSampling(max_tokens=2, logprobs=logprobs, ignore_eos=True))
             state = self.free_resource(self.insert(prefix, state, 0), 0)
+        for bucket in self._buckets if self.enable_prefix_caching else ():
+            if bucket + 1 < self._max_len:
+                head, _ = self.prefill(params, *self.pad_prompt([0] * bucket), RequestSampling(max_tokens=1))
+                state = self.cache_prefix(head, state)
+                self.prefill(params, *self.pad_prompt([0] * (bucket + 1)), RequestSampling(max_tokens=1))
+        self.prefix_cache_hit_tokens, self.prefix_cache_miss_tokens = counters
         pages = pages_for(MIN_GATHER_TOKENS, self.page_size)
         while True:
             table = self._pages.table[:, :min(pages, self._pages_per_slot)]
