@@ -105,7 +105,7 @@ def test_reuse_stops_before_the_last_prompt_token_and_skips_the_partial_page(tin
     def hits_of(ids):
         nonlocal state
         before = engine.prefix_cache_hit_tokens
-        prefix, first = engine.prefill(engine.params, *engine.pad_prompt(ids), sampling)
+        prefix, _ = engine.prefill(engine.params, *engine.pad_prompt(ids), sampling)
         state = engine.free_resource(engine.insert(prefix, state, 0), 0)
         return engine.prefix_cache_hit_tokens - before
 
@@ -333,10 +333,10 @@ def test_a_request_that_ends_at_its_first_token_still_caches_its_prompt(tiny, sm
 def test_warmup_compiles_a_hit_after_each_bucket_and_counts_no_traffic(tiny):
     from jaxswift.infer.engine import _prefill_after_prefix_jit
 
-    engine = tiny_engine(tiny, max_model_len=64, prefill_buckets=(16, 32))
+    engine = tiny_engine(tiny)  # test_engine's sizes: its warmup test compiled the same functions
     engine.warmup()
     assert engine.prefix_cache_hit_tokens == engine.prefix_cache_miss_tokens == 0 and engine.kv_pages_cached == 0
     compiled = _prefill_after_prefix_jit._cache_size()
     ids = random_prompts([40], seed=13)[0]
-    got, _ = drive(engine, [(ids[:32], RequestSampling(max_tokens=4)), (ids[:35], RequestSampling(max_tokens=4))])
+    drive(engine, [(ids[:32], RequestSampling(max_tokens=4)), (ids[:35], RequestSampling(max_tokens=4))])
     assert engine.prefix_cache_hit_tokens == 32 and _prefill_after_prefix_jit._cache_size() == compiled
