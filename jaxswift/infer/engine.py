@@ -41,7 +41,8 @@ import numpy as np
 from jaxswift.errors import ConfigError
 from jaxswift.infer.engine_api import Engine, RequestSampling, ResultTokens
 from jaxswift.infer.generate import stop_token_ids
-from jaxswift.infer.kv_cache import SCRATCH_PAGE, PageAllocator, init_pools, page_hashes, pages_for
+from jaxswift.infer.kv_cache import (SCRATCH_PAGE, PageAllocator, hash_seed, init_pools, next_page_hash,
+                                     page_hashes, pages_for)
 from jaxswift.infer.multi_lora import stack_adapters, with_adapter_index
 from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, apply_token_mask, sample_slots, token_logprobs
 from jaxswift.models.attention import paged_decode_hidden
@@ -85,6 +86,7 @@ class Prefix:
     page_hashes: tuple = ()  # prefix-cache key of each full prompt page
     cached_pages: tuple = ()  # pool pages the leading full pages were read from (automatic prefix caching)
     page_of: np.ndarray | None = None  # logical page i of the prompt is k/v page page_of[i] (None: page i)
+    first_token: int = -1  # the sampled first token (the first decode step's input)
 
 
 def _finished(tokens_S, generated_S, stop_ids_SX, max_tokens_S):
@@ -485,7 +487,8 @@ class JaxEngine(Engine):
         first = self._result(jax.device_get(out), [sampling])
         if guide is not None and not first.done[0]:
             guide.advance(int(first.tokens[0]))
-        return dataclasses.replace(prefix, sampling=sampling, slot=slot, done=bool(first.done[0]), guide=guide), first
+        return dataclasses.replace(prefix, sampling=sampling, slot=slot, done=bool(first.done[0]), guide=guide,
+                                   first_token=int(first.tokens[0])), first
 
     @property
     def grammar(self):
@@ -507,6 +510,8 @@ class JaxEngine(Engine):
         self._positions = np.zeros((self._slots,), np.int64)
         self._active = np.zeros((self._slots,), bool)
         self._pools = None  # (k pools, v pools) of the decode state last returned: where cached pages live
+        self._fed: list[list[int] | None] = [None] * self._slots  # tokens whose keys/values the slot writes
+        self._chain: list = [None] * self._slots  # (prefix hash of the slot's last hashed page, pages hashed)
         self._cached_params = None  # weak reference to a leaf of the params the cached pages were computed with
 
     def _returned(self, state: DecodeState) -> DecodeState:
@@ -561,6 +566,10 @@ class JaxEngine(Engine):
         state = _insert_jit(decode_state, prefix.k, prefix.v, prefix.slot, jnp.int32(slot), pages)
         for page, key in zip(owned[shared:], prefix.page_hashes[shared:]):
             self._pages.register(page, key)
+        if self.enable_prefix_caching:  # pages the slot fills while decoding are cached as they fill
+            self._fed[slot] = [*prefix.tokens, prefix.first_token]
+            self._chain[slot] = (prefix.page_hashes[-1] if prefix.page_hashes else hash_seed(prefix.adapter),
+                                 len(prefix.page_hashes))
         self._requests[slot], self._positions[slot], self._active[slot] = prefix.sampling, prefix.length, True
         self._guides[slot] = prefix.guide
         return self._returned(state)
@@ -603,6 +612,7 @@ class JaxEngine(Engine):
         self._check_state(decode_state)
         self._pages.release(slot)
         self._requests[slot], self._active[slot], self._guides[slot] = None, False, None
+        self._fed[slot] = self._chain[slot] = None
         return self._returned(_free_jit(decode_state, jnp.int32(slot)))
 
     def _gather_pages(self) -> int:
@@ -632,8 +642,24 @@ class JaxEngine(Engine):
             if result.valid[slot] and not result.done[slot]:
                 self._guides[slot].advance(int(result.tokens[slot]))
         self._positions += result.valid
+        self._cache_filled_pages(result)
         self._active &= ~result.done
         return self._returned(state), result
+
+    def _cache_filled_pages(self, result: ResultTokens):
+        """Caches each page a decode step filled (a multi-turn chat's next prompt starts with the reply)."""
+        P = self.page_size
+        for slot in np.flatnonzero(result.valid):
+            fed = self._fed[slot]
+            if fed is None:
+                continue
+            fed.append(int(result.tokens[slot]))  # the next step's input
+            key, hashed = self._chain[slot]
+            while hashed < int(self._positions[slot]) // P:  # pages whose every position is written
+                key = next_page_hash(key, fed[hashed * P:(hashed + 1) * P])
+                self._pages.register(self._pages.owned[slot][hashed], key)
+                hashed += 1
+            self._chain[slot] = (key, hashed)
 
     def warmup(self, params=None) -> DecodeState:
         """Compiles prefill, insert and first-token sampling for every bucket, and the decode step for every

@@ -41,14 +41,24 @@ def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> 
             tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
+def hash_seed(adapter: int = 0) -> bytes:
+    """The parent of a prompt's first page: the adapter index (an adapter changes the keys/values)."""
+    return adapter.to_bytes(8, "little", signed=True)
+
+
+def next_page_hash(parent: bytes, page_token_ids) -> bytes:
+    """The key of a full page given its parent's key: a 16-byte BLAKE2b digest, so two different prefixes never
+    share a key in practice."""
+    return hashlib.blake2b(parent + np.asarray(page_token_ids, np.int64).tobytes(), digest_size=16).digest()
+
+
 def page_hashes(token_ids, page_size: int, adapter: int = 0) -> list[bytes]:
     """The chained key of each full page of `token_ids`: page i's hash covers tokens [0, (i + 1) * page_size) and
-    the adapter index. 16-byte BLAKE2b digests, so two different prefixes never share a key in practice."""
-    ids = np.asarray(token_ids, np.int64)
-    parent = adapter.to_bytes(8, "little", signed=True)
-    out = []
+    the adapter index."""
+    ids = list(token_ids)
+    parent, out = hash_seed(adapter), []
     for i in range(len(ids) // page_size):
-        parent = hashlib.blake2b(parent + ids[i * page_size:(i + 1) * page_size].tobytes(), digest_size=16).digest()
+        parent = next_page_hash(parent, ids[i * page_size:(i + 1) * page_size])
         out.append(parent)
     return out
 
