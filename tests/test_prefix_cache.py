@@ -372,3 +372,29 @@ def test_pages_filled_while_decoding_are_cached_for_the_next_turn(tiny):
     on.free_resource(state, 0)
     assert out == drive(off, [(turn, RequestSampling(max_tokens=8, ignore_eos=True))])[0][0]
     assert_all_released(on)
+
+
+def test_pages_shared_with_running_requests_take_none_at_admission(tiny):
+    """Two requests with a 40-token common head fit 8 pages together only because they share its 5 pages."""
+    engine = tiny_engine(tiny, num_pages=8)
+    base, tails = random_prompts([40], seed=15)[0], random_prompts([3, 5], seed=16)
+    first_ids, second_ids = base + tails[0], base + tails[1]
+    sampling = RequestSampling(max_tokens=4, ignore_eos=True)
+    state = engine.init_decode_state()
+    prefix, first = engine.prefill(engine.params, *engine.pad_prompt(first_ids), sampling)
+    state = engine.insert(prefix, state, 0)  # worst case pages_for(46) = 6 pages, 6 taken now
+    assert not engine.can_admit(len(second_ids), 4)  # 6 more pages: only 2 are left
+    assert engine.can_admit_prompt(second_ids, 4)  # 5 of its 6 are held by slot 0
+    assert not engine.can_admit_prompt(random_prompts([45], seed=17)[0], 4)  # an unrelated prompt still waits
+    second, second_first = engine.prefill(engine.params, *engine.pad_prompt(second_ids), sampling)
+    state = engine.insert(second, state, 1)
+    assert engine.kv_pages_used == 7 and engine.kv_page_references == 12
+    outputs = {0: [int(first.tokens[0])], 1: [int(second_first.tokens[0])]}
+    for _ in range(3):
+        state, result = engine.generate(engine.params, state)
+        for slot in (0, 1):
+            outputs[slot].append(int(result.tokens[slot]))
+    for slot in (0, 1):
+        state = engine.free_resource(state, slot)
+    assert outputs[0] == greedy(tiny, first_ids, 4) and outputs[1] == greedy(tiny, second_ids, 4)
+    assert_all_released(engine)

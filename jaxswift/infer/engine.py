@@ -352,6 +352,15 @@ class JaxEngine(Engine):
                               f"KV pages, more than the engine's {self._num_pages}: it could never run")
         return self._pages.can_reserve(pages)
 
+    def can_admit_prompt(self, prompt_ids, max_tokens: int, adapter: int = 0) -> bool:
+        """can_admit for this very prompt: with prefix caching, its leading pages that running requests already
+        hold are shared at insert and take no page, so it may fit where can_admit(length) says no."""
+        fits = self.can_admit(len(prompt_ids), max_tokens)  # also checks the sizes
+        if fits or not self.enable_prefix_caching:
+            return fits
+        held = self._pages.held_pages(page_hashes(prompt_ids, self.page_size, adapter))
+        return self._pages.can_reserve(self._worst_case_pages(len(prompt_ids), max_tokens), held)
+
     def pad_prompt(self, token_ids: list[int]) -> tuple[np.ndarray, int]:
         n = len(token_ids)
         if n == 0 or n >= self._max_len:
@@ -556,7 +565,8 @@ class JaxEngine(Engine):
         if prefix.done:  # finished at its first token (max_tokens=1, eos...): nothing to decode
             return decode_state
         self._check_state(decode_state)
-        self._pages.reserve(slot, self._worst_case_pages(prefix.length, prefix.sampling.max_tokens))
+        held = self._pages.held_pages(list(prefix.page_hashes)) if self.enable_prefix_caching else 0
+        self._pages.reserve(slot, self._worst_case_pages(prefix.length, prefix.sampling.max_tokens), held)
         shared = self._share_cached_pages(prefix, slot)
         owned = self._pages.owned[slot]
         self._pages.grow(slot, pages_for(prefix.length, self.page_size))
@@ -593,19 +603,15 @@ class JaxEngine(Engine):
         return self._returned(_write_pages_jit(decode_state, prefix.k, prefix.v, pages_C))
 
     def _share_cached_pages(self, prefix: Prefix, slot: int) -> int:
-        """Gives the slot the cached pages its prompt starts with: those prefill read (if still cached: one may
-        have been evicted since), then any cached meanwhile (an identical prompt inserted in between). Returns
-        how many; the slot writes the rest of the prompt's pages from the prefix's own keys/values."""
+        """Gives the slot the cached pages its prompt starts with, as cached now: those prefill read, unless one
+        was evicted since, and any cached meanwhile (an identical prompt inserted in between). Returns how many;
+        the slot writes the rest of the prompt's pages from the prefix's own keys/values."""
         if not self.enable_prefix_caching:
             return 0
-        shared = 0
-        for i, key in enumerate(prefix.page_hashes):
-            page = prefix.cached_pages[i] if i < len(prefix.cached_pages) else self._pages.cached.get(key)
-            if page is None or not self._pages.holds(page, key):
-                break
+        pages = self._pages.lookup(list(prefix.page_hashes))
+        for page in pages:
             self._pages.share(slot, page)
-            shared += 1
-        return shared
+        return len(pages)
 
     def free_resource(self, decode_state: DecodeState, slot: int) -> DecodeState:
         self._check_slot(slot)

@@ -97,16 +97,23 @@ class PageAllocator:
         """Pages reserved by running requests but not taken yet."""
         return sum(r - len(o) for r, o in zip(self.reserved, self.owned))
 
-    def can_reserve(self, pages: int) -> bool:
-        return pages <= self.available - self.promised
+    def can_reserve(self, pages: int, held: int = 0) -> bool:
+        """Whether a request of `pages` pages fits, `held` of which it will share with running requests (those
+        take no page: only the rest must be available beyond what is promised)."""
+        return pages - held <= self.available - self.promised
 
-    def reserve(self, slot: int, pages: int):
+    def reserve(self, slot: int, pages: int, held: int = 0):
         if self.reserved[slot] or self.owned[slot]:
             raise RuntimeError(f"slot {slot} is still in use: free_resource it first")
-        if not self.can_reserve(pages):
-            raise RuntimeError(f"not enough free KV pages for {pages} more (available {self.available}, promised "
-                               f"{self.promised}): check can_admit before insert")
+        if not self.can_reserve(pages, held):
+            raise RuntimeError(f"not enough free KV pages for {pages - held} more (available {self.available}, "
+                               f"promised {self.promised}): check can_admit before insert")
         self.reserved[slot] = pages
+
+    def held_pages(self, keys: list[bytes]) -> int:
+        """How many of the cached pages of the longest run of `keys` running requests hold (sharing them takes
+        no page)."""
+        return sum(int(self.refs[page] > 0) for page in self.lookup(keys))
 
     def _take(self) -> int:
         """A page for new contents: a never-cached one, else the least recently freed cached one (its hash goes)."""
