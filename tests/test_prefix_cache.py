@@ -160,8 +160,11 @@ def test_the_adapter_separates_caches(tiny, tmp_path):
     from jaxswift.checkpoints.peft import load_peft_adapter
     from jaxswift.tuners.lora import LoraConfig
 
-    folder = save_random_adapter(tiny, tmp_path / "a", LoraConfig(rank=4, alpha=8), 1)
-    engine = tiny_engine(tiny, adapters={"a": str(folder)})
+    # test_engine's two adapters (same stacked shapes: the compiled functions are shared within a test run)
+    folder = save_random_adapter(tiny, tmp_path / "all", LoraConfig(rank=4, alpha=8), 1)
+    qv = save_random_adapter(tiny, tmp_path / "qv", LoraConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj")),
+                             2)
+    engine = tiny_engine(tiny, adapters={"all": str(folder), "qv": str(qv)})
     adapted = jaxswift.api.Model(tiny.config, load_peft_adapter(tiny.params, tiny.config, folder)[0])
     ids = random_prompts([30], seed=4)[0]
     plan = [0, 1, 1, 0]
