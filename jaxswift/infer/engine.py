@@ -23,7 +23,9 @@ least-recently-freed list): prefill looks up the longest run of the prompt's ful
 page of the last prompt token, whose logits are needed), gathers those pages from the decode state's pools into a
 contiguous cache and runs only the rest of the prompt over it. The engine therefore remembers the pools of the
 decode state it last returned. Insert shares the cached pages (one more reference each; a page evicted between
-prefill and insert is written anew from the gathered copy) and caches the prompt's other full pages.
+prefill and insert is written anew from the gathered copy) and caches the prompt's other full pages; generate caches
+each page a slot fills while decoding; admission (`can_admit_prompt`) counts pages shared with running requests as
+taking none.
 `existing_prefix` does the same from an earlier Prefix instead of the pools. Prompt log-probs (echo) always run the
 whole prompt: they need every prompt token's logits, which cached pages do not keep.
 """
