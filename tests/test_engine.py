@@ -431,7 +431,7 @@ def test_two_level_categorical_spans_blocks_and_scores_its_draws():
 def test_resample_equals_a_fresh_prefill_of_the_same_prompt(tiny):
     """resample reuses a prompt's keys/values: the request it starts decodes exactly as if it had been prefilled
     itself (same first token, log-probs and continuation), while the original keeps its own draws."""
-    engine = tiny_engine(tiny)
+    engine = tiny_engine(tiny, enable_prefix_caching=False)  # "fresh" means the whole prompt runs again
     ids = random_prompts([11])[0]
     a, b = (RequestSampling(temperature=1.0, max_tokens=6, seed=s, logprobs=1, ignore_eos=True) for s in (3, 4))
     padded, n = engine.pad_prompt(ids)

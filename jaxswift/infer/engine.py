@@ -17,11 +17,23 @@ are updated in place. Sampling is per slot (sampling.sample_slots) inside the sa
 
 The page allocator and each slot's position live on the host, in the engine: one engine serves one decode state,
 driven from one thread (the orchestrator's).
+
+Prefix caching (on unless `enable_prefix_caching=False`; kv_cache.py keeps the hashes, reference counts and the
+least-recently-freed list): prefill looks up the longest run of the prompt's full pages already cached (never the
+page of the last prompt token, whose logits are needed), gathers those pages from the decode state's pools into a
+contiguous cache and runs only the rest of the prompt over it. The engine therefore remembers the pools of the
+decode state it last returned. Insert shares the cached pages (one more reference each; a page evicted between
+prefill and insert is written anew from the gathered copy) and caches the prompt's other full pages; generate caches
+each page a slot fills while decoding; admission (`can_admit_prompt`) counts pages shared with running requests as
+taking none.
+`existing_prefix` does the same from an earlier Prefix instead of the pools. Prompt log-probs (echo) always run the
+whole prompt: they need every prompt token's logits, which cached pages do not keep.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import NamedTuple
 
 import jax
@@ -31,12 +43,13 @@ import numpy as np
 from jaxswift.errors import ConfigError
 from jaxswift.infer.engine_api import Engine, RequestSampling, ResultTokens
 from jaxswift.infer.generate import stop_token_ids
-from jaxswift.infer.kv_cache import SCRATCH_PAGE, PageAllocator, init_pools, pages_for
+from jaxswift.infer.kv_cache import (SCRATCH_PAGE, PageAllocator, hash_seed, init_pools, next_page_hash,
+                                     page_hashes, pages_for)
 from jaxswift.infer.multi_lora import stack_adapters, with_adapter_index
 from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, apply_token_mask, sample_slots, token_logprobs
 from jaxswift.models.attention import paged_decode_hidden
 from jaxswift.models.config import ModelConfig
-from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
+from jaxswift.models.transformer import KVCache, hidden_states, init_cache, logits_from_hidden, unstack_layers
 
 MAX_STOP_TOKEN_IDS = 16
 MIN_GATHER_TOKENS = 128  # decode gathers at least this many positions per slot (fewer compiled variants)
@@ -70,6 +83,12 @@ class Prefix:
     logits: jax.Array  # [1, V] after the prompt: what `resample` draws another first token from
     prompt_mask: jax.Array  # [1, V]
     guide: object = None  # grammar.GuideState of a constrained request, advanced past its first token
+    tokens: tuple = ()  # the prompt's ids
+    adapter: int = 0  # the adapter its keys/values were computed with
+    page_hashes: tuple = ()  # prefix-cache key of each full prompt page
+    cached_pages: tuple = ()  # pool pages the leading full pages were read from (automatic prefix caching)
+    page_of: np.ndarray | None = None  # logical page i of the prompt is k/v page page_of[i] (None: page i)
+    first_token: int = -1  # the sampled first token (the first decode step's input)
 
 
 def _finished(tokens_S, generated_S, stop_ids_SX, max_tokens_S):
@@ -78,14 +97,16 @@ def _finished(tokens_S, generated_S, stop_ids_SX, max_tokens_S):
     return jnp.any(tokens_S[:, None] == stop_ids_SX, axis=-1) | (generated_S >= max_tokens_S)
 
 
-def _prompt_kv(params, tokens_T, length, cfg: ModelConfig, chunk: int):
-    """(per-layer k [K, H, T], v [K, T, H], hidden state of the last prompt token [1, 1, D]); the prompt runs
-    in T // chunk chunks over a contiguous cache, each attending to those before it."""
+def _prompt_kv(params, tokens_T, length, cfg: ModelConfig, chunk: int, cache=None, offset=0):
+    """(per-layer k [K, H, S], v [K, S, H], hidden state of the last prompt token [1, 1, D]); the prompt runs
+    in T // chunk chunks over a contiguous cache (default: a fresh one of S = T), each attending to those before
+    it. With a cache holding `offset` tokens of an earlier prefix, the prompt's positions start at `offset`."""
     T = tokens_T.shape[0]
     index = jnp.arange(T, dtype=jnp.int32)
     real = index < length
-    tokens, positions, segments = tokens_T[None], jnp.where(real, index, 0)[None], real.astype(jnp.int32)[None]
-    cache = init_cache(cfg, 1, T, per_layer=True)
+    tokens, positions = tokens_T[None], jnp.where(real, index + offset, 0)[None]
+    segments = real.astype(jnp.int32)[None]
+    cache = init_cache(cfg, 1, T, per_layer=True) if cache is None else cache
 
     def run_chunk(c, carry):
         cache, _ = carry
@@ -109,6 +130,30 @@ def _prefill(params, tokens_T, length, adapter, *, cfg: ModelConfig, chunk: int)
     prompt_ids = jnp.where(jnp.arange(tokens_T.shape[0]) < length, tokens_T, V)
     prompt_mask = jnp.zeros((1, V), bool).at[0, prompt_ids].set(True, mode="drop")
     return k, v, logits, prompt_mask
+
+
+def _prefill_after_prefix(params, k_pages, v_pages, pages_C, cached_length, tokens_T, length, adapter, *,
+                          cfg: ModelConfig, chunk: int):
+    """Prefill of the rest of a prompt whose first `cached_length` tokens (pages_C's pages, then padding) are
+    cached: per-layer k [K, H, C*P + T], v [K, C*P + T, H] (the prefix's pages, then the rest's) and the logits
+    after the prompt [1, V]. k_pages / v_pages are per-layer [K, pages, P, H]: the decode state's pools or an
+    earlier Prefix's keys/values in pages. One compile per (prefix bucket, rest bucket)."""
+    params = with_adapter_index(params, adapter[None])
+    C, T = pages_C.shape[0], tokens_T.shape[0]
+    ks, vs = [], []
+    for k_pool, v_pool in zip(k_pages, v_pages):
+        K, _, P, H = k_pool.shape
+        k_KSH = jnp.take(k_pool, pages_C, axis=1).reshape(K, C * P, H)
+        v_KSH = jnp.take(v_pool, pages_C, axis=1).reshape(K, C * P, H)
+        rest = jnp.zeros((K, T, H), k_KSH.dtype)
+        ks.append(jnp.concatenate([k_KSH, rest], axis=1).transpose(0, 2, 1).astype(cfg.compute_dtype))
+        vs.append(jnp.concatenate([v_KSH, rest], axis=1).astype(cfg.compute_dtype))
+    index = jnp.arange(C * P + T, dtype=jnp.int32)
+    cached = index < cached_length  # padding pages and the rest's slots are masked until written
+    cache = KVCache(tuple(ks), tuple(vs), jnp.where(cached, index, 0)[None], cached.astype(jnp.int32)[None],
+                    jnp.int32(C * P))
+    k, v, last = _prompt_kv(params, tokens_T, length, cfg, chunk, cache=cache, offset=cached_length)
+    return k, v, logits_from_hidden(params, last, cfg)[:, 0]
 
 
 def _prompt_logprobs(params, tokens_T, length, adapter, *, cfg: ModelConfig, chunk: int, num_top: int):
@@ -155,9 +200,9 @@ def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X
     return slot, (first, jnp.ones((1,), bool), one, done, chosen, top_ids, top_logprobs)
 
 
-def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
-    """The state with the prompt's keys/values copied into pages_C (the prompt's pages, then scratch) and the
-    slot's arrays set."""
+def _write_pages(state: DecodeState, k, v, pages_C) -> DecodeState:
+    """The state with the prompt's keys/values (page c of k/v) copied into pool page pages_C[c] (scratch for the
+    pages not to write)."""
     ks, vs = [], []
     for k_pool, v_pool, k_KHT, v_KTH in zip(state.k_pages, state.v_pages, k, v):
         K, H, T = k_KHT.shape
@@ -165,9 +210,15 @@ def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
         k_KCPH = k_KHT.transpose(0, 2, 1).reshape(K, T // P, P, H)
         ks.append(k_pool.at[:, pages_C].set(k_KCPH.astype(k_pool.dtype)))
         vs.append(v_pool.at[:, pages_C].set(v_KTH.reshape(K, T // P, P, H).astype(v_pool.dtype)))
+    return state._replace(k_pages=tuple(ks), v_pages=tuple(vs))
+
+
+def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
+    """The state with the prompt's keys/values written (`_write_pages`) and the slot's arrays set."""
+    state = _write_pages(state, k, v, pages_C)
     fields = {name: getattr(state, name) for name in slot_fields}
     updated = jax.tree.map(lambda whole, one: whole.at[slot].set(one[0].astype(whole.dtype)), fields, slot_fields)
-    return state._replace(k_pages=tuple(ks), v_pages=tuple(vs), **updated)
+    return state._replace(**updated)
 
 
 def _generate(params, state: DecodeState, table_BC, allowed_SW, *, cfg: ModelConfig, num_top: int):
@@ -199,10 +250,12 @@ def _free(state: DecodeState, slot) -> DecodeState:
 
 # Module-level, so engines of the same model and sizes share compiled functions.
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "chunk"))
+_prefill_after_prefix_jit = jax.jit(_prefill_after_prefix, static_argnames=("cfg", "chunk"))
 _first_token_jit = jax.jit(_first_token, static_argnames=("num_top",))
 _prompt_logprobs_jit = jax.jit(_prompt_logprobs, static_argnames=("cfg", "chunk", "num_top"))
 _generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top"), donate_argnums=(1,))
 _insert_jit = jax.jit(_insert, donate_argnums=(0,))
+_write_pages_jit = jax.jit(_write_pages, donate_argnums=(0,))
 _free_jit = jax.jit(_free, donate_argnums=(0,))
 
 
@@ -214,9 +267,14 @@ def _seed_words(seed: int) -> np.ndarray:
 class JaxEngine(Engine):
     def __init__(self, model, *, max_concurrent_decodes: int = 8, max_model_len: int = 2048, page_size: int = 16,
                  num_pages: int | None = None, prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048),
-                 adapters: dict[str, str] | None = None):
+                 adapters: dict[str, str] | None = None, enable_prefix_caching: bool = True):
         cfg: ModelConfig = model.config
         _check_sizes(max_concurrent_decodes, max_model_len, page_size, num_pages, prefill_buckets)
+        if not isinstance(enable_prefix_caching, bool):
+            raise ConfigError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
+        self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_cache_hit_tokens = 0  # prompt tokens whose keys/values came from the cache (or existing_prefix)
+        self.prefix_cache_miss_tokens = 0  # prompt tokens prefilled
         self.config, self.tokenizer = cfg, model.tokenizer
         self.eos_ids = tuple(int(i) for i in stop_token_ids(cfg, model.tokenizer))
         self._slots, self._max_len, self.page_size = max_concurrent_decodes, max_model_len, page_size
@@ -254,7 +312,23 @@ class JaxEngine(Engine):
 
     @property
     def kv_pages_used(self) -> int:
+        """Pages some running request holds (cached pages nobody holds are not counted: they are reusable)."""
         return self._pages.used
+
+    @property
+    def kv_pages_cached(self) -> int:
+        """Pages that keep a cached prefix (held or not)."""
+        return len(self._pages.page_hash)
+
+    @property
+    def kv_pages_evicted(self) -> int:
+        """Cached pages handed out for new contents since the decode state was made (their prefix forgotten)."""
+        return self._pages.evictions
+
+    @property
+    def kv_page_references(self) -> int:
+        """Sum of every page's reference count (0 when no request runs)."""
+        return int(self._pages.refs.sum())
 
     def adapter_index(self, name: str) -> int:
         """0 for the base model; i for the i-th served adapter. KeyError for any other name."""
@@ -280,6 +354,15 @@ class JaxEngine(Engine):
                               f"KV pages, more than the engine's {self._num_pages}: it could never run")
         return self._pages.can_reserve(pages)
 
+    def can_admit_prompt(self, prompt_ids, max_tokens: int, adapter: int = 0) -> bool:
+        """can_admit for this very prompt: with prefix caching, its leading pages that running requests already
+        hold are shared at insert and take no page, so it may fit where can_admit(length) says no."""
+        fits = self.can_admit(len(prompt_ids), max_tokens)  # also checks the sizes
+        if fits or not self.enable_prefix_caching:
+            return fits
+        held = self._pages.held_pages(page_hashes(prompt_ids, self.page_size, adapter))
+        return self._pages.can_reserve(self._worst_case_pages(len(prompt_ids), max_tokens), held)
+
     def pad_prompt(self, token_ids: list[int]) -> tuple[np.ndarray, int]:
         n = len(token_ids)
         if n == 0 or n >= self._max_len:
@@ -288,12 +371,14 @@ class JaxEngine(Engine):
         bad = [t for t in token_ids if not 0 <= int(t) < self.config.vocab_size]
         if bad:
             raise ConfigError(f"prompt token ids must be in [0, {self.config.vocab_size}), got {bad[:5]}")
-        bucket = next((b for b in self._buckets if b >= n), None)
-        if bucket is None:  # chunked prefill: a multiple of the largest bucket
-            bucket = pages_for(n, self._buckets[-1]) * self._buckets[-1]
-        padded = np.full((bucket,), self._pad_id, np.int32)
+        padded = np.full((self._bucket(n),), self._pad_id, np.int32)
         padded[:n] = token_ids
         return padded, n
+
+    def _bucket(self, n: int) -> int:
+        """The padded length of n tokens: a bucket, or (chunked prefill) a multiple of the largest one."""
+        bucket = next((b for b in self._buckets if b >= n), None)
+        return pages_for(n, self._buckets[-1]) * self._buckets[-1] if bucket is None else bucket
 
     def _slot_sampling(self, s: RequestSampling) -> SlotSampling:
         seed = self._seeds.integers(0, 1 << 63) if s.seed is None else s.seed
@@ -309,18 +394,68 @@ class JaxEngine(Engine):
         return out
 
     def prefill(self, params, padded_tokens, true_length, sampling: RequestSampling, existing_prefix=None):
-        if existing_prefix is not None:
-            raise NotImplementedError("prefix caching: existing_prefix is not supported yet")
+        """Runs the prompt and samples its first token. Its leading full pages come from `existing_prefix` (a
+        Prefix of this engine whose prompt this one starts with, same adapter) or, with prefix caching on, from
+        the cache; only the rest runs (at least the last prompt token, whose logits are needed)."""
         check_sampling(sampling, self.config.vocab_size, len(self._adapter_names))
         padded_tokens = np.asarray(padded_tokens, np.int32)
         T = padded_tokens.shape[0]
         if not 0 < true_length <= T or T % self.page_size or (T > self.max_prefill_length
                                                               and T % self.max_prefill_length):
             raise ConfigError(f"prefill got {T} padded tokens with true_length {true_length}: use pad_prompt")
-        k, v, logits, prompt_mask = _prefill_jit(params, padded_tokens, jnp.int32(true_length),
-                                                 jnp.int32(sampling.adapter), cfg=self._shape_cfg,
-                                                 chunk=min(T, self.max_prefill_length))
-        return self._first(Prefix(k, v, int(true_length), sampling, {}, False, logits, prompt_mask), sampling)
+        n, P = int(true_length), self.page_size
+        self._check_params(params)
+        tokens = tuple(int(t) for t in padded_tokens[:n])
+        hashes = tuple(page_hashes(tokens, P, sampling.adapter)) if self.enable_prefix_caching else ()
+        reusable = (n - 1) // P  # full pages before the last prompt token
+        source, pages, cached_pages = None, [], ()
+        if existing_prefix is not None:
+            source, pages = self._existing_pages(existing_prefix, tokens, sampling.adapter, reusable)
+        elif hashes and self._pools is not None:
+            cached_pages = tuple(self._pages.lookup(list(hashes[:reusable])))
+            source, pages = self._pools, list(cached_pages)
+        self.prefix_cache_hit_tokens += len(pages) * P
+        self.prefix_cache_miss_tokens += n - len(pages) * P
+        prefix = Prefix(None, None, n, sampling, {}, False, None, None, tokens=tokens, adapter=sampling.adapter,
+                        page_hashes=hashes, cached_pages=cached_pages)
+        if not pages:
+            prefix.k, prefix.v, prefix.logits, prefix.prompt_mask = _prefill_jit(
+                params, padded_tokens, jnp.int32(n), jnp.int32(sampling.adapter), cfg=self._shape_cfg,
+                chunk=min(T, self.max_prefill_length))
+            return self._first(prefix, sampling)
+        cached = len(pages) * P
+        rest, rest_length = self.pad_prompt(list(tokens[cached:]))
+        pages_C = np.full((self._bucket(cached) // P,), SCRATCH_PAGE, np.int32)
+        pages_C[:len(pages)] = pages
+        prefix.k, prefix.v, prefix.logits = _prefill_after_prefix_jit(
+            params, *source, pages_C, jnp.int32(cached), rest, jnp.int32(rest_length), jnp.int32(sampling.adapter),
+            cfg=self._shape_cfg, chunk=min(rest.shape[0], self.max_prefill_length))
+        # the rest's page j sits after the prefix's bucket of pages
+        prefix.page_of = np.concatenate([np.arange(len(pages)), len(pages_C) + np.arange(rest.shape[0] // P)])
+        prefix.prompt_mask = np.zeros((1, self.config.vocab_size), bool)
+        prefix.prompt_mask[0, list(tokens)] = True
+        return self._first(prefix, sampling)
+
+    def _existing_pages(self, existing, tokens: tuple, adapter: int, reusable: int):
+        """(per-layer k/v pages of an earlier Prefix, its leading pages this prompt reuses) or a ConfigError
+        naming what does not match."""
+        if not isinstance(existing, Prefix) or existing.k is None:
+            raise ConfigError(f"existing_prefix must be a Prefix returned by this engine's prefill, got "
+                              f"{type(existing).__name__}")
+        if existing.adapter != adapter:
+            raise ConfigError(f"existing_prefix was computed with adapter {existing.adapter}; this request uses "
+                              f"adapter {adapter}: the keys/values differ")
+        shared = existing.tokens[:len(tokens)]
+        if len(existing.tokens) > len(tokens) or shared != tokens[:len(shared)]:
+            first = next((i for i, (a, b) in enumerate(zip(shared, tokens)) if a != b), len(tokens))
+            raise ConfigError(f"existing_prefix's prompt ({len(existing.tokens)} tokens) is not a prefix of this "
+                              f"prompt ({len(tokens)} tokens): they differ at token {first}")
+        P = self.page_size
+        count = min(existing.length // P, reusable)
+        k = tuple(k_KHT.transpose(0, 2, 1).reshape(k_KHT.shape[0], -1, P, k_KHT.shape[1]) for k_KHT in existing.k)
+        v = tuple(v_KTH.reshape(v_KTH.shape[0], -1, P, v_KTH.shape[2]) for v_KTH in existing.v)
+        page_of = np.arange(count) if existing.page_of is None else existing.page_of[:count]
+        return (k, v), [int(i) for i in page_of]
 
     def prompt_logprobs(self, params, token_ids: list[int], num_top: int, adapter: int = 0) -> list:
         """vLLM's prompt_logprobs: for each prompt token, None for the first, else (its log-prob given the tokens
@@ -363,7 +498,8 @@ class JaxEngine(Engine):
         first = self._result(jax.device_get(out), [sampling])
         if guide is not None and not first.done[0]:
             guide.advance(int(first.tokens[0]))
-        return dataclasses.replace(prefix, sampling=sampling, slot=slot, done=bool(first.done[0]), guide=guide), first
+        return dataclasses.replace(prefix, sampling=sampling, slot=slot, done=bool(first.done[0]), guide=guide,
+                                   first_token=int(first.tokens[0])), first
 
     @property
     def grammar(self):
@@ -384,6 +520,31 @@ class JaxEngine(Engine):
         self._guides: list = [None] * self._slots  # grammar.GuideState of constrained slots
         self._positions = np.zeros((self._slots,), np.int64)
         self._active = np.zeros((self._slots,), bool)
+        self._pools = None  # (k pools, v pools) of the decode state last returned: where cached pages live
+        self._fed: list[list[int] | None] = [None] * self._slots  # tokens whose keys/values the slot writes
+        self._chain: list = [None] * self._slots  # (prefix hash of the slot's last hashed page, pages hashed)
+        self._cached_params = None  # weak reference to a leaf of the params the cached pages were computed with
+
+    def _returned(self, state: DecodeState) -> DecodeState:
+        self._pools = (state.k_pages, state.v_pages)
+        return state
+
+    def _check_params(self, params):
+        """Cached keys/values hold for the weights that computed them: other params (a trainer's next step)
+        forget the cache."""
+        leaf = jax.tree.leaves(params)[0]
+        if self._cached_params is None or self._cached_params() is not leaf:
+            self._pages.clear_cache()
+            try:
+                self._cached_params = weakref.ref(leaf)
+            except TypeError:  # not weakly referable: every prefill counts as new params
+                self._cached_params = None
+
+    def _check_state(self, state: DecodeState):
+        """A decode state other than the one this engine last returned holds other pools: the cached hashes no
+        longer describe them, so the cache is forgotten (reference counts stay: they are the slots')."""
+        if self._pools is None or state.k_pages[0] is not self._pools[0][0]:
+            self._pages.clear_cache()
 
     def init_decode_state(self) -> DecodeState:
         self._reset_host()
@@ -392,9 +553,10 @@ class JaxEngine(Engine):
         zeros = lambda dtype: jnp.zeros((S,), dtype)  # noqa: E731
         sampling = SlotSampling(*(zeros(jnp.float32) for _ in range(7)), jnp.zeros((S, 2), jnp.uint32))
         sampling = sampling._replace(top_k=zeros(jnp.int32), top_p=jnp.ones((S,), jnp.float32))
-        return DecodeState(k, v, zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32), zeros(bool), zeros(jnp.int32),
-                           jnp.full((S, MAX_STOP_TOKEN_IDS + len(self.eos_ids)), -1, jnp.int32), zeros(jnp.int32),
-                           sampling, jnp.zeros((S, V), bool), jnp.zeros((S, V), jnp.int32))
+        return self._returned(DecodeState(
+            k, v, zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32), zeros(bool), zeros(jnp.int32),
+            jnp.full((S, MAX_STOP_TOKEN_IDS + len(self.eos_ids)), -1, jnp.int32), zeros(jnp.int32), sampling,
+            jnp.zeros((S, V), bool), jnp.zeros((S, V), jnp.int32)))
 
     def _check_slot(self, slot: int):
         if not 0 <= slot < self._slots:
@@ -404,20 +566,62 @@ class JaxEngine(Engine):
         self._check_slot(slot)
         if prefix.done:  # finished at its first token (max_tokens=1, eos...): nothing to decode
             return decode_state
-        self._pages.reserve(slot, self._worst_case_pages(prefix.length, prefix.sampling.max_tokens))
+        self._check_state(decode_state)
+        held = self._pages.held_pages(list(prefix.page_hashes)) if self.enable_prefix_caching else 0
+        self._pages.reserve(slot, self._worst_case_pages(prefix.length, prefix.sampling.max_tokens), held)
+        shared = self._share_cached_pages(prefix, slot)
+        owned = self._pages.owned[slot]
         self._pages.grow(slot, pages_for(prefix.length, self.page_size))
+        page_of = np.arange(len(owned)) if prefix.page_of is None else prefix.page_of
         pages = np.full((prefix.k[0].shape[-1] // self.page_size,), SCRATCH_PAGE, np.int32)
-        pages[:len(self._pages.owned[slot])] = self._pages.owned[slot]
+        pages[page_of[shared:len(owned)]] = owned[shared:]  # shared pages already hold these keys/values
         state = _insert_jit(decode_state, prefix.k, prefix.v, prefix.slot, jnp.int32(slot), pages)
+        for page, key in zip(owned[shared:], prefix.page_hashes[shared:]):
+            self._pages.register(page, key)
+        if self.enable_prefix_caching:  # pages the slot fills while decoding are cached as they fill
+            self._fed[slot] = [*prefix.tokens, prefix.first_token]
+            self._chain[slot] = (prefix.page_hashes[-1] if prefix.page_hashes else hash_seed(prefix.adapter),
+                                 len(prefix.page_hashes))
         self._requests[slot], self._positions[slot], self._active[slot] = prefix.sampling, prefix.length, True
         self._guides[slot] = prefix.guide
-        return state
+        return self._returned(state)
+
+    def cache_prefix(self, prefix: Prefix, decode_state: DecodeState) -> DecodeState:
+        """Caches the full prompt pages of a request that takes no slot (it ended at its first token, or its
+        client left), so that the next request with this prompt finds them. The pages go straight to the
+        evictable list: they take nothing from running requests (a never-cached page, or the least recently
+        freed cached one, is reused). A no-op with prefix caching off."""
+        if not self.enable_prefix_caching or prefix.k is None:
+            return decode_state
+        self._check_state(decode_state)
+        page_of = np.arange(len(prefix.page_hashes)) if prefix.page_of is None else prefix.page_of
+        new = [i for i, key in enumerate(prefix.page_hashes) if key not in self._pages.cached]
+        new = new[:self._pages.available]
+        if not new:
+            return decode_state
+        pages = self._pages.keep(prefix.page_hashes[i] for i in new)
+        pages_C = np.full((prefix.k[0].shape[-1] // self.page_size,), SCRATCH_PAGE, np.int32)
+        pages_C[page_of[new]] = pages
+        return self._returned(_write_pages_jit(decode_state, prefix.k, prefix.v, pages_C))
+
+    def _share_cached_pages(self, prefix: Prefix, slot: int) -> int:
+        """Gives the slot the cached pages its prompt starts with, as cached now: those prefill read, unless one
+        was evicted since, and any cached meanwhile (an identical prompt inserted in between). Returns how many;
+        the slot writes the rest of the prompt's pages from the prefix's own keys/values."""
+        if not self.enable_prefix_caching:
+            return 0
+        pages = self._pages.lookup(list(prefix.page_hashes))
+        for page in pages:
+            self._pages.share(slot, page)
+        return len(pages)
 
     def free_resource(self, decode_state: DecodeState, slot: int) -> DecodeState:
         self._check_slot(slot)
+        self._check_state(decode_state)
         self._pages.release(slot)
         self._requests[slot], self._active[slot], self._guides[slot] = None, False, None
-        return _free_jit(decode_state, jnp.int32(slot))
+        self._fed[slot] = self._chain[slot] = None
+        return self._returned(_free_jit(decode_state, jnp.int32(slot)))
 
     def _gather_pages(self) -> int:
         """Pages per slot the step reads: enough for the longest running request, as a power of two."""
@@ -428,6 +632,7 @@ class JaxEngine(Engine):
         return min(pages, self._pages_per_slot)
 
     def generate(self, params, decode_state: DecodeState) -> tuple[DecodeState, ResultTokens]:
+        self._check_state(decode_state)
         for slot in np.flatnonzero(self._active):
             self._pages.grow(slot, int(self._positions[slot]) // self.page_size + 1)
         table = self._pages.table[:, :self._gather_pages()]
@@ -445,21 +650,46 @@ class JaxEngine(Engine):
             if result.valid[slot] and not result.done[slot]:
                 self._guides[slot].advance(int(result.tokens[slot]))
         self._positions += result.valid
+        self._cache_filled_pages(result)
         self._active &= ~result.done
-        return state, result
+        return self._returned(state), result
+
+    def _cache_filled_pages(self, result: ResultTokens):
+        """Caches each page a decode step filled (a multi-turn chat's next prompt starts with the reply)."""
+        P = self.page_size
+        for slot in np.flatnonzero(result.valid):
+            fed = self._fed[slot]
+            if fed is None:
+                continue
+            fed.append(int(result.tokens[slot]))  # the next step's input
+            key, hashed = self._chain[slot]
+            while hashed < int(self._positions[slot]) // P:  # pages whose every position is written
+                key = next_page_hash(key, fed[hashed * P:(hashed + 1) * P])
+                self._pages.register(self._pages.owned[slot][hashed], key)
+                hashed += 1
+            self._chain[slot] = (key, hashed)
 
     def warmup(self, params=None) -> DecodeState:
         """Compiles prefill, insert and first-token sampling for every bucket, and the decode step for every
         gather size, with and without logprobs, so that no request waits for a compile (a server calls this
-        before taking traffic; prompts beyond the largest bucket still compile per chunk count). Returns a fresh
-        decode state (the previous one is reset)."""
+        before taking traffic; prompts beyond the largest bucket still compile per chunk count). With prefix
+        caching, also the prefill of a short rest after a cached prefix of each bucket's size (the common hit: a
+        long shared system prompt; other rest sizes compile on first use). Returns a fresh decode state (the
+        previous one is reset)."""
         params = self.params if params is None else params
+        counters = self.prefix_cache_hit_tokens, self.prefix_cache_miss_tokens  # warmup is no traffic
         state = self.init_decode_state()
         for bucket in self._buckets:
             for logprobs in (None, 1):
                 prefix, _ = self.prefill(params, np.zeros((bucket,), np.int32), 1,
                                          RequestSampling(max_tokens=2, logprobs=logprobs, ignore_eos=True))
             state = self.free_resource(self.insert(prefix, state, 0), 0)
+        for bucket in self._buckets if self.enable_prefix_caching else ():
+            if bucket + 1 < self._max_len:
+                head, _ = self.prefill(params, *self.pad_prompt([0] * bucket), RequestSampling(max_tokens=1))
+                state = self.cache_prefix(head, state)
+                self.prefill(params, *self.pad_prompt([0] * (bucket + 1)), RequestSampling(max_tokens=1))
+        self.prefix_cache_hit_tokens, self.prefix_cache_miss_tokens = counters
         pages = pages_for(MIN_GATHER_TOKENS, self.page_size)
         while True:
             table = self._pages.table[:, :min(pages, self._pages_per_slot)]

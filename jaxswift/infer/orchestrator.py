@@ -401,7 +401,11 @@ class Orchestrator:
                 continue
             try:
                 first = self._prefill(live)
-                if first is None or live.take_token(first[1], 0) or live.ticket.cancelled:
+                if first is None:
+                    continue
+                if live.take_token(first[1], 0) or live.ticket.cancelled:  # ended at its first token
+                    if hasattr(self.engine, "cache_prefix"):  # its prompt may still serve the next request
+                        state = self.engine.cache_prefix(first[0], state)
                     continue
                 state = self.engine.insert(first[0], state, self._free_slots[-1])
             except Exception as e:  # the loop resets the engine; this request is in no queue, so fail it here
@@ -419,7 +423,7 @@ class Orchestrator:
                 if live.request.sampling.max_tokens == 0:  # scores its prompt only: needs no slot nor pages
                     return self._waiting.popleft()
                 try:
-                    ok = self.engine.can_admit(len(live.request.prompt_ids), live.request.sampling.max_tokens)
+                    ok = self._can_admit(live.request)
                 except JaxswiftError as e:
                     self._waiting.popleft()
                     live.fail(RequestRejected(str(e)))
@@ -431,6 +435,14 @@ class Orchestrator:
                 self._waiting.popleft()  # nothing will ever free pages for it
                 live.fail(RequestTooLarge("the request needs more KV-cache pages than the engine has"))
             return None
+
+    def _can_admit(self, request: GenerationRequest) -> bool:
+        """The engine's answer for this prompt when it can give one (pages shared with running requests through
+        prefix caching take none), else for its length."""
+        if hasattr(self.engine, "can_admit_prompt"):
+            return self.engine.can_admit_prompt(request.prompt_ids, request.sampling.max_tokens,
+                                                request.sampling.adapter)
+        return self.engine.can_admit(len(request.prompt_ids), request.sampling.max_tokens)
 
     def _score_prompt(self, live: _Live) -> bool:
         """Scores the prompt when the request asks for prompt_logprobs; False when that failed (it then failed)."""

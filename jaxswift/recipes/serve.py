@@ -28,6 +28,9 @@ class ServeArguments:
     max_model_len: int = field(default=2048, metadata={"help": "prompt + completion tokens per request"})
     page_size: int = field(default=16, metadata={"help": "tokens per KV-cache page"})
     num_pages: Optional[int] = field(default=None, metadata={"help": "KV-cache pages; unset: every slot full"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV pages of prompt prefixes "
+                                                                         "seen before (--no_enable_prefix_caching: "
+                                                                         "off)"})
     dtype: Optional[str] = None
     api_key: list[str] = field(default_factory=list, metadata={"help": "accepted Bearer keys (none: no auth)"})
     rate_limit: Optional[str] = field(default=None, metadata={"help": "per client, e.g. 60/minute"})
@@ -75,7 +78,8 @@ def build_server(args: ServeArguments):
     if model.tokenizer is None:
         raise ConfigError(f"--model {args.model}: no tokenizer found; the server needs one")
     engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
-                       page_size=args.page_size, num_pages=args.num_pages, adapters=adapters or None)
+                       page_size=args.page_size, num_pages=args.num_pages, adapters=adapters or None,
+                       enable_prefix_caching=args.enable_prefix_caching)
     orchestrator = Orchestrator(engine, max_queue=args.max_queue, request_timeout=args.request_timeout)
     app = build_app(orchestrator, model_name=args.served_model_name or args.model, adapter_names=list(adapters),
                     api_keys=args.api_key, rate_limit=args.rate_limit, max_concurrency=args.max_concurrency)

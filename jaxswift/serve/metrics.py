@@ -1,11 +1,13 @@
 """Prometheus metrics of one server: requests by endpoint and status, time to first token, time per output token,
-token counts, and live gauges (queue depth, running slots, KV pages) read from the orchestrator when scraped."""
+token counts, live gauges (queue depth, running slots, KV pages) read from the orchestrator when scraped, and the
+engine's prefix-cache counters (in prompt tokens: hits came from cached pages, misses were prefilled)."""
 
 from __future__ import annotations
 
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -31,6 +33,9 @@ class ServerMetrics:
             lambda: getattr(engine, "kv_pages_used", 0))
         Gauge("jaxswift_kv_pages_total", "KV-cache pages", registry=r).set_function(
             lambda: getattr(engine, "kv_pages_total", 0))
+        Gauge("jaxswift_kv_pages_cached", "KV-cache pages holding a cached prompt prefix", registry=r).set_function(
+            lambda: getattr(engine, "kv_pages_cached", 0))
+        r.register(_PrefixCacheCounters(engine))
 
     def count_request(self, endpoint: str, status: int):
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
@@ -48,3 +53,16 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _PrefixCacheCounters:
+    """jaxswift_prefix_cache_{hit,miss}_tokens_total, read from the engine's own counters when scraped."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        for name, help_text in (("hit", "Prompt tokens whose keys/values came from the prefix cache"),
+                                ("miss", "Prompt tokens prefilled (not found in the prefix cache)")):
+            yield CounterMetricFamily(f"jaxswift_prefix_cache_{name}_tokens", help_text,
+                                      value=getattr(self.engine, f"prefix_cache_{name}_tokens", 0))
