@@ -21,15 +21,19 @@ _IGNORED = re.compile(r"(.*rotary_emb\.inv_freq$)")
 SHARD_BYTES = 4 * 1024**3
 
 
-def read_hf_config(folder: str | Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    folder = Path(folder)
-    path = folder / "config.json"
+def read_config_json(folder: str | Path) -> tuple[Path, dict]:
+    """(path, parsed dict) of a Hugging Face folder's config.json, with a clear error when absent or malformed."""
+    path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
-        raw = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def read_hf_config(folder: str | Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    path, raw = read_config_json(folder)
     return config_from_hf(raw, where=str(path), dtype=dtype), raw
 
 

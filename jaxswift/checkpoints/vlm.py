@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxswift.checkpoints.hf import hf_tensors, params_from_tensors, set_path
+from jaxswift.checkpoints.hf import hf_tensors, params_from_tensors, read_config_json, set_path
 from jaxswift.checkpoints.safetensors_io import iter_folder_tensors, write_safetensors
 from jaxswift.errors import CheckpointError
 from jaxswift.models.vision import VLMConfig, is_vlm_config, vlm_config_from_hf, vlm_config_to_hf
@@ -28,13 +28,7 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_p
 
 def read_vlm_config(folder: str | Path, dtype: str | None = None) -> VLMConfig | None:
     """The folder's VLMConfig, or None when config.json describes a text-only model."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    path, raw = read_config_json(folder)
     return vlm_config_from_hf(raw, where=str(path), dtype=dtype) if is_vlm_config(raw) else None
 
 
