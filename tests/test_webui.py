@@ -282,7 +282,8 @@ def sft_run(ui, browser, workdir):
     wait_until(lambda: "loss: 3 points" in text_of(browser, "runs-metrics"), 30, "the loss chart's 3 points")
     seen.update(status=run_status(browser), log=value_of(browser, "runs-log"),
                 metrics=text_of(browser, "runs-metrics"), table=text_of(browser, "runs-table"),
-                loss_chart=len(browser.find_elements(By.CSS_SELECTOR, "#runs-loss svg.marks, #runs-loss canvas")))
+                loss_chart=len(browser.find_elements(By.CSS_SELECTOR, "#runs-loss svg.marks, #runs-loss canvas")),
+                reward_chart_shown=any(e.is_displayed() for e in browser.find_elements(By.ID, "runs-reward")))
     browser.execute_script("document.getElementById('runs-loss').scrollIntoView()")
     shot("04-runs-finished.png")
     return folder, seen
@@ -295,6 +296,7 @@ def test_1_sft_launch_runs_tab_and_adapter(sft_run):
     assert seen["status"] == "finished", seen["log"][-2000:]
     assert "loss: 3 points" in seen["metrics"] and "lr: 3 points" in seen["metrics"], seen["metrics"]
     assert seen["loss_chart"] >= 1, "no chart drawn"
+    assert not seen["reward_chart_shown"], "an empty reward chart is shown for an SFT run"
     assert "first step" in seen["log"] or "loss:" in seen["log"], seen["log"]
     assert folder.name in seen["table"] and "finished" in seen["table"]
     assert (folder / "adapter" / "adapter_config.json").is_file()

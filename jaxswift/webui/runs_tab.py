@@ -32,7 +32,8 @@ def table(found: list[runs.Run]) -> pd.DataFrame:
 
 
 def chart_frames(run: runs.Run | None) -> tuple[list[pd.DataFrame], str]:
-    """One (step, value) frame per chart and a caption saying how many points each has."""
+    """One (step, value) frame per chart (empty when the run logs no such metric) and a caption saying how many
+    points each has."""
     records = _train_records(run) if run is not None else []
     frames, caption = [], []
     for key, label in CHARTS:
@@ -55,7 +56,8 @@ def build(ctx) -> gr.Timer:
     status = gr.Markdown(elem_id="runs-status")
     caption = gr.Markdown(elem_id="runs-metrics")
     with gr.Row():
-        plots = [gr.LinePlot(x="step", y=label, title=label, elem_id=f"runs-{key}", height=220)
+        # ".3~g": three significant digits, so a learning rate's axis reads 0.0003 or 3e-5, not a clipped 0.000300000
+        plots = [gr.LinePlot(x="step", y=label, title=label, elem_id=f"runs-{key}", height=220, y_axis_format=".3~g")
                  for key, label in CHARTS]
     log = gr.Textbox(label=L["log"], lines=16, max_lines=16, autoscroll=True, elem_id="runs-log")
     timer = gr.Timer(REFRESH_S, active=False)
@@ -71,6 +73,9 @@ def build(ctx) -> gr.Timer:
             current = choices[0] if choices else None
         run = next((r for r in found if str(r.output_dir) == current), None)
         frames, text = chart_frames(run)
+        # a chart is shown only for what the run logs (SFT logs no reward); the loss chart always, to say "no data yet"
+        charts = [gr.update(value=frame, visible=key == "loss" or not frame.empty)
+                  for (key, _label), frame in zip(CHARTS, frames)]
         if run is None:
             head, tail = "", ""
         else:
@@ -78,7 +83,7 @@ def build(ctx) -> gr.Timer:
                                                          if run.returncode not in (None, 0) else "")
             head += f"\n\n`{run.command}`"
             tail = runs.log_tail(run)
-        return (table(found), gr.update(choices=choices, value=current), head, text, *frames, tail, choices)
+        return (table(found), gr.update(choices=choices, value=current), head, text, *charts, tail, choices)
 
     outputs = [listing, selected, status, caption, *plots, log, known]
     inputs = [selected, known]
