@@ -185,6 +185,10 @@ def make_idefics3(folder, family: str = "idefics3", seed: int = 0, longest_edge:
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2)
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
     _randomize(model)
+    with torch.no_grad():  # its init (std 0.02) gives a greedy loop of one token: wider weights, varied answers
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and ("text_model" in name or "lm_head" in name):
+                p.normal_(0.0, 0.15)
     model.save_pretrained(folder)
     module = getattr(transformers.models, family)
     pil = getattr(getattr(module, f"image_processing_pil_{family}"), f"{prefix}ImageProcessorPil")
