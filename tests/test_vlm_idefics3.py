@@ -200,3 +200,14 @@ def test_bad_inputs(idefics3_only, tmp_path):
                                    "preprocessor_config.json"))
     with pytest.raises(ConfigError, match="text_config.model_type 'gpt2' is not a supported text family"):
         jaxswift.load_model(edited("text", lambda d: d["text_config"].update(model_type="gpt2")))
+
+
+def test_peft_adapter_loads_onto_transformers(idefics3_only, tmp_path):
+    from vlm_fixtures import check_peft_adapter
+
+    hf_model, processor, model, folder = idefics3_only
+    image = random_image(30, 50, seed=9)
+    check_peft_adapter(type(hf_model), processor, model, folder, tmp_path / "adapter",
+                       user({"type": "image", "image": image}, {"type": "text", "text": "a"}), [image], _forward,
+                       [".vision_model.encoder.layers.2.mlp.fc2.", ".connector.modality_projection.proj.",
+                        ".text_model.layers.1.mlp.down_proj."])

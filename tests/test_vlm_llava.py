@@ -201,3 +201,14 @@ def test_bad_inputs(clip_llava, tmp_path):
                                    "preprocessor_config.json"))
     with pytest.raises(ConfigError, match="do_pad"):
         jaxswift.load_model(edited("pad", lambda d: d.update(do_pad=True), "preprocessor_config.json"))
+
+
+def test_peft_adapter_loads_onto_transformers(clip_llava, tmp_path):
+    from vlm_fixtures import check_peft_adapter
+
+    hf_model, processor, model, folder = clip_llava
+    image = random_image(70, 50, seed=9)
+    check_peft_adapter(type(hf_model), processor, model, folder, tmp_path / "adapter",
+                       user({"type": "image", "image": image}, {"type": "text", "text": "a"}), [image], _forward,
+                       [".vision_tower.encoder.layers.2.self_attn.q_proj.", ".multi_modal_projector.linear_2.",
+                        ".language_model.layers.1.self_attn.v_proj."])

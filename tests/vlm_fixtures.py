@@ -230,3 +230,33 @@ def vit_forward_logits(model, prompt, forward):
     logits = forward(model.params, jnp.asarray(tokens), cfg=model.config, vision=model.processor.batch_vision([prompt]),
                      positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
     return np.asarray(logits)[:, :T]
+
+
+def check_peft_adapter(hf_class, processor, model, folder, out_dir, messages, images, forward, expect_modules):
+    """LoRA on tower, aligner and LLM (random nonzero B), exported in PEFT format, loaded by peft onto a fresh
+    transformers model of the folder: its logits equal jaxswift's within 1e-4."""
+    import dataclasses
+
+    import jax
+    import torch
+    from peft import PeftModel
+
+    from jaxswift.checkpoints.vlm_peft import save_vlm_peft_adapter
+    from jaxswift.tuners.lora import LoraConfig
+    from jaxswift.tuners.vlm_lora import add_vlm_lora, randomize_b
+
+    lora = LoraConfig(rank=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    params = randomize_b(add_vlm_lora(model.params, model.config, lora, jax.random.key(0)), jax.random.key(1))
+    save_vlm_peft_adapter(params, model.config, lora, out_dir)
+    peft_model = PeftModel.from_pretrained(hf_class.from_pretrained(folder).eval(), out_dir).eval()
+    adapted = {n for n, _ in peft_model.named_parameters() if "lora_B" in n}
+    for module in expect_modules:
+        assert any(module in n for n in adapted), module
+    inputs = processor(text=[rendered(processor, messages)], images=images, return_tensors="pt")
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits.numpy()
+    prompt = model.processor.encode_chat(messages)
+    ours = vit_forward_logits(dataclasses.replace(model, params=params), prompt, forward)
+    base = vit_forward_logits(model, prompt, forward)
+    assert np.abs(ours - base).max() > 1e-3  # the adapters really change the output
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
