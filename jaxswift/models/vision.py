@@ -15,6 +15,9 @@ Qwen2-VL (family `qwen2_vl`):
   In the LLM, the tokens get 3-D M-RoPE positions (`rope_index`): text tokens (t, t, t); image tokens
   (start, start + row, start + col), video tokens (start + frame, ...).
 
+llava / idefics3 / smolvlm (`VLMConfig.vision` a `ViTConfig`): the CLIP / SigLIP tower and connectors of
+models/vit.py, dispatched by `vlm_param_specs` and `image_features`; their LLMs take plain 1-D positions.
+
 Extra letters beside the legend of models/transformer.py: P patches, X pixels per patch, E vision width.
 """
 

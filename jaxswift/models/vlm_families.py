@@ -2,6 +2,8 @@
 
 The LLM part reuses the text families' map (models/families.py) under the VLM's prefix; the tower and the aligner
 have their own entries here, each with its layout change (torch Linear (out, in) -> ours (in, out)).
+The `any_*` / `vlm_*` functions at the end dispatch between Qwen2-VL / Qwen2.5-VL (here and models/vision.py) and
+the ViT families llava / idefics3 / smolvlm (models/vit_families.py).
 """
 
 from __future__ import annotations
