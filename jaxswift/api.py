@@ -87,13 +87,13 @@ def load_model(name_or_path: str, dtype: str | None = None, *, shardings=None, l
 
 def _load_vlm(path: Path, cfg: VLMConfig, shardings, load_tokenizer: bool, min_pixels, max_pixels) -> Model:
     from jaxswift.checkpoints.vlm import load_vlm_params
-    from jaxswift.data.multimodal import VLMProcessor
+    from jaxswift.data.multimodal_vit import vit_processor_class
 
     if shardings is not None:
         raise ConfigError(f"{path}: sharded loading of vision-language models is not supported yet")
     params = load_vlm_params(path, cfg)
     tokenizer = _load_tokenizer(path) if load_tokenizer else None
-    processor = None if tokenizer is None else VLMProcessor.from_folder(
+    processor = None if tokenizer is None else vit_processor_class(cfg).from_folder(
         path, cfg, tokenizer, min_pixels=min_pixels, max_pixels=max_pixels)
     return Model(cfg, params, tokenizer, str(path), processor)
 
@@ -122,8 +122,8 @@ def generate_ids(model: Model, prompts: list[list[int]], *, max_new_tokens: int,
         from jaxswift.models.vision import rope_index
 
         # Plain token ids: an image placeholder among them would have no image to fill it.
-        prompts = [p if isinstance(p, MultimodalPrompt) else MultimodalPrompt(list(p), [], [], *rope_index(
-            p, [], model.config)) for p in prompts]
+        prompts = [p if isinstance(p, MultimodalPrompt) else MultimodalPrompt(list(p), [], [], *(
+            rope_index(p, [], model.config) if model.config.uses_mrope else (None, 0))) for p in prompts]
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     eos = stop_token_ids(model.text_config, model.tokenizer)
     stop = np.asarray([-1], np.int32) if ignore_eos else eos  # -1 matches no token

@@ -18,8 +18,9 @@ import numpy as np
 from jaxswift.checkpoints.hf import hf_tensors, params_from_tensors, read_config_json, set_path
 from jaxswift.checkpoints.safetensors_io import iter_folder_tensors, write_safetensors
 from jaxswift.errors import CheckpointError
-from jaxswift.models.vision import VLMConfig, is_vlm_config, vlm_config_from_hf, vlm_config_to_hf
-from jaxswift.models.vlm_families import canonical_name, text_name, vision_weight_maps
+from jaxswift.models.vision import VLMConfig
+from jaxswift.models.vlm_families import (any_vlm_config_from_hf, any_vlm_config_to_hf, canonical_name,
+                                          is_any_vlm_config, text_name, vlm_text_prefix, vlm_weight_maps)
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
                    "chat_template.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
@@ -29,13 +30,13 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_p
 def read_vlm_config(folder: str | Path, dtype: str | None = None) -> VLMConfig | None:
     """The folder's VLMConfig, or None when config.json describes a text-only model."""
     path, raw = read_config_json(folder)
-    return vlm_config_from_hf(raw, where=str(path), dtype=dtype) if is_vlm_config(raw) else None
+    return any_vlm_config_from_hf(raw, where=str(path), dtype=dtype) if is_any_vlm_config(raw) else None
 
 
 def _vision_names(cfg: VLMConfig):
     """{hf name: (WeightMap, layer index or None)}."""
     out = {}
-    for m in vision_weight_maps(cfg.vision):
+    for m in vlm_weight_maps(cfg):
         for i in (range(cfg.vision.depth) if m.per_layer else [None]):
             out[m.hf_name.format(i=i)] = (m, i)
     return out
@@ -45,16 +46,17 @@ def load_vlm_params(folder: str | Path, cfg: VLMConfig) -> dict:
     folder = Path(folder)
     by_name = _vision_names(cfg)
     vision: dict = {}
+    prefix = vlm_text_prefix(cfg)
 
     def text_tensors():
         for raw_name, array, _ in iter_folder_tensors(folder):
-            name = canonical_name(raw_name)
+            name = canonical_name(raw_name, cfg.family)
             if name in by_name:
                 m, i = by_name[name]
                 value = m.to_ours(np.asarray(array, np.float32))
                 vision.setdefault(m.path, {})[i] = value
-            elif text_name(name) is not None:
-                yield text_name(name), array
+            elif text_name(name, prefix) is not None:
+                yield text_name(name, prefix), array
             else:
                 raise CheckpointError(f"{folder}: unexpected tensor {raw_name!r} for a {cfg.family} model")
 
@@ -71,7 +73,8 @@ def load_vlm_params(folder: str | Path, cfg: VLMConfig) -> dict:
 
 
 def vlm_hf_tensors(params: dict, cfg: VLMConfig) -> dict[str, np.ndarray]:
-    out = {("model.language_model." + n[len("model."):] if n.startswith("model.") else n): a
+    prefix = vlm_text_prefix(cfg)
+    out = {(prefix + n[len("model."):] if n.startswith("model.") else n): a
            for n, a in hf_tensors(params["llm"], cfg.text).items()}
     for name, (m, i) in _vision_names(cfg).items():
         node = params
@@ -87,7 +90,7 @@ def save_vlm(params: dict, cfg: VLMConfig, out_dir: str | Path, *, source: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "model.safetensors", vlm_hf_tensors(params, cfg), {"format": "pt"})
-    (out / "config.json").write_text(json.dumps(vlm_config_to_hf(cfg), indent=2))
+    (out / "config.json").write_text(json.dumps(any_vlm_config_to_hf(cfg), indent=2))
     if source is not None and Path(source).resolve() != out.resolve():
         for name in PROCESSOR_FILES:
             if (Path(source) / name).is_file():

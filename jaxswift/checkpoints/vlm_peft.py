@@ -15,7 +15,7 @@ import numpy as np
 from jaxswift.checkpoints.safetensors_io import write_safetensors
 from jaxswift.errors import ConfigError
 from jaxswift.models.vision import VLMConfig
-from jaxswift.models.vlm_families import TEXT_PREFIX, vision_weight_maps
+from jaxswift.models.vlm_families import vlm_text_prefix, vlm_weight_maps
 from jaxswift.tuners.lora import LoraConfig, LoraWeight, is_lora, module_names
 from jaxswift.tuners.vlm_lora import ALIGNER_LINEARS, VISION_LINEARS
 
@@ -24,7 +24,7 @@ PEFT_PREFIX = "base_model.model."
 
 def _module_templates(cfg: VLMConfig) -> dict[tuple[str, ...], str]:
     """Our path -> HF module path ("{i}" for the layer) of every tower / aligner linear."""
-    return {m.path: m.hf_name.removesuffix(".weight") for m in vision_weight_maps(cfg.vision)
+    return {m.path: m.hf_name.removesuffix(".weight") for m in vlm_weight_maps(cfg)
             if m.hf_name.endswith(".weight") and m.path[-1] in VISION_LINEARS + ALIGNER_LINEARS
             and not (m.path[0] == "vision" and m.path[1] != "layers")}
 
@@ -56,7 +56,7 @@ def vlm_adapter_tensors(params: dict, cfg: VLMConfig) -> tuple[dict[str, np.ndar
         w = params["llm"]["layers"][ours]
         if not is_lora(w):
             continue
-        full = TEXT_PREFIX + template.removeprefix("model.")
+        full = vlm_text_prefix(cfg) + template.removeprefix("model.")
         for i in range(cfg.text.num_layers):
             a, b = _torch_pair(w, i)
             name = full.format(i=i)

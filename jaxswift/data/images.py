@@ -249,3 +249,214 @@ def read_processor_config(folder: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP / SigLIP (llava) and Idefics3 / SmolVLM: fixed-size images (or tiles) cut into P patches of C * p * p values
+
+
+LANCZOS = 1  # PIL.Image.Resampling.LANCZOS
+
+
+def vit_patches(image_CHW: np.ndarray, patch_size: int) -> np.ndarray:
+    """[C, H, W] -> [H/p * W/p, C*p*p]: patches row by row, each flattened as the patch Conv2d's kernel is."""
+    C, H, W = image_CHW.shape
+    p = patch_size
+    if H % p or W % p:
+        raise DataError(f"image of {W}x{H} pixels is not a whole number of {p}x{p} patches")
+    x = image_CHW.reshape(C, H // p, p, W // p, p).transpose(1, 3, 0, 2, 4)
+    return np.ascontiguousarray(x.reshape((H // p) * (W // p), C * p * p), np.float32)
+
+
+def _size_dict(value, where: str, key: str) -> dict:
+    """A processor size entry: {"shortest_edge": n}, {"height": h, "width": w}, or a bare int (older files)."""
+    if isinstance(value, int):
+        return {"shortest_edge": value} if key == "size" else {"height": value, "width": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be an object or an int, got {value!r}")
+    return value
+
+
+def center_crop_uint8(pixels_CHW: np.ndarray, height: int, width: int) -> np.ndarray:
+    """transformers' center_crop: the middle height x width, zero-padding first where the image is smaller."""
+    C, H, W = pixels_CHW.shape
+    top, left = (H - height) // 2, (W - width) // 2
+    if top >= 0 and left >= 0:
+        return pixels_CHW[:, top:top + height, left:left + width]
+    new_h, new_w = max(height, H), max(width, W)
+    padded = np.zeros((C, new_h, new_w), pixels_CHW.dtype)
+    pad_top, pad_left = math.ceil((new_h - H) / 2), math.ceil((new_w - W) / 2)
+    padded[:, pad_top:pad_top + H, pad_left:pad_left + W] = pixels_CHW
+    top, left = top + pad_top, left + pad_left
+    return padded[:, top:top + height, left:left + width]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipVisionProcessor:
+    """CLIPImageProcessor (resize the shortest edge, center crop) and SiglipImageProcessor (resize to a fixed
+    height x width) in one: `image` gives one [1, C, H, W] image and its patches."""
+    patch_size: int
+    shortest_edge: int | None = 224  # resize so the shorter side is this (CLIP), or
+    resize_to: tuple[int, int] | None = None  # (height, width) exactly (SigLIP)
+    crop_size: tuple[int, int] | None = (224, 224)  # center crop (height, width); None = no crop
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    resample: int = BICUBIC
+
+    @classmethod
+    def from_dict(cls, d: dict, patch_size: int, where: str = "preprocessor_config.json") -> "ClipVisionProcessor":
+        if d.get("do_pad"):
+            raise ConfigError(f"{where}: do_pad (LlavaImageProcessor's pad-to-square) is not supported; the CLIP / "
+                              f"SigLIP processors' resize + center crop are")
+        size = _size_dict(d.get("size", {"shortest_edge": 224}), where, "size")
+        if "shortest_edge" in size and "longest_edge" not in size:
+            shortest, resize_to = int(size["shortest_edge"]), None
+        elif "height" in size and "width" in size:
+            shortest, resize_to = None, (int(size["height"]), int(size["width"]))
+        else:
+            raise ConfigError(f"{where}: size {size} is not supported (shortest_edge, or height and width)")
+        crop = None
+        if d.get("do_center_crop", "crop_size" in d and shortest is not None):
+            c = _size_dict(d.get("crop_size", 224), where, "crop_size")
+            crop = (int(c["height"]), int(c["width"]))
+        fields = dict(shortest_edge=shortest, resize_to=resize_to,
+                      image_mean=tuple(d["image_mean"]) if "image_mean" in d else None,
+                      image_std=tuple(d["image_std"]) if "image_std" in d else None,
+                      rescale_factor=d.get("rescale_factor"), do_resize=d.get("do_resize"),
+                      do_rescale=d.get("do_rescale"), do_normalize=d.get("do_normalize"), resample=d.get("resample"))
+        return cls(patch_size=patch_size, crop_size=crop, **{k: v for k, v in fields.items() if v is not None})
+
+    def _resized(self, image) -> np.ndarray:
+        if not self.do_resize:
+            return np.moveaxis(np.asarray(image), -1, 0)
+        if self.resize_to is not None:
+            return resize_uint8(image, *self.resize_to, self.resample)
+        short, long = sorted((image.width, image.height))
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        height, width = (new_long, new_short) if image.width <= image.height else (new_short, new_long)
+        return resize_uint8(image, height, width, self.resample)
+
+    def pixels(self, image, where: str = "image") -> np.ndarray:
+        """[1, C, H, W] float32, as the transformers processor's pixel_values."""
+        if min(image.width, image.height) <= 0:
+            raise DataError(f"{where}: empty image ({image.width}x{image.height})")
+        x = self._resized(image)
+        if self.crop_size is not None:
+            x = center_crop_uint8(x, *self.crop_size)
+        x = rescale_normalize(x, self.rescale_factor if self.do_rescale else None,
+                              self.image_mean if self.do_normalize else None, self.image_std)
+        return x[None]
+
+    def image(self, image, where: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
+        """(patches [1, P, X], grid (1, rows, cols) of patches)."""
+        x = self.pixels(image, where)[0]
+        return vit_patches(x, self.patch_size)[None], (1, x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
+
+
+def _rescale_to_max_len(height: int, width: int, max_len: int) -> tuple[int, int]:
+    """Idefics3's resize: the longest edge to max_len, the other side kept in ratio and rounded up to even."""
+    aspect_ratio = width / height
+    if width >= height:
+        width = max_len
+        height = int(width / aspect_ratio)
+        height += height % 2
+    else:
+        height = max_len
+        width = int(height * aspect_ratio)
+        width += width % 2
+    return max(height, 1), max(width, 1)
+
+
+def _scale_below(height: int, width: int, max_len: int) -> tuple[int, int]:
+    aspect_ratio = width / height
+    if width >= height and width > max_len:
+        width, height = max_len, int(max_len / aspect_ratio)
+    elif height > width and height > max_len:
+        height, width = max_len, int(max_len * aspect_ratio)
+    return max(height, 1), max(width, 1)
+
+
+IDEFICS3_MAX_IMAGE_SIZE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Idefics3VisionProcessor:
+    """Idefics3ImageProcessor (also SmolVLM's): the longest edge resized to `longest_edge`, then (splitting) both
+    sides up to multiples of `tile` and cut into tiles of tile x tile row by row, plus the whole image resized to
+    one tile (the global image); without splitting, the image resized to one tile. All resizes on uint8 (LANCZOS)."""
+    patch_size: int
+    longest_edge: int = 4 * 364
+    tile: int = 364  # max_image_size.longest_edge
+    do_image_splitting: bool = True
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    resample: int = LANCZOS
+
+    def __post_init__(self):
+        if self.tile % self.patch_size:
+            raise ConfigError(f"max_image_size.longest_edge ({self.tile}) must be a multiple of the patch size "
+                              f"({self.patch_size})")
+
+    @classmethod
+    def from_dict(cls, d: dict, patch_size: int, where: str = "preprocessor_config.json"):
+        size, tile = d.get("size") or {}, d.get("max_image_size") or {}
+        for name, value in (("size", size), ("max_image_size", tile)):
+            if not isinstance(value, dict) or (value and "longest_edge" not in value):
+                raise ConfigError(f"{where}: {name} must look like {{'longest_edge': n}}, got {value!r}")
+        fields = dict(longest_edge=size.get("longest_edge"), tile=tile.get("longest_edge"),
+                      do_image_splitting=d.get("do_image_splitting"),
+                      image_mean=tuple(d["image_mean"]) if "image_mean" in d else None,
+                      image_std=tuple(d["image_std"]) if "image_std" in d else None,
+                      rescale_factor=d.get("rescale_factor"), do_resize=d.get("do_resize"),
+                      do_rescale=d.get("do_rescale"), do_normalize=d.get("do_normalize"), resample=d.get("resample"))
+        return cls(patch_size=patch_size, **{k: v for k, v in fields.items() if v is not None})
+
+    def _resize(self, image, height: int, width: int):
+        return image if (image.height, image.width) == (height, width) else image.resize(
+            (width, height), resample=self.resample)
+
+    def frames(self, image, where: str = "image") -> tuple[list, int, int]:
+        """(PIL tiles row by row then the global image, rows, cols); rows = cols = 0 for one unsplit image."""
+        if min(image.width, image.height) <= 0:
+            raise DataError(f"{where}: empty image ({image.width}x{image.height})")
+        if self.do_resize:
+            h, w = _rescale_to_max_len(image.height, image.width, self.longest_edge)
+            image = self._resize(image, *_scale_below(h, w, IDEFICS3_MAX_IMAGE_SIZE))
+        T = self.tile
+        if not self.do_image_splitting:
+            return [self._resize(image, T, T)], 0, 0
+        height, width = image.height, image.width
+        aspect_ratio = width / height
+        if width >= height:
+            width = math.ceil(width / T) * T
+            height = math.ceil(int(width / aspect_ratio) / T) * T
+        else:
+            height = math.ceil(height / T) * T
+            width = math.ceil(int(height * aspect_ratio) / T) * T
+        image = self._resize(image, height, width)
+        if height <= T and width <= T:
+            return [image], 0, 0
+        rows, cols = (height - T) // T + 1, (width - T) // T + 1
+        tiles = [image.crop((c * T, r * T, c * T + T, r * T + T)) for r in range(rows) for c in range(cols)]
+        return tiles + [self._resize(image, T, T)], rows, cols
+
+    def pixels(self, image, where: str = "image") -> tuple[np.ndarray, int, int]:
+        """([tiles, C, T, T] float32, rows, cols): the transformers processor's pixel_values of this image."""
+        frames, rows, cols = self.frames(image, where)
+        scale = self.rescale_factor if self.do_rescale else None
+        mean = self.image_mean if self.do_normalize else None
+        out = [rescale_normalize(np.moveaxis(np.asarray(f), -1, 0), scale, mean, self.image_std) for f in frames]
+        return np.stack(out), rows, cols
+
+    def image(self, image, where: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
+        """(patches [tiles, P, X], grid (tiles, rows, cols) of the split)."""
+        x, rows, cols = self.pixels(image, where)
+        return np.stack([vit_patches(t, self.patch_size) for t in x]), (len(x), rows, cols)

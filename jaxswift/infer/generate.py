@@ -48,20 +48,31 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return tokens, positions, segments
 
 
-def last_logits(params, tokens, cfg, positions, segments, cache):
+def last_logits(params, tokens, cfg, positions, segments, cache, rope_positions=None):
     """Logits [B, V] of each row's last position and the updated cache."""
-    h, cache = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments, cache=cache)
+    h, cache = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments, cache=cache,
+                             rope_positions=rope_positions)
     return logits_from_hidden(params, h[:, -1:], cfg)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "prefill"))
 def generate_tokens(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, *, cfg: ModelConfig,
-                    max_new_tokens: int, sampling: SamplingParams):
-    """New tokens [B, max_new_tokens] (eos included; after eos: the eos id again) and their count per row."""
+                    max_new_tokens: int, sampling: SamplingParams, prefill=None, prefill_inputs=None,
+                    rope_offset_B=None):
+    """New tokens [B, max_new_tokens] (eos included; after eos: the eos id again) and their count per row.
+
+    prefill (static, hashable; default: the text model's): `prefill(params, tokens, positions, segments, cache,
+    prefill_inputs) -> (last logits [B, V], cache)`, with params the text model's (layers unstacked). A
+    vision-language model's runs its tower there (infer/generate_vlm.py). rope_offset_B: decoded tokens rotate
+    by position + offset (Qwen2-VL's M-RoPE delta); None = by position.
+    """
     B, P = tokens_BP.shape
     params = unstack_layers(params)  # once per call; the decode loop then reads every weight in place
     cache = init_cache(cfg, B, P + max_new_tokens, per_layer=True)
-    logits, cache = last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
+    if prefill is None:
+        logits, cache = last_logits(params, tokens_BP, cfg, positions_BP, segments_BP, cache)
+    else:
+        logits, cache = prefill(params, tokens_BP, positions_BP, segments_BP, cache, prefill_inputs)
     next_pos = positions_BP[:, -1] + 1
     out = jnp.zeros((B, max_new_tokens), jnp.int32)
     done = jnp.zeros((B,), bool)
@@ -79,7 +90,9 @@ def generate_tokens(params, tokens_BP, positions_BP, segments_BP, eos_ids, key, 
         out = out.at[:, step].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, eos_ids)
-        logits, cache = last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
+        rope = None if rope_offset_B is None else (pos + rope_offset_B)[:, None]
+        logits, cache = last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache,
+                                    rope)
         return step + 1, logits, cache, pos + 1, done, out, lengths, key
 
     state = (jnp.zeros((), jnp.int32), logits, cache, next_pos, done, out, lengths, key)

@@ -15,6 +15,9 @@ Qwen2-VL (family `qwen2_vl`):
   In the LLM, the tokens get 3-D M-RoPE positions (`rope_index`): text tokens (t, t, t); image tokens
   (start, start + row, start + col), video tokens (start + frame, ...).
 
+llava / idefics3 / smolvlm (`VLMConfig.vision` a `ViTConfig`): the CLIP / SigLIP tower and connectors of
+models/vit.py, dispatched by `vlm_param_specs` and `image_features`; their LLMs take plain 1-D positions.
+
 Extra letters beside the legend of models/transformer.py: P patches, X pixels per patch, E vision width.
 """
 
@@ -33,11 +36,13 @@ from jaxswift.models.config import ModelConfig, config_from_hf, config_to_hf
 from jaxswift.models.rope import rotate_half_pairs
 from jaxswift.models.spec import ParamSpec, init_from_specs, map_specs, param_specs
 from jaxswift.models.transformer import hidden_states, linear, logits_from_hidden, rms_norm
+from jaxswift.models.vit import (ACTIVATIONS, ViTConfig, ViTInputs, activation, layer_norm, pixel_shuffle_connector,
+                                 pixel_shuffle_specs, post_norm, projector, projector_specs, vit_hidden_states,
+                                 vit_specs)
 
 VLM_ARCHITECTURES = {"Qwen2VLForConditionalGeneration": "qwen2_vl",
                      "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
 VLM_FAMILY_ARCHITECTURE = {family: arch for arch, family in VLM_ARCHITECTURES.items()}
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +86,34 @@ class VisionConfig:
 class VLMConfig:
     family: str
     text: ModelConfig
-    vision: VisionConfig
+    vision: VisionConfig | ViTConfig  # ViTConfig: the CLIP / SigLIP tower of llava and idefics3 (models/vit.py)
     image_token_id: int
     video_token_id: int | None = None
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
     tie_word_embeddings: bool = False
+    # llava: transformers' vision_feature_layer (as a tuple) and vision_feature_select_strategy ("default" drops
+    # each image's first token), projector_hidden_act and multimodal_projector_bias.
+    feature_layers: tuple[int, ...] = (-1,)
+    feature_select: str = "full"
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+    # idefics3 / smolvlm: the connector's pixel-shuffle factor (s x s patches -> one LLM token)
+    scale_factor: int = 0
+
+    @property
+    def uses_mrope(self) -> bool:
+        """Qwen2-VL's 3-D rotary positions; the ViT families' LLMs take plain 1-D positions."""
+        return bool(self.text.rope.mrope_section)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """LLM tokens of one image (tile) for the ViT families: llava's (patches + class token, less the first
+        token under the default strategy), idefics3's patches / s^2."""
+        v = self.vision
+        if self.family == "llava":
+            return v.num_positions - (self.feature_select == "default")
+        return v.patches_per_side ** 2 // self.scale_factor ** 2
 
     @property
     def placeholder_ids(self) -> tuple[int, ...]:
@@ -240,6 +267,11 @@ def aligner_specs(v: VisionConfig) -> dict:
 
 
 def vlm_param_specs(cfg: VLMConfig) -> dict:
+    if isinstance(cfg.vision, ViTConfig):
+        v, D = cfg.vision, cfg.text.hidden_size
+        aligner = (projector_specs(v.embed_dim * len(cfg.feature_layers), D, cfg.projector_bias)
+                   if cfg.family == "llava" else pixel_shuffle_specs(v.embed_dim, cfg.scale_factor, D))
+        return {"vision": vit_specs(v), "aligner": aligner, "llm": param_specs(cfg.text)}
     return {"vision": vision_specs(cfg.vision), "aligner": aligner_specs(cfg.vision), "llm": param_specs(cfg.text)}
 
 
@@ -345,24 +377,6 @@ def rope_index(tokens: Sequence[int], grids: Sequence[tuple[int, int, int]], cfg
 # The tower
 
 
-def layer_norm(x, weight, bias, eps: float):
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-
-
-def activation(name: str, x):
-    if name == "quick_gelu":
-        return x * jax.nn.sigmoid(1.702 * x)
-    if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    if name == "gelu_pytorch_tanh":
-        return jax.nn.gelu(x, approximate=True)
-    return jax.nn.silu(x)
-
-
 def vision_rope(rows_cols_P2, v: VisionConfig):
     """cos, sin [P, 1, H/2] of the 2-D rotary: the first H/4 frequencies rotate by row, the next H/4 by column."""
     quarter = v.head_dim // 2
@@ -428,8 +442,24 @@ def aligner(params_aligner, x_PE, v: VisionConfig):
     return linear("PM,MD->PD", h, params_aligner["fc2"]) + params_aligner["fc2_bias"].astype(h.dtype)
 
 
-def image_features(params, inputs: VisionInputs, cfg: VLMConfig):
+def vit_features(params, inputs: ViTInputs, cfg: VLMConfig):
+    """[I * tokens_per_image, D]: llava's projected feature layers, or idefics3's pixel-shuffled last layer."""
+    v, dtype = cfg.vision, cfg.text.compute_dtype
+    if cfg.family == "llava":
+        selected = vit_hidden_states(params["vision"], inputs, v, cfg.feature_layers, dtype)
+        if cfg.feature_select == "default":
+            selected = [h[:, 1:] for h in selected]
+        out = projector(params["aligner"], jnp.concatenate(selected, axis=-1), cfg.projector_act)
+    else:
+        (last,) = vit_hidden_states(params["vision"], inputs, v, (-1,), dtype)
+        out = pixel_shuffle_connector(params["aligner"], post_norm(params["vision"], last, v), cfg.scale_factor)
+    return out.reshape(-1, out.shape[-1])
+
+
+def image_features(params, inputs: VisionInputs | ViTInputs, cfg: VLMConfig):
     """[P / m^2, D] LLM embeddings of every image / video token, in placeholder order."""
+    if isinstance(cfg.vision, ViTConfig):
+        return vit_features(params, inputs, cfg)
     x = vision_tower(params["vision"], inputs, cfg.vision, cfg.text.compute_dtype)
     return aligner(params["aligner"], x, cfg.vision)
 
@@ -443,7 +473,7 @@ def scatter_features(embeds_BTD, tokens_BT, features_ND, placeholder_ids: tuple[
     return jnp.where(is_placeholder[..., None], gathered.astype(embeds_BTD.dtype), embeds_BTD)
 
 
-def vlm_embeddings(params, tokens_BT, cfg: VLMConfig, vision: VisionInputs | None):
+def vlm_embeddings(params, tokens_BT, cfg: VLMConfig, vision: VisionInputs | ViTInputs | None):
     embeds = jnp.take(params["llm"]["embed"], tokens_BT, axis=0).astype(cfg.text.compute_dtype)
     if vision is None:
         return embeds

@@ -2,6 +2,8 @@
 
 The LLM part reuses the text families' map (models/families.py) under the VLM's prefix; the tower and the aligner
 have their own entries here, each with its layout change (torch Linear (out, in) -> ours (in, out)).
+The `any_*` / `vlm_*` functions at the end dispatch between Qwen2-VL / Qwen2.5-VL (here and models/vision.py) and
+the ViT families llava / idefics3 / smolvlm (models/vit_families.py).
 """
 
 from __future__ import annotations
@@ -9,7 +11,11 @@ from __future__ import annotations
 import re
 
 from jaxswift.models.families import WeightMap
-from jaxswift.models.vision import VisionConfig, VLMConfig, aligner_specs, vision_specs
+from jaxswift.models.vision import (VisionConfig, VLMConfig, aligner_specs, is_vlm_config, vision_specs,
+                                    vlm_config_from_hf, vlm_config_to_hf)
+from jaxswift.models.vit import ViTConfig
+from jaxswift.models.vit_families import (PREFIXES, canonical_vit_name, is_vit_vlm_config, vit_vlm_config_from_hf,
+                                          vit_vlm_config_to_hf, vit_weight_maps)
 
 # transformers >= 5 writes model.language_model.* / model.visual.*; checkpoints from before write model.* / visual.*
 TEXT_PREFIX, VISION_PREFIX = "model.language_model.", "model.visual."
@@ -17,17 +23,19 @@ _LEGACY = ((re.compile(r"^visual\."), VISION_PREFIX),
            (re.compile(r"^model\.(?!language_model\.|visual\.)"), TEXT_PREFIX))
 
 
-def canonical_name(name: str) -> str:
+def canonical_name(name: str, family: str | None = None) -> str:
+    if family in PREFIXES:
+        return canonical_vit_name(name, family)
     for pattern, prefix in _LEGACY:
         if pattern.match(name):
             return pattern.sub(prefix, name, count=1)
     return name
 
 
-def text_name(name: str) -> str | None:
+def text_name(name: str, prefix: str = TEXT_PREFIX) -> str | None:
     """The text-family name (model.layers.0...) of a canonical VLM tensor name; None for vision tensors."""
-    if name.startswith(TEXT_PREFIX):
-        return "model." + name[len(TEXT_PREFIX):]
+    if name.startswith(prefix):
+        return "model." + name[len(prefix):]
     if name == "lm_head.weight":
         return name
     return None
@@ -92,3 +100,31 @@ ALIGNER_MODULE_NAMES = {"fc1": "mlp.0", "fc2": "mlp.2"}
 
 def vlm_depths(cfg: VLMConfig) -> dict[str, int]:
     return {"vision": cfg.vision.depth}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Family dispatch: Qwen2-VL / Qwen2.5-VL (models/vision.py) and the ViT families (models/vit_families.py)
+
+
+def is_any_vlm_config(d: dict) -> bool:
+    return is_vlm_config(d) or is_vit_vlm_config(d)
+
+
+def any_vlm_config_from_hf(d: dict, *, where: str = "config.json", dtype: str | None = None) -> VLMConfig:
+    if is_vit_vlm_config(d):
+        return vit_vlm_config_from_hf(d, where=where, dtype=dtype)
+    return vlm_config_from_hf(d, where=where, dtype=dtype)
+
+
+def any_vlm_config_to_hf(cfg: VLMConfig) -> dict:
+    return vit_vlm_config_to_hf(cfg) if isinstance(cfg.vision, ViTConfig) else vlm_config_to_hf(cfg)
+
+
+def vlm_weight_maps(cfg: VLMConfig) -> list[WeightMap]:
+    """The tower's and the aligner's tensors of any VLM family."""
+    return vit_weight_maps(cfg) if isinstance(cfg.vision, ViTConfig) else vision_weight_maps(cfg.vision)
+
+
+def vlm_text_prefix(cfg: VLMConfig) -> str:
+    """Where the LLM's tensors live in the family's checkpoints (model.language_model. / model.text_model.)."""
+    return PREFIXES[cfg.family][1] if cfg.family in PREFIXES else TEXT_PREFIX

@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxswift.errors import ConfigError
-from jaxswift.models.vision import VLMConfig, aligner_specs, vision_specs
+from jaxswift.models.vision import VLMConfig, vlm_param_specs
 from jaxswift.tuners.lora import LoraConfig, LoraWeight, add_lora, is_lora
 
 PARTS = ("vision", "aligner", "llm")
-VISION_LINEARS = ("wqkv", "wo", "fc1", "fc2", "w_gate", "w_up", "w_down")
-ALIGNER_LINEARS = ("fc1", "fc2")
+# Qwen's tower fuses q, k and v (wqkv); the CLIP / SigLIP tower (models/vit.py) keeps wq, wk, wv; idefics3's
+# connector is one `proj`.
+VISION_LINEARS = ("wqkv", "wo", "fc1", "fc2", "w_gate", "w_up", "w_down", "wq", "wk", "wv")
+ALIGNER_LINEARS = ("fc1", "fc2", "proj")
 
 
 def _wrap(w, spec, lora_cfg: LoraConfig, key) -> LoraWeight:
@@ -46,16 +48,17 @@ def add_vlm_lora(params: dict, cfg: VLMConfig, lora_cfg: LoraConfig, key, parts=
     if "llm" in parts:
         out["llm"] = add_lora(params["llm"], cfg.text, lora_cfg, k_llm)
     if "vision" in parts:
-        specs = vision_specs(cfg.vision)["layers"]
+        specs = vlm_param_specs(cfg)["vision"]["layers"]
         layers = dict(params["vision"]["layers"])
         names = [n for n in VISION_LINEARS if n in layers]
         for name, k in zip(names, jax.random.split(k_vision, len(names))):
             layers[name] = _wrap(layers[name], specs[name], lora_cfg, k)
         out["vision"] = {**params["vision"], "layers": layers}
     if "aligner" in parts:
-        specs = aligner_specs(cfg.vision)
+        specs = vlm_param_specs(cfg)["aligner"]
         aligner = dict(params["aligner"])
-        for name, k in zip(ALIGNER_LINEARS, jax.random.split(k_aligner, len(ALIGNER_LINEARS))):
+        names = [n for n in ALIGNER_LINEARS if n in aligner]
+        for name, k in zip(names, jax.random.split(k_aligner, len(names))):
             aligner[name] = _wrap(aligner[name], specs[name], lora_cfg, k)
         out["aligner"] = aligner
     return out
