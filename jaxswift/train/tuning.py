@@ -237,7 +237,8 @@ def prepare_vlm_tuner(params, args, cfg: VLMConfig) -> TunedParams:
                               "true adapts nothing: unfreeze a part or name the modules")
     else:
         modules = resolve_vlm_targets(cfg, targets)
-        parts, llm_targets = tuple(modules), modules.get("llm", ())
+        # the LLM's targets are read only when "llm" is among the parts; LoraConfig wants a non-empty value
+        parts, llm_targets = tuple(modules), modules.get("llm") or "all-linear"
     lora_cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                target_modules=llm_targets, use_rslora=args.use_rslora, use_dora=args.use_dora,
                                init=args.init_weights)
