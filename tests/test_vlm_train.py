@@ -14,7 +14,7 @@ import jaxswift
 from jaxswift.data.multimodal_batch import assemble_multimodal, load_multimodal_rows
 from jaxswift.errors import ConfigError
 from jaxswift.tuners.lora import is_lora
-from jaxswift.train.args import SftArguments
+from jaxswift.train.args import SftArguments, parse_args
 from jaxswift.train.sft import run_sft
 from jaxswift.train.state import init_train_state
 from jaxswift.train.step import make_train_step, vlm_nll_sums
@@ -76,7 +76,7 @@ def transformers_loss(hf_model, model, folder, chats) -> float:
         if images:
             px = image_processor(images=[PIL.Image.open(p).convert("RGB") for p in images], return_tensors="pt")
             vision = dict(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
-        mm = torch.tensor([np.isin(encoded.input_ids, model.config.placeholder_ids).astype(np.int64)])
+        mm = torch.from_numpy(np.isin(encoded.input_ids, model.config.placeholder_ids)[None].astype(np.int64))
         with torch.no_grad():
             out = hf_model(input_ids=ids, labels=labels, mm_token_type_ids=mm, **vision)
         n = int(encoded.loss_mask[1:].sum())
@@ -87,7 +87,8 @@ def transformers_loss(hf_model, model, folder, chats) -> float:
 @pytest.fixture(scope="module")
 def single_run(vlm, tmp_path_factory):
     """Full tuning, packed rows, ms-swift's default freeze_vit, aligner and LLM trained: 3 steps on one device."""
-    args = vlm_args(vlm, tmp_path_factory.mktemp("single"))
+    args = vlm_args(vlm, tmp_path_factory.mktemp("single"), val_dataset=[str(vlm[3])], demo_question="the cat",
+                    demo_max_new_tokens=2)
     return args, run_sft(args, progress=False)
 
 
@@ -97,6 +98,8 @@ def test_step0_loss_equals_transformers_and_export_loads(vlm, single_run):
     expected = transformers_loss(hf_model, model, folder, chats)
     np.testing.assert_allclose(result.losses[1], expected, atol=1e-4, rtol=0)
     assert result.losses[3] < result.losses[1]
+    assert result.eval_losses[3] < expected  # the validation pass (all rows) after training
+    assert isinstance(result.demo_before, str) and isinstance(result.demo_after, str)
     trained = jaxswift.load_model(str(result.export_dir))  # the HF folder, processor and tokenizer included
     assert trained.is_vlm and trained.processor is not None
     for a, b in zip(jax.tree.leaves(trained.params["vision"]), jax.tree.leaves(model.params["vision"])):
@@ -109,8 +112,11 @@ def test_step0_loss_equals_transformers_and_export_loads(vlm, single_run):
 
 def test_mesh_4x2_gives_single_device_losses(vlm, single_run, tmp_path):
     args, result = single_run
-    meshed = run_sft(vlm_args(vlm, tmp_path / "mesh", mesh="4x2", per_device_train_batch_size=1), progress=False)
+    meshed = run_sft(vlm_args(vlm, tmp_path / "mesh", mesh="4x2", per_device_train_batch_size=1,
+                              val_dataset=[str(vlm[3])]), progress=False)
+    assert len(result.losses) == 3
     np.testing.assert_allclose(list(meshed.losses.values()), list(result.losses.values()), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(meshed.eval_losses[3], result.eval_losses[3], rtol=0, atol=1e-4)
 
 
 def _train(vlm, steps=3, batch=None, **flags):
@@ -205,6 +211,8 @@ def test_vlm_flags_rejected_on_a_text_model(tiny_chat_model, tmp_path):
         args = SftArguments(model=str(tiny_chat_model), output_dir=str(tmp_path), **flags)
         with pytest.raises(ConfigError, match=r"--(freeze_vit|vit_lr|freeze_llm).*text-only model"):
             prepare_tuner(text.params, args, text.config)
+    parsed = parse_args(SftArguments, ["--freeze_vit", "false", "--freeze_llm", "true", "--vit_lr", "1e-5"])
+    assert (parsed.freeze_vit, parsed.freeze_aligner, parsed.freeze_llm, parsed.vit_lr) == (False, None, True, 1e-5)
     with pytest.raises(ConfigError, match="--vit_lr must be >= 0"):
         SftArguments(vit_lr=-1.0)
     from jaxswift.train.rlhf_args import RlhfArguments
