@@ -176,7 +176,9 @@ VLM_LR_FLAGS = {"vision": "vit_lr", "aligner": "aligner_lr"}
 
 def check_vlm_flags(args, cfg) -> None:
     """The vision-language flags on a text-only model are an error (they would do nothing)."""
-    given = [f"--{f}" for f in (*VLM_FREEZE_DEFAULTS, *VLM_LR_FLAGS.values()) if getattr(args, f, None) is not None]
+    unused = getattr(args, "UNUSED", {})  # a recipe that rejects the flags itself (RLHF, GRPO) never reads them
+    given = [f"--{f}" for f in (*VLM_FREEZE_DEFAULTS, *VLM_LR_FLAGS.values())
+             if f not in unused and getattr(args, f, None) is not None]
     if given and not isinstance(cfg, VLMConfig):
         raise ConfigError(f"{', '.join(given)}: {getattr(args, 'model', 'the model')} is a text-only model "
                           f"({cfg.family}); these flags choose how a vision-language model's vision tower (vit), "
