@@ -49,6 +49,17 @@ class SftArguments:
     init_weights: str = field(default="true", metadata={"help": "true | gaussian | pissa"})
     freeze_parameters: list[str] = field(default_factory=list, metadata={"help": "regexes (full tuning)"})
     trainable_parameters: list[str] = field(default_factory=list, metadata={"help": "regexes, override freezing"})
+    # vision-language models (ms-swift's flags; unset: ms-swift's defaults, freeze_vit and freeze_aligner true,
+    # freeze_llm false). Full tuning: a frozen part keeps its weights. LoRA with all-linear: a frozen part gets no
+    # adapters. An error on a text-only model.
+    freeze_vit: Optional[bool] = field(default=None, metadata={"help": "VLM: freeze the vision tower (default true)"})
+    freeze_aligner: Optional[bool] = field(default=None, metadata={
+        "help": "VLM: freeze the aligner (Qwen2-VL's patch merger; default true)"})
+    freeze_llm: Optional[bool] = field(default=None, metadata={"help": "VLM: freeze the language model (default false)"})
+    vit_lr: Optional[float] = field(default=None, metadata={"help": "VLM: the vision tower's learning rate "
+                                                                    "(default --learning_rate; same schedule)"})
+    aligner_lr: Optional[float] = field(default=None, metadata={"help": "VLM: the aligner's learning rate "
+                                                                        "(default --learning_rate; same schedule)"})
     quant_method: Optional[str] = field(default=None, metadata={
         "help": "QLoRA: nf4 | int8 (base projections stored quantized, dequantized in the matmul; lora only)"})
     # GaLore / Q-GaLore (full tuning): low-rank projected AdamW on the attention and MLP matrices
@@ -150,6 +161,9 @@ class SftArguments:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+        for name in ("vit_lr", "aligner_lr"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_limit is not None and (self.eval_limit < 1 or not self.eval_dataset):
             raise ConfigError(f"--eval_limit {self.eval_limit}: needs --eval_dataset and a value >= 1")
         self._check_memory_flags()
@@ -187,6 +201,11 @@ class SftArguments:
             raise ConfigError(f"--galore_scale must be positive, got {self.galore_scale}")
         if self.galore_proj_bits not in (4, 8):
             raise ConfigError(f"--galore_proj_bits {self.galore_proj_bits}: expected 4 or 8")
+
+
+# ms-swift's vision-language flags, for the trainers that do not take image rows yet (RLHF, GRPO).
+VLM_FLAGS_UNUSED = {name: "image rows train with `jaxswift sft` only so far (DPO / GRPO with images: issue 15)"
+                    for name in ("freeze_vit", "freeze_aligner", "freeze_llm", "vit_lr", "aligner_lr")}
 
 
 def _read_yaml(path: str, fields: set[str]) -> dict[str, Any]:

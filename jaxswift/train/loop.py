@@ -28,8 +28,11 @@ from jaxswift.api import Model, chat, load_model
 from jaxswift.checkpoints.hf import save_hf
 from jaxswift.checkpoints.peft import save_peft_adapter
 from jaxswift.checkpoints.state import StateCheckpointer, resolve_resume, restore_state
+from jaxswift.checkpoints.vlm import save_vlm
+from jaxswift.checkpoints.vlm_peft import save_vlm_peft_adapter
 from jaxswift.data.formats import check_dataset_specs
 from jaxswift.errors import JaxswiftError
+from jaxswift.models.vision import VLMConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, is_primary, process_rows, put_process_batch
 from jaxswift.parallel.mesh import make_mesh
@@ -102,8 +105,15 @@ def start_run(args) -> RunContext:
     mesh = make_mesh(args.mesh)
     rules = rules_for_mesh(args.sharding_rules, mesh)
     model = load_model(args.model, dtype=args.dtype)
-    cfg = moe_overrides(model.config.replace(remat="full" if args.gradient_checkpointing else "none"), args)
+    cfg = run_config(model.config, args)
     return RunContext(args, out_dir, mesh, rules, data_parallel_size(rules, mesh), model, cfg)
+
+
+def run_config(config, args):
+    """The model config with the run's remat policy and MoE flags (a VLM's on its LLM; the tower is not remat)."""
+    if isinstance(config, VLMConfig):
+        return dataclasses.replace(config, text=run_config(config.text, args))
+    return moe_overrides(config.replace(remat="full" if args.gradient_checkpointing else "none"), args)
 
 
 def total_steps_of(args, steps_per_epoch: int) -> int:
@@ -333,11 +343,25 @@ def export_model(ctx: RunContext, params, lora_cfg) -> Path:
     path = ctx.out_dir / ("adapter" if lora_cfg is not None else "model")
     if not is_primary():
         return path
+    if isinstance(ctx.cfg, VLMConfig):
+        return _export_vlm(ctx, params, lora_cfg, path)
     if lora_cfg is None:
         return save_hf(params, ctx.cfg.replace(remat="none"), path, tokenizer=model.tokenizer)
     save_peft_adapter(params, ctx.cfg, lora_cfg, path, base_model_name_or_path=args.model)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path))
+    return path
+
+
+def _export_vlm(ctx: RunContext, params, lora_cfg, path: Path) -> Path:
+    """A vision-language model: the HF folder (processor and tokenizer files copied from --model), or a PEFT
+    adapter over the tower / aligner / LLM modules it adapts."""
+    cfg = dataclasses.replace(ctx.cfg, text=ctx.cfg.text.replace(remat="none"))
+    if lora_cfg is None:
+        return save_vlm(params, cfg, path, source=ctx.args.model)
+    save_vlm_peft_adapter(params, cfg, lora_cfg, path, base_model_name_or_path=ctx.args.model)
+    if ctx.model.tokenizer is not None:
+        ctx.model.tokenizer.save_pretrained(str(path))
     return path
 
 

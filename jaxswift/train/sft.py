@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 
 from jaxswift.data.cache import Subset, cache_sft_dataset, split_indices
+from jaxswift.data.multimodal_batch import assemble_multimodal, load_multimodal_rows
 from jaxswift.data.packing import assemble
 from jaxswift.data.pipeline import StepPlan, bucket_length, lengths_of, make_grain_loader
 from jaxswift.errors import ConfigError, DataError
@@ -55,6 +56,42 @@ def load_sft_data(args: SftArguments, tokenizer, log_fn, cache_dir: Path):
     return train, val
 
 
+def load_vlm_sft_data(args: SftArguments, model, log_fn):
+    """(train, val) image rows of a vision-language model: kept in memory as rows, each decoded and patchified when
+    grain reads it (data/multimodal_batch.py)."""
+    if model.processor is None:
+        raise ConfigError(f"{args.model}: the vision-language model has no tokenizer / processor files, which SFT "
+                          "needs to encode chats with images")
+    common = dict(max_length=args.max_length, truncation_strategy=args.truncation_strategy,
+                  loss_scale=args.loss_scale, system=args.system, seed=args.seed)
+    train, stats = load_multimodal_rows(args.dataset, model.processor, **common)
+    log_fn(f"train data: {stats.summary()}")
+    if args.val_dataset:
+        val, val_stats = load_multimodal_rows(args.val_dataset, model.processor, **common)
+        log_fn(f"val data: {val_stats.summary()}")
+    else:
+        train_idx, val_idx = split_indices(len(train), args.split_dataset_ratio, args.seed)
+        train, val = train.subset(train_idx), train.subset(val_idx)
+    if not len(train):
+        raise DataError(f"--dataset {' '.join(args.dataset)}: no usable training example ({stats.summary()})")
+    return train, val
+
+
+def check_vlm_run(ctx: RunContext) -> None:
+    """What VLM SFT does not do yet, refused before anything is compiled."""
+    args = ctx.args
+    if jax.process_count() > 1:
+        raise ConfigError("vision-language SFT runs in one process so far (each process would size its image "
+                          "patches alone)")
+    for axis in ("sequence", "stage"):
+        if ctx.mesh.shape.get(axis, 1) > 1:
+            raise ConfigError(f"--mesh: a {axis} axis > 1 is not supported for vision-language models yet "
+                              "(data, fsdp and tensor axes are)")
+    if args.eval_dataset:
+        raise ConfigError("--eval_dataset: benchmark tasks score text models only so far; use --val_dataset or "
+                          "--split_dataset_ratio for a vision-language model's validation loss")
+
+
 def sft_plan(args: SftArguments, examples, dp: int) -> StepPlan:
     length = args.packing_length or args.max_length if args.packing else args.max_length
     return StepPlan(lengths_of(examples), rows_per_step=args.per_device_train_batch_size * dp *
@@ -73,7 +110,13 @@ def run_sft(args: SftArguments, *, progress: bool = True, task_scorer: TaskScore
     ctx = start_run(args)
     model, cfg = ctx.model, ctx.cfg
     messages: list[str] = []
-    train_examples, val_examples = load_sft_data(args, model.tokenizer, messages.append, ctx.out_dir / "data_cache")
+    if model.is_vlm:
+        check_vlm_run(ctx)
+        train_examples, val_examples = load_vlm_sft_data(args, model, messages.append)
+    else:
+        train_examples, val_examples = load_sft_data(args, model.tokenizer, messages.append,
+                                                     ctx.out_dir / "data_cache")
+    assemble_fn = assemble_multimodal if model.is_vlm else assemble
     plan = sft_plan(args, train_examples, ctx.dp)
     total_steps = total_steps_of(args, plan.steps_per_epoch)
     optimizer, schedule = build_optimizer(args, total_steps, cfg)
@@ -87,7 +130,7 @@ def run_sft(args: SftArguments, *, progress: bool = True, task_scorer: TaskScore
     lora_cfg = tuned.lora
     del tuned  # the train state holds the params from here on
     train_step = balanced_step(make_train_step(cfg, optimizer, **step_kwargs), ctx.mesh, ctx.parallel)
-    feed = Feed(compile_step(ctx, train_step, state), grain_batches(ctx, plan, train_examples, total_steps),
+    feed = Feed(compile_step(ctx, train_step, state), grain_batches(ctx, plan, train_examples, total_steps, assemble_fn),
                 plan.rows_per_step, plan.length, plan.steps_per_epoch,
                 with_task_scores(sft_evaluator(ctx, state, val_examples) if len(val_examples) else None, ctx,
                                  task_scorer))
@@ -103,12 +146,13 @@ def run_sft(args: SftArguments, *, progress: bool = True, task_scorer: TaskScore
                        int(jax.device_get(loop.state.skipped_steps)), loop.first_step_seconds)
 
 
-def eval_batches(examples, batch_rows: int, max_length: int):
+def eval_batches(examples, batch_rows: int, max_length: int, assemble_fn=assemble):
     """Validation batches in order, one example per row, [1, B, T] (a single microbatch)."""
+    lengths = lengths_of(examples)
     for start in range(0, len(examples), batch_rows):
         chunk = list(range(start, min(start + batch_rows, len(examples))))
-        length = bucket_length(max(len(examples[i]) for i in chunk), max_length)
-        batch = assemble(examples, [[i] for i in chunk], length, batch_rows)
+        length = bucket_length(max(lengths[i] for i in chunk), max_length)
+        batch = assemble_fn(examples, [[i] for i in chunk], length, batch_rows)
         yield {k: v[None] for k, v in batch.items()}
 
 
@@ -121,7 +165,8 @@ def sft_evaluator(ctx: RunContext, state, val_examples):
 
     def evaluate(step_state):
         nll = weight = 0.0
-        for batch in eval_batches(val_examples, rows, ctx.args.max_length):
+        assemble_fn = assemble_multimodal if ctx.model.is_vlm else assemble
+        for batch in eval_batches(val_examples, rows, ctx.args.max_length, assemble_fn):
             n, w = eval_fn(step_state.params, ctx.put_whole(batch))
             nll, weight = nll + float(n), weight + float(w)
         return {"loss": nll / max(weight, 1.0)}

@@ -6,13 +6,14 @@ import jax
 from jax.sharding import NamedSharding
 
 from jaxswift.models.spec import param_specs
+from jaxswift.models.vision import VLMConfig, vlm_param_specs
 from jaxswift.parallel.rules import partition_spec
 
 
 def param_logical_axes(params, cfg):
     """Logical axes for every leaf: the spec's where the leaf has the spec's shape (a base weight, plain or inside
     an adapter); adapters' small factors are replicated."""
-    specs = param_specs(cfg)
+    specs = vlm_param_specs(cfg) if isinstance(cfg, VLMConfig) else param_specs(cfg)
 
     def axes(path, leaf):
         node = specs

@@ -1,7 +1,8 @@
 """The jitted train and eval steps: (state, batch) -> (state, metrics).
 
 A batch is a dict of [A, B, T] arrays (A = gradient-accumulation microbatches): tokens, targets, loss_weights,
-segment_ids, positions. The loss is the mean NLL over every real target token of all A microbatches (not a mean of
+segment_ids, positions; a vision-language model's batch adds its rows' M-RoPE positions and image patches
+(data/multimodal_batch.py). The loss is the mean NLL over every real target token of all A microbatches (not a mean of
 microbatch means), so packed and unpacked batches, and any accumulation split, give the same loss and gradients.
 """
 
@@ -16,10 +17,12 @@ import optax
 from jaxswift.losses.lm import chunked_nll_sum
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
+from jaxswift.models.vision import VisionInputs, VLMConfig, image_features, scatter_features
 from jaxswift.optim.qgalore import apply_updates, float_view
 from jaxswift.train.state import TrainState, combine
 
 BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
+VLM_BATCH_KEYS = BATCH_KEYS + ("rope_positions", "pixels", "patch_rows_cols", "patch_frames", "patch_windows")
 
 
 def nll_sums(params, micro: dict, cfg: ModelConfig, loss_chunk: int, *, with_aux: bool = True):
@@ -33,6 +36,29 @@ def nll_sums(params, micro: dict, cfg: ModelConfig, loss_chunk: int, *, with_aux
     nll, weight = chunked_nll_sum(params, h, micro["targets"], micro["loss_weights"].astype(jnp.float32), cfg,
                                   loss_chunk)
     return (nll + aux * weight if with_aux and cfg.is_moe else nll), weight
+
+
+def vlm_nll_sums(params, micro: dict, cfg: VLMConfig, loss_chunk: int, *, with_aux: bool = True):
+    """nll_sums of a vision-language model: the tower and aligner run once over each row's concatenated patches
+    (vmapped over the rows, so data parallelism splits images with their rows), the features replace the row's
+    placeholder tokens in order, and the text core runs with the rows' M-RoPE positions [3, B, T]."""
+    tokens = micro["tokens"]
+    vision = VisionInputs(micro["pixels"], micro["patch_rows_cols"], micro["patch_frames"], micro["patch_windows"])
+    features_BND = jax.vmap(lambda v: image_features(params, VisionInputs(*v), cfg))(vision)
+    embeds_BTD = jnp.take(params["llm"]["embed"], tokens, axis=0).astype(cfg.text.compute_dtype)
+    embeds_BTD = jax.vmap(lambda e, t, f: scatter_features(e[None], t[None], f, cfg.placeholder_ids)[0])(
+        embeds_BTD, tokens, features_BND)
+    h, _, aux = hidden_states(params["llm"], tokens, cfg.text, positions=micro["positions"],
+                              segment_ids=micro["segment_ids"], return_aux=True, embeds=embeds_BTD,
+                              rope_positions=jnp.moveaxis(micro["rope_positions"], 1, 0))
+    nll, weight = chunked_nll_sum(params["llm"], h, micro["targets"], micro["loss_weights"].astype(jnp.float32),
+                                  cfg.text, loss_chunk)
+    return (nll + aux * weight if with_aux and cfg.text.is_moe else nll), weight
+
+
+def _sums_and_keys(cfg):
+    """The loss sums and batch keys of a text model or a vision-language model."""
+    return (vlm_nll_sums, VLM_BATCH_KEYS) if isinstance(cfg, VLMConfig) else (nll_sums, BATCH_KEYS)
 
 
 def guarded_update(state: TrainState, grads, loss, optimizer: optax.GradientTransformation, key):
@@ -60,12 +86,14 @@ def _identity_prepare(params, rng):
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, loss_chunk: int = 512,
                     prepare_params: Callable = _identity_prepare) -> Callable:
-    """prepare_params(params, rng) runs inside the step before the forward (e.g. to give LoRA its dropout keys)."""
+    """prepare_params(params, rng) runs inside the step before the forward (e.g. to give LoRA its dropout keys).
+    `cfg` is a ModelConfig, or a VLMConfig for a vision-language model's batches."""
+    sums, batch_keys = _sums_and_keys(cfg)
 
     def micro_grads(trainable, frozen, micro, rng):
         def loss_fn(t):
             params = prepare_params(combine(t, frozen), rng)
-            return nll_sums(params, micro, cfg, loss_chunk)
+            return sums(params, micro, cfg, loss_chunk)
         # Q-GaLore's 8-bit weights are differentiated at their dequantized view (identity for float params)
         (nll, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(float_view(trainable))
         return nll, weight, grads
@@ -80,7 +108,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
             total_nll, total_weight, total_grads = carry
             return (total_nll + nll, total_weight + weight, jax.tree.map(jnp.add, total_grads, grads)), None
 
-        micros = {k: batch[k] for k in BATCH_KEYS}
+        micros = {k: batch[k] for k in batch_keys}
         if batch["tokens"].shape[0] == 1:  # no accumulation: skip the zeros and the adds of a one-trip loop
             nll, weight, grads = micro_grads(state.trainable, state.frozen, jax.tree.map(lambda a: a[0], micros),
                                              micro_rngs[0])
@@ -105,13 +133,14 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
 
 def make_eval_step(cfg: ModelConfig, *, loss_chunk: int = 512) -> Callable:
     """(params, batch [A, B, T]) -> (nll sum, weight sum), summed over microbatches (no MoE aux loss)."""
+    sums, batch_keys = _sums_and_keys(cfg)
 
     def eval_step(params, batch):
         def one(carry, micro):
-            nll, weight = nll_sums(params, micro, cfg, loss_chunk, with_aux=False)
+            nll, weight = sums(params, micro, cfg, loss_chunk, with_aux=False)
             return (carry[0] + nll, carry[1] + weight), None
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (nll, weight), _ = jax.lax.scan(one, init, {k: batch[k] for k in BATCH_KEYS})
+        (nll, weight), _ = jax.lax.scan(one, init, {k: batch[k] for k in batch_keys})
         return nll, weight
 
     return eval_step

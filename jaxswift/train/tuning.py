@@ -8,9 +8,11 @@ import re
 from typing import Callable, NamedTuple
 
 import jax
+import optax
 
 from jaxswift.errors import ConfigError
 from jaxswift.models.families import weight_maps
+from jaxswift.models.vision import VLMConfig
 from jaxswift.optim.factory import OptimizerConfig, make_optimizer
 
 GALORE_FLAGS = ("use_galore", "galore_rank", "galore_update_interval", "galore_scale", "galore_quantization",
@@ -82,6 +84,9 @@ def _full_tuning(params, args, cfg) -> TunedParams:
 
 def prepare_tuner(params, args, cfg) -> TunedParams:
     """The run's tuner over the loaded `params`: LoRA (on a quantized base with --quant_method) or full tuning."""
+    check_vlm_flags(args, cfg)
+    if isinstance(cfg, VLMConfig):
+        return prepare_vlm_tuner(params, args, cfg)
     if args.tuner_type == "full":
         return _full_tuning(params, args, cfg)
     from jaxswift.tuners import lora
@@ -100,7 +105,18 @@ def prepare_tuner(params, args, cfg) -> TunedParams:
 
 def build_optimizer(args, total_steps: int, cfg):
     """(optimizer, schedule): AdamW, or with --use_galore GaLore-AdamW (Q-GaLore with --galore_quantization) on the
-    model `cfg`'s --galore_target_modules and AdamW on the rest."""
+    model `cfg`'s --galore_target_modules and AdamW on the rest. A vision-language model's --vit_lr / --aligner_lr
+    scale its parts' updates (`part_learning_rates`)."""
+    check_vlm_flags(args, cfg)
+    if isinstance(cfg, VLMConfig):
+        if args.use_galore:
+            raise ConfigError("--use_galore is not supported on vision-language models yet")
+        optimizer, schedule = _text_optimizer(args, total_steps, cfg.text)
+        return part_learning_rates(optimizer, args), schedule
+    return _text_optimizer(args, total_steps, cfg)
+
+
+def _text_optimizer(args, total_steps: int, cfg):
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
     galore = {k: getattr(args, k) for k in GALORE_FLAGS}
     mask = galore_targets(cfg, args.galore_target_modules) if args.use_galore else None
@@ -148,3 +164,103 @@ def moe_overrides(cfg, args):
     if "moe_expert_capacity_factor" in given:
         changes["capacity_factor"] = given["moe_expert_capacity_factor"]
     return cfg.replace(**changes)
+
+
+# ------------------------------------------------------------------------------------- vision-language models
+# ms-swift's parts: vit = params["vision"], aligner = params["aligner"], llm = params["llm"].
+
+VLM_PART_FLAGS = {"vision": "freeze_vit", "aligner": "freeze_aligner", "llm": "freeze_llm"}
+VLM_FREEZE_DEFAULTS = {"freeze_vit": True, "freeze_aligner": True, "freeze_llm": False}  # ms-swift's
+VLM_LR_FLAGS = {"vision": "vit_lr", "aligner": "aligner_lr"}
+
+
+def check_vlm_flags(args, cfg) -> None:
+    """The vision-language flags on a text-only model are an error (they would do nothing)."""
+    unused = getattr(args, "UNUSED", {})  # a recipe that rejects the flags itself (RLHF, GRPO) never reads them
+    given = [f"--{f}" for f in (*VLM_FREEZE_DEFAULTS, *VLM_LR_FLAGS.values())
+             if f not in unused and getattr(args, f, None) is not None]
+    if given and not isinstance(cfg, VLMConfig):
+        raise ConfigError(f"{', '.join(given)}: {getattr(args, 'model', 'the model')} is a text-only model "
+                          f"({cfg.family}); these flags choose how a vision-language model's vision tower (vit), "
+                          "aligner and LLM train")
+
+
+def frozen_parts(args) -> tuple[str, ...]:
+    """The parts --freeze_vit / --freeze_aligner / --freeze_llm freeze (unset: ms-swift's defaults)."""
+    def frozen(flag):
+        value = getattr(args, flag, None)
+        return VLM_FREEZE_DEFAULTS[flag] if value is None else value
+    return tuple(part for part, flag in VLM_PART_FLAGS.items() if frozen(flag))
+
+
+def _vlm_full_mask(params, args):
+    """Full tuning: a frozen part's leaves are False; --freeze_parameters / --trainable_parameters (regexes over
+    our dotted names, e.g. vision.layers.wqkv, llm.layers.wq) then freeze or unfreeze single leaves."""
+    frozen_set = frozen_parts(args)
+    names = {tuple(k.key for k in path): ".".join(k.key for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    patterns = [*args.freeze_parameters, *args.trainable_parameters]
+    _check_patterns(patterns, {path: (name, "") for path, name in names.items()})
+
+    def decide(path, _):
+        name = names[tuple(k.key for k in path)]
+        if any(re.search(p, name) for p in args.trainable_parameters):
+            return True
+        return path[0].key not in frozen_set and not any(re.search(p, name) for p in args.freeze_parameters)
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def prepare_vlm_tuner(params, args, cfg: VLMConfig) -> TunedParams:
+    """ms-swift's semantics. Full tuning: the frozen parts keep their weights. LoRA: --target_modules all-linear
+    adapts every linear of the parts that are not frozen (so by default the LLM only); named or regex targets
+    adapt exactly the modules they name, in any part (tuners/vlm_lora.resolve_vlm_targets)."""
+    for flag, value in (("quant_method", args.quant_method), ("use_galore", args.use_galore)):
+        if value:
+            raise ConfigError(f"--{flag} is not supported on vision-language models yet")
+    if args.tuner_type == "full":
+        mask = _vlm_full_mask(params, args)
+        if not any(jax.tree.leaves(mask)):
+            raise ConfigError(f"nothing to train: {', '.join('--' + VLM_PART_FLAGS[p] for p in frozen_parts(args))} "
+                              "froze every part (and --freeze_parameters the rest)")
+        return TunedParams(params, mask, None, None)
+    if args.freeze_parameters or args.trainable_parameters:
+        raise ConfigError("--freeze_parameters / --trainable_parameters apply to full tuning (--tuner_type full); "
+                          "with LoRA only the adapters train")
+    from jaxswift.tuners import lora
+    from jaxswift.tuners.vlm_lora import add_vlm_lora, resolve_vlm_targets
+
+    targets = target_modules(args.target_modules)
+    if targets == "all-linear":
+        parts = tuple(p for p in VLM_PART_FLAGS if p not in frozen_parts(args))
+        modules, llm_targets = None, "all-linear"
+        if not parts:
+            raise ConfigError("--target_modules all-linear with --freeze_vit, --freeze_aligner and --freeze_llm all "
+                              "true adapts nothing: unfreeze a part or name the modules")
+    else:
+        modules = resolve_vlm_targets(cfg, targets)
+        # the LLM's targets are read only when "llm" is among the parts; LoraConfig wants a non-empty value
+        parts, llm_targets = tuple(modules), modules.get("llm") or "all-linear"
+    lora_cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                               target_modules=llm_targets, use_rslora=args.use_rslora, use_dora=args.use_dora,
+                               init=args.init_weights)
+    params = add_vlm_lora(params, cfg, lora_cfg, jax.random.key(args.seed), parts=parts, modules=modules)
+    return TunedParams(params, lora.trainable_mask(params), lora_cfg,
+                       lora.with_dropout if args.lora_dropout > 0 else None)
+
+
+def part_learning_rates(optimizer, args):
+    """--vit_lr / --aligner_lr: the part's updates scaled by its lr / --learning_rate (optax.multi_transform over
+    the params' top-level keys). The updates are AdamW's lr x (Adam direction + weight decay x param), so the
+    scaled update is AdamW's with the part's lr; the schedule's shape and the global gradient clipping are
+    shared, as in ms-swift's parameter groups."""
+    ratios = {part: (getattr(args, flag) if getattr(args, flag) is not None else args.learning_rate)
+              / args.learning_rate for part, flag in VLM_LR_FLAGS.items()}
+    if all(r == 1.0 for r in ratios.values()):
+        return optimizer
+    transforms = {part: optax.scale(r) for part, r in ratios.items()} | {"llm": optax.identity()}
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key, params)
+
+    return optax.chain(optimizer, optax.multi_transform(transforms, labels))

@@ -8,13 +8,15 @@ The LLM part is the text LoRA (tuners/lora.py) on `params["llm"]`; the tower and
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 
 from jaxswift.errors import ConfigError
 from jaxswift.models.vision import VLMConfig, vlm_param_specs
-from jaxswift.tuners.lora import LoraConfig, LoraWeight, add_lora, is_lora
+from jaxswift.models.vlm_families import vlm_text_prefix, vlm_weight_maps
+from jaxswift.tuners.lora import LoraConfig, LoraWeight, add_lora, is_lora, module_names
 
 PARTS = ("vision", "aligner", "llm")
 # Qwen's tower fuses q, k and v (wqkv); the CLIP / SigLIP tower (models/vit.py) keeps wq, wk, wv; idefics3's
@@ -35,9 +37,11 @@ def _wrap(w, spec, lora_cfg: LoraConfig, key) -> LoraWeight:
     return LoraWeight(w, a, b, scale=lora_cfg.scale, dropout=lora_cfg.dropout, n_in=n_in)
 
 
-def add_vlm_lora(params: dict, cfg: VLMConfig, lora_cfg: LoraConfig, key, parts=PARTS) -> dict:
+def add_vlm_lora(params: dict, cfg: VLMConfig, lora_cfg: LoraConfig, key, parts=PARTS,
+                 modules: dict[str, tuple[str, ...]] | None = None) -> dict:
     """params with adapters on every linear of the tower / aligner in `parts`, and on lora_cfg.target_modules of
-    the LLM when "llm" is in parts."""
+    the LLM when "llm" is in parts. `modules` (from `resolve_vlm_targets`) narrows the tower's and the aligner's
+    linears to the named ones."""
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ConfigError(f"LoRA parts must be some of {', '.join(PARTS)}, got {list(parts)}")
@@ -50,15 +54,15 @@ def add_vlm_lora(params: dict, cfg: VLMConfig, lora_cfg: LoraConfig, key, parts=
     if "vision" in parts:
         specs = vlm_param_specs(cfg)["vision"]["layers"]
         layers = dict(params["vision"]["layers"])
-        names = [n for n in VISION_LINEARS if n in layers]
+        names = [n for n in VISION_LINEARS if n in layers and (modules is None or n in modules.get("vision", ()))]
         for name, k in zip(names, jax.random.split(k_vision, len(names))):
             layers[name] = _wrap(layers[name], specs[name], lora_cfg, k)
         out["vision"] = {**params["vision"], "layers": layers}
     if "aligner" in parts:
         specs = vlm_param_specs(cfg)["aligner"]
         aligner = dict(params["aligner"])
-        names = [n for n in ALIGNER_LINEARS if n in aligner]
-        for name, k in zip(names, jax.random.split(k_aligner, len(names))):
+        names = [n for n in ALIGNER_LINEARS if n in aligner and (modules is None or n in modules.get("aligner", ()))]
+        for name, k in zip(names, jax.random.split(k_aligner, max(len(names), 1))):
             aligner[name] = _wrap(aligner[name], specs[name], lora_cfg, k)
         out["aligner"] = aligner
     return out
@@ -71,3 +75,55 @@ def randomize_b(params, key, std: float = 0.1):
     return jax.tree.unflatten(treedef, [
         w.replace(b=std * jax.random.normal(k, w.b.shape, jnp.float32)) if is_lora(w) else w
         for w, k in zip(leaves, keys)])
+
+
+def vlm_module_names(cfg: VLMConfig) -> dict[tuple[str, str], str]:
+    """(part, our leaf name) -> the transformers module path ("{i}" for the layer) of every linear LoRA can adapt:
+    model.visual.blocks.{i}.attn.qkv, model.visual.merger.mlp.0, model.language_model.layers.{i}.self_attn.q_proj."""
+    out = {}
+    for m in vlm_weight_maps(cfg):
+        part, name = m.path[0], m.path[-1]
+        linears = VISION_LINEARS if part == "vision" else ALIGNER_LINEARS
+        if m.hf_name.endswith(".weight") and name in linears and (part == "aligner" or m.path[1] == "layers"):
+            out[(part, name)] = m.hf_name.removesuffix(".weight")
+    for name, template in module_names(cfg.text).items():
+        out[("llm", name)] = vlm_text_prefix(cfg) + template.removeprefix("model.")
+    return out
+
+
+def resolve_vlm_targets(cfg: VLMConfig, target_modules) -> dict[str, tuple[str, ...]]:
+    """part -> our names of the linears that --target_modules adapts, as peft reads it on the transformers model:
+    a list of names matches every module whose path ends with one of them (`qkv`, `mlp.0`, `q_proj`, or our
+    `vision.wqkv` / `aligner.fc1` / `wq`), in any part; one regex must fully match module paths (such as
+    model.visual.blocks.N.attn.qkv) or our part.name. Stacked layers: a module is adapted in all layers or none."""
+    modules = vlm_module_names(cfg)
+    depth = {"vision": cfg.vision.depth, "aligner": 1, "llm": cfg.text.num_layers}
+    chosen: dict[str, list[str]] = {}
+    if isinstance(target_modules, str):
+        try:
+            regex = re.compile(target_modules)
+        except re.error as e:
+            raise ConfigError(f"--target_modules {target_modules!r} is not a valid regex ({e})") from None
+        for (part, name), template in modules.items():
+            hits = [bool(regex.fullmatch(template.format(i=i))) for i in range(depth[part])]
+            if all(hits) or regex.fullmatch(f"{part}.{name}"):
+                chosen.setdefault(part, []).append(name)
+            elif any(hits):
+                raise ConfigError(f"--target_modules {target_modules!r} selects {template} in some layers only; "
+                                  "layers are stacked, so a module is adapted in all layers or none")
+        if not chosen:
+            raise ConfigError(f"--target_modules {target_modules!r} matches no module; module paths look like "
+                              f"{', '.join(sorted(set(t for t in modules.values()))[:3])}")
+    else:
+        for target in target_modules:
+            hits = [(part, name) for (part, name), template in modules.items()
+                    if template.endswith("." + target) or target == f"{part}.{name}"
+                    or (part == "llm" and target == name)]
+            if not hits:
+                raise ConfigError(f"--target_modules: {target!r} names no module of this model; available: "
+                                  f"{', '.join(sorted({t.rsplit('.', 1)[-1] for t in modules.values()}))} "
+                                  "(or a regex over full paths such as model.visual.blocks.0.attn.qkv)")
+            for part, name in hits:
+                if name not in chosen.setdefault(part, []):
+                    chosen[part].append(name)
+    return {part: tuple(names) for part, names in chosen.items()}
