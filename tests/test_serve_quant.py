@@ -25,7 +25,7 @@ from jaxswift.models.spec import init_params
 from jaxswift.models.transformer import forward, unstack_layers
 from jaxswift.quant.nf4 import NF4Weight
 from jaxswift.quant.qweight import QuantizedWeight
-from jaxswift.quant.serving import RowInt8Weight, inference_params, reduce_matmul, row_int8
+from jaxswift.quant.serving import RowInt8Weight, inference_params, row_int8
 from jaxswift.recipes.common import run_main
 from jaxswift.recipes.serve import ServeArguments, build_server
 from jaxswift.train.args import parse_args

@@ -90,7 +90,6 @@ def load_for_inference(name: str, dtype: Optional[str], quant_method: Optional[s
 
 def build_server(args: ServeArguments):
     """(FastAPI app, orchestrator) for the arguments; the caller runs uvicorn and shuts the orchestrator down."""
-    import jaxswift
     from jaxswift.infer.engine import JaxEngine
     from jaxswift.infer.orchestrator import Orchestrator
     from jaxswift.serve.limits import parse_rate_limit
