@@ -21,6 +21,8 @@ _IGNORED = re.compile(r"(.*rotary_emb\.inv_freq$)")
 SHARD_BYTES = 4 * 1024**3
 
 
+_QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "weight_scale", "absmax")  # GPTQ, AWQ, ...
+
 def read_config_json(folder: str | Path) -> tuple[Path, dict]:
     """(path, parsed dict) of a Hugging Face folder's config.json, with a clear error when absent or malformed."""
     path = Path(folder) / "config.json"
@@ -69,7 +71,9 @@ def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
         if name not in by_name:
             if _IGNORED.match(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue
-            raise CheckpointError(f"{source}: unexpected tensor {name!r} for a {cfg.family} model")
+            hint = (" (a quantized weight: config.json needs the quantization_config it was written with)"
+                    if name.rsplit(".", 1)[-1] in _QUANTIZED_SUFFIXES else "")
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} for a {cfg.family} model{hint}")
         m, index = by_name[name]
         value = m.to_ours(np.asarray(array, dtype=np.float32))
         if m.path not in buffers:

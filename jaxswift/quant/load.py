@@ -91,6 +91,10 @@ def load_quantized_params(folder: str | Path, cfg: ModelConfig, quantization_con
         else:
             value = dense_leaf(tensors, names, m, cfg, str(folder))
         set_path(params, m.path, value)
+    if not any(hasattr(leaf, "apply") for leaf in params["layers"].values()):
+        raise CheckpointError(f"{folder / 'config.json'}: quantization_config says quant_method "
+                              f"{qc['quant_method']!r}, but every linear weight is a plain float tensor (no qweight / "
+                              "weight_scale): remove quantization_config, or point at the quantized folder")
     return jax.tree.map(jnp.asarray, params)
 
 

@@ -29,6 +29,8 @@ class InferArguments:
     top_k: int = 0
     seed: int = 0
     dtype: Optional[str] = None
+    quant_method: Optional[str] = field(default=None, metadata={"help": "int8 | nf4: quantize a float model's "
+                                                                       "projections on load"})
     dataset: Optional[str] = field(default=None, metadata={"help": "batch mode: rows to answer (SFT formats)"})
     result_path: Optional[str] = field(default=None, metadata={"help": "batch mode: output JSONL"})
     max_num_seqs: int = field(default=8, metadata={"help": "batch mode: requests decoded together"})
@@ -39,11 +41,17 @@ class InferArguments:
     min_pixels: Optional[int] = field(default=None, metadata={"help": "VLMs: fewest pixels per image after resizing"})
     config: Optional[str] = None
 
+    def __post_init__(self):
+        from jaxswift.recipes.serve import check_quant_method
+
+        check_quant_method(self.quant_method)
+
 
 def _load(args: InferArguments):
-    import jaxswift
+    from jaxswift.recipes.serve import load_for_inference
 
-    model = jaxswift.load_model(args.model, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    model = load_for_inference(args.model, args.dtype, args.quant_method, min_pixels=args.min_pixels,
+                               max_pixels=args.max_pixels)
     if args.images and not model.is_vlm:
         raise ConfigError(f"--images: {args.model} is a text-only model")
     if args.images and (args.prompt is None or args.dataset is not None):

@@ -32,6 +32,8 @@ class ServeArguments:
                                                                          "seen before (--no_enable_prefix_caching: "
                                                                          "off)"})
     dtype: Optional[str] = None
+    quant_method: Optional[str] = field(default=None, metadata={"help": "int8 | nf4: quantize a float model's "
+                                                                       "projections on load"})
     api_key: list[str] = field(default_factory=list, metadata={"help": "accepted Bearer keys (none: no auth)"})
     rate_limit: Optional[str] = field(default=None, metadata={"help": "per client, e.g. 60/minute"})
     max_concurrency: Optional[int] = field(default=None, metadata={"help": "requests in flight per client"})
@@ -44,6 +46,7 @@ class ServeArguments:
         for name in ("port", "max_num_seqs", "max_model_len", "page_size", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        check_quant_method(self.quant_method)
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ConfigError(f"--request_timeout must be positive, got {self.request_timeout}")
 
@@ -63,9 +66,30 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
     return out
 
 
+def check_quant_method(method: Optional[str]):
+    from jaxswift.quant.nf4 import QUANT_METHODS
+
+    if method is not None and method not in QUANT_METHODS:
+        raise ConfigError(f"--quant_method {method!r}: expected {' | '.join(QUANT_METHODS)} (quantize on load), or "
+                          "none to serve the folder as it is (GPTQ / AWQ / int8 / FP8 folders load quantized)")
+
+
+def load_for_inference(name: str, dtype: Optional[str], quant_method: Optional[str], **kw):
+    """jaxswift.load_model, then the params the engine runs (quant.serving.inference_params)."""
+    import jaxswift
+    from jaxswift.quant.serving import inference_params
+
+    model = jaxswift.load_model(name, dtype=dtype, **kw)
+    if quant_method is not None and model.is_vlm:
+        raise ConfigError(f"--quant_method: {name} is a vision-language model; quantizing on load covers text models")
+    if model.is_vlm:
+        return model
+    return dataclasses.replace(model, params=inference_params(model.params, model.config, quant_method,
+                                                              f"--model {name}"))
+
+
 def build_server(args: ServeArguments):
     """(FastAPI app, orchestrator) for the arguments; the caller runs uvicorn and shuts the orchestrator down."""
-    import jaxswift
     from jaxswift.infer.engine import JaxEngine
     from jaxswift.infer.orchestrator import Orchestrator
     from jaxswift.serve.limits import parse_rate_limit
@@ -74,7 +98,7 @@ def build_server(args: ServeArguments):
     adapters = parse_adapters(args.adapters)
     if args.rate_limit:
         parse_rate_limit(args.rate_limit)  # a bad flag fails before the model loads
-    model = jaxswift.load_model(args.model, dtype=args.dtype)
+    model = load_for_inference(args.model, args.dtype, args.quant_method)
     if model.tokenizer is None:
         raise ConfigError(f"--model {args.model}: no tokenizer found; the server needs one")
     engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
