@@ -52,8 +52,12 @@ def drive(engine, requests, *, arrivals=None, params=None):
             ids, sampling = requests[i]
             if not free_slots or not engine.can_admit(len(ids), sampling.max_tokens):
                 break
-            padded, n = engine.pad_prompt(ids)
-            prefix, first = engine.prefill(params, padded, n, sampling)
+            if getattr(engine, "max_num_batched_tokens", None) and len(ids) > engine.max_num_batched_tokens:
+                prefix, first = None, None  # chunked prefill (here without decode steps in between)
+                while first is None:
+                    prefix, first = engine.prefill_step(params, ids, sampling, prefix)
+            else:
+                prefix, first = engine.prefill(params, *engine.pad_prompt(ids), sampling)
             waiting.remove(i)
             tokens[i].append(int(first.tokens[0]))
             results[i].append(first.slot(0))

@@ -58,7 +58,7 @@ def deployed(tiny_chat_model, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "jaxswift.cli", "deploy", "--model", str(tiny_chat_model), "--port", str(port),
              "--served_model_name", MODEL, "--max_model_len", "512", "--max_num_seqs", "4", "--log_level",
-             "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
+             "warning", "--no_warmup"], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:

@@ -13,7 +13,14 @@ cache; prompts longer than the largest bucket run in chunks of that size, each a
 Insert copies the prompt's keys/values into the slot's pages. Generate decodes one token per slot over the paged
 pools (models/attention.py) with the layers unrolled, gathering only as many pages per slot as the longest running
 request needs (rounded up to a power of two, one compiled function each); the decode state is donated so the pools
-are updated in place. Sampling is per slot (sampling.sample_slots) inside the same jitted step.
+are updated in place. Sampling is per slot (sampling.sample_slots) inside the same jitted step. When no running
+request needs penalties, logprobs or a grammar (the host knows), the step is the plain one: only the running slots'
+rows, padded to a power of two, go through the model, and there is no penalty pipeline, so a lone request costs a
+batch of one whatever max_concurrent_decodes is; otherwise every slot runs, with the per-slot pipelines.
+
+Chunked prefill (`max_num_batched_tokens`, driven by the orchestrator through `prefill_step`): a long prompt runs
+in page-aligned chunks, each over the keys/values of the chunks before it (the existing_prefix path), so that the
+running requests decode between two chunks.
 
 The page allocator and each slot's position live on the host, in the engine: one engine serves one decode state,
 driven from one thread (the orchestrator's).
@@ -221,27 +228,41 @@ def _insert(state: DecodeState, k, v, slot_fields: dict, slot, pages_C):
     return state._replace(**updated)
 
 
-def _generate(params, state: DecodeState, table_BC, allowed_SW, *, cfg: ModelConfig, num_top: int):
-    params = with_adapter_index(params, state.adapter)
+def _generate(params, state: DecodeState, rows_B, table_BC, allowed_BW, *, cfg: ModelConfig, num_top: int,
+              penalties: bool):
+    """One decode step for the slots rows_B (distinct; every running slot among them, the rest free ones): B rows,
+    not S, go through the model, so a lone request costs a batch of one. The outputs are per slot [S] (the slots
+    not in rows_B invalid). With penalties False the step has no penalty pipeline and keeps no output counts
+    (no running slot uses them). One compile per (B, gather size, num_top, penalties)."""
+    S = state.tokens.shape[0]
+    rows = lambda x: jnp.take(x, rows_B, axis=0)  # noqa: E731
+    adapter, sampling = rows(state.adapter), jax.tree.map(rows, state.sampling)
+    params = with_adapter_index(params, adapter)
     P = state.k_pages[0].shape[2]
     C = table_BC.shape[1]
-    active, pos = state.active, state.positions
+    active, pos, generated = rows(state.active), rows(state.positions), rows(state.generated)
     page = jnp.take_along_axis(table_BC, jnp.minimum(pos // P, C - 1)[:, None], axis=1)[:, 0]
     page = jnp.where(active, page, SCRATCH_PAGE)
-    h, ks, vs = paged_decode_hidden(params, state.tokens, cfg, pos, state.k_pages, state.v_pages, page, pos % P,
-                                    table_BC)
+    h, ks, vs = paged_decode_hidden(params, rows(state.tokens), cfg, pos, state.k_pages, state.v_pages, page,
+                                    pos % P, table_BC)
     logits = logits_from_hidden(params, h[:, None], cfg)[:, 0]
-    masked = logits if allowed_SW is None else apply_token_mask(logits, allowed_SW)  # log-probs stay raw (vLLM)
-    tokens = sample_slots(masked, state.prompt_mask, state.output_counts, state.sampling, state.generated)
+    masked = logits if allowed_BW is None else apply_token_mask(logits, allowed_BW)  # log-probs stay raw (vLLM)
+    if penalties:
+        tokens = sample_slots(masked, rows(state.prompt_mask), rows(state.output_counts), sampling, generated)
+    else:
+        tokens = sample_slots(masked, None, None, sampling, generated)
     chosen, top_ids, top_logprobs = token_logprobs(logits, tokens, num_top)
-    generated = state.generated + active
-    done = active & _finished(tokens, generated, state.stop_ids, state.max_tokens)
-    S = tokens.shape[0]
-    state = state._replace(
-        k_pages=ks, v_pages=vs, tokens=jnp.where(active, tokens, state.tokens), positions=pos + active,
-        generated=generated, active=active & ~done,
-        output_counts=state.output_counts.at[jnp.arange(S), tokens].add(active.astype(jnp.int32)))
-    return state, (tokens, active, generated, done, chosen, top_ids, top_logprobs)
+    generated = generated + active
+    done = active & _finished(tokens, generated, rows(state.stop_ids), rows(state.max_tokens))
+    scatter = lambda whole, part: whole.at[rows_B].set(part.astype(whole.dtype))  # noqa: E731
+    updated = dict(k_pages=ks, v_pages=vs, tokens=scatter(state.tokens, jnp.where(active, tokens, rows(state.tokens))),
+                   positions=scatter(state.positions, pos + active), generated=scatter(state.generated, generated),
+                   active=scatter(state.active, active & ~done))
+    if penalties:
+        updated["output_counts"] = state.output_counts.at[rows_B, tokens].add(active.astype(jnp.int32))
+    out = (tokens, active, generated, done, chosen, top_ids, top_logprobs)
+    out = tuple(scatter(jnp.zeros((S, *x.shape[1:]), x.dtype), x) for x in out)  # per slot; others invalid
+    return state._replace(**updated), out
 
 
 def _free(state: DecodeState, slot) -> DecodeState:
@@ -253,7 +274,7 @@ _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "chunk"))
 _prefill_after_prefix_jit = jax.jit(_prefill_after_prefix, static_argnames=("cfg", "chunk"))
 _first_token_jit = jax.jit(_first_token, static_argnames=("num_top",))
 _prompt_logprobs_jit = jax.jit(_prompt_logprobs, static_argnames=("cfg", "chunk", "num_top"))
-_generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top"), donate_argnums=(1,))
+_generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top", "penalties"), donate_argnums=(1,))
 _insert_jit = jax.jit(_insert, donate_argnums=(0,))
 _write_pages_jit = jax.jit(_write_pages, donate_argnums=(0,))
 _free_jit = jax.jit(_free, donate_argnums=(0,))
@@ -267,9 +288,17 @@ def _seed_words(seed: int) -> np.ndarray:
 class JaxEngine(Engine):
     def __init__(self, model, *, max_concurrent_decodes: int = 8, max_model_len: int = 2048, page_size: int = 16,
                  num_pages: int | None = None, prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048),
-                 adapters: dict[str, str] | None = None, enable_prefix_caching: bool = True):
+                 adapters: dict[str, str] | None = None, enable_prefix_caching: bool = True,
+                 max_num_batched_tokens: int | None = None):
         cfg: ModelConfig = model.config
         _check_sizes(max_concurrent_decodes, max_model_len, page_size, num_pages, prefill_buckets)
+        if max_num_batched_tokens is not None and (not isinstance(max_num_batched_tokens, int)
+                                                   or isinstance(max_num_batched_tokens, bool)
+                                                   or max_num_batched_tokens < page_size
+                                                   or max_num_batched_tokens % page_size):
+            raise ConfigError(f"max_num_batched_tokens must be a positive multiple of page_size {page_size} (chunks "
+                              f"end on page boundaries) or None (no chunked prefill), got {max_num_batched_tokens!r}")
+        self.max_num_batched_tokens = max_num_batched_tokens  # prompt tokens prefilled between two decode steps
         if not isinstance(enable_prefix_caching, bool):
             raise ConfigError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
         self.enable_prefix_caching = enable_prefix_caching
@@ -435,6 +464,29 @@ class JaxEngine(Engine):
         prefix.prompt_mask = np.zeros((1, self.config.vocab_size), bool)
         prefix.prompt_mask[0, list(tokens)] = True
         return self._first(prefix, sampling)
+
+    def prefill_step(self, params, token_ids, sampling: RequestSampling, partial: Prefix | None = None):
+        """Chunked prefill: (Prefix, None) after one more chunk of at most max_num_batched_tokens prompt tokens,
+        or (Prefix, first ResultTokens) as `prefill` gives once the prompt is done. `partial` is the Prefix the
+        previous call returned. Each chunk ends on a page boundary and runs over the pages before it (the
+        existing_prefix path); the first chunk may start from cached pages. The prefix-cache counters count the
+        chunks' reuse of each other as no hit."""
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            raise ConfigError("prefill_step needs max_num_batched_tokens (the engine was built without it)")
+        token_ids = [int(t) for t in token_ids]
+        done = 0 if partial is None else partial.length
+        if partial is not None and (partial.tokens != tuple(token_ids[:done]) or partial.adapter != sampling.adapter):
+            raise ConfigError("prefill_step: `partial` is not an earlier chunk of this prompt and adapter")
+        end = len(token_ids) if len(token_ids) - done <= budget else done + budget
+        hits = self.prefix_cache_hit_tokens
+        chunk_sampling = sampling if end == len(token_ids) else RequestSampling(max_tokens=1,
+                                                                               adapter=sampling.adapter)
+        prefix, first = self.prefill(params, *self.pad_prompt(token_ids[:end]), chunk_sampling,
+                                     existing_prefix=partial)
+        if partial is not None:
+            self.prefix_cache_hit_tokens = hits  # the earlier chunks are this request's own work
+        return prefix, (first if end == len(token_ids) else None)
 
     def _existing_pages(self, existing, tokens: tuple, adapter: int, reusable: int):
         """(per-layer k/v pages of an earlier Prefix, its leading pages this prompt reuses) or a ConfigError
@@ -631,20 +683,41 @@ class JaxEngine(Engine):
             pages *= 2
         return min(pages, self._pages_per_slot)
 
+    def _step_rows(self, plain: bool) -> np.ndarray:
+        """The slots a step runs: all of them unless `plain`; then the running ones, padded with free slots to a
+        power of two (a few compiled sizes), so that the step's cost follows the load, not max_concurrent_decodes.
+        Steps that need the per-slot pipelines (penalties, logprobs, grammar) run every slot: fewer compiles."""
+        if not plain:
+            return np.arange(self._slots, dtype=np.int32)
+        running = np.flatnonzero(self._active)
+        rows = 1
+        while rows < len(running):
+            rows *= 2
+        rows = min(rows, self._slots)
+        free = np.flatnonzero(~self._active)[:rows - len(running)]
+        return np.sort(np.concatenate([running, free])).astype(np.int32)
+
+    @staticmethod
+    def _needs_penalties(r: RequestSampling) -> bool:
+        return r.repetition_penalty != 1 or r.presence_penalty != 0 or r.frequency_penalty != 0
+
     def generate(self, params, decode_state: DecodeState) -> tuple[DecodeState, ResultTokens]:
         self._check_state(decode_state)
         for slot in np.flatnonzero(self._active):
             self._pages.grow(slot, int(self._positions[slot]) // self.page_size + 1)
-        table = self._pages.table[:, :self._gather_pages()]
         requests = [r if a else None for r, a in zip(self._requests, self._active)]
         num_top = MAX_TOP_LOGPROBS if any(r is not None and r.logprobs for r in requests) else 0
+        penalties = any(r is not None and self._needs_penalties(r) for r in requests)
         guided = [slot for slot in np.flatnonzero(self._active) if self._guides[slot] is not None]
+        rows = self._step_rows(plain=not (num_top or penalties or guided))
+        table = self._pages.table[rows, :self._gather_pages()]
         allowed = None  # no constrained slot: the step compiled without the mask
         if guided:
             allowed = np.full((self._slots, self.grammar.words), 0xFFFFFFFF, np.uint32)
             for slot in guided:
                 self._guides[slot].write_mask(allowed[slot])
-        state, out = _generate_jit(params, decode_state, table, allowed, cfg=self._shape_cfg, num_top=num_top)
+        state, out = _generate_jit(params, decode_state, rows, table, allowed, cfg=self._shape_cfg, num_top=num_top,
+                                   penalties=penalties)
         result = self._result(jax.device_get(out), requests)
         for slot in guided:
             if result.valid[slot] and not result.done[slot]:
@@ -669,32 +742,65 @@ class JaxEngine(Engine):
                 hashed += 1
             self._chain[slot] = (key, hashed)
 
+    def _smallest_of_each_bucket(self, lengths) -> dict[int, int]:
+        """{padded length: the smallest of `lengths` padded to it}."""
+        out = {}
+        for n in lengths:
+            out.setdefault(self._bucket(n), n)
+        return out
+
     def warmup(self, params=None) -> DecodeState:
-        """Compiles prefill, insert and first-token sampling for every bucket, and the decode step for every
-        gather size, with and without logprobs, so that no request waits for a compile (a server calls this
-        before taking traffic; prompts beyond the largest bucket still compile per chunk count). With prefix
-        caching, also the prefill of a short rest after a cached prefix of each bucket's size (the common hit: a
-        long shared system prompt; other rest sizes compile on first use). Returns a fresh decode state (the
-        previous one is reset)."""
+        """Compiles what serving runs, so that no request waits for a compile (a server calls this before taking
+        traffic): prefill, insert and first-token sampling for every bucket; with prefix caching, the prefill
+        after a cached prefix for every (prefix bucket, rest bucket) pair a prompt can have, and its insert; with
+        chunked prefill, the chunks of a longest prompt; and the decode step for every gather size: the per-slot pipelines
+        (penalties, with and without logprobs) over all slots, and the plain step for each power-of-two count of
+        running slots. Still compiled on first use: prompts beyond the largest bucket (without chunked prefill),
+        a grammar-constrained step, a last chunk of another bucket, the chunks after a first chunk that started
+        from cached pages, and the caching of a prompt that ended at its first token after a cache hit. Returns a fresh decode state (the previous
+        one is reset)."""
         params = self.params if params is None else params
         counters = self.prefix_cache_hit_tokens, self.prefix_cache_miss_tokens  # warmup is no traffic
         state = self.init_decode_state()
+        two_tokens = RequestSampling(max_tokens=2, ignore_eos=True)  # not done at its first token: inserted
         for bucket in self._buckets:
             for logprobs in (None, 1):
                 prefix, _ = self.prefill(params, np.zeros((bucket,), np.int32), 1,
                                          RequestSampling(max_tokens=2, logprobs=logprobs, ignore_eos=True))
             state = self.free_resource(self.insert(prefix, state, 0), 0)
-        for bucket in self._buckets if self.enable_prefix_caching else ():
-            if bucket + 1 < self._max_len:
-                head, _ = self.prefill(params, *self.pad_prompt([0] * bucket), RequestSampling(max_tokens=1))
+        if self.enable_prefix_caching:  # a head of zeros is cached; each hit reads c of its pages, then ones
+            P, last = self.page_size, self._max_len - 1
+            heads = self._smallest_of_each_bucket(range(P, last, P))
+            rests = self._smallest_of_each_bucket(range(1, last))
+            pairs = [(c, r) for c in heads.values() for r in rests.values() if c + r <= last]
+            if pairs:
+                head, _ = self.prefill(params, *self.pad_prompt([0] * max(c for c, _ in pairs)),
+                                       RequestSampling(max_tokens=1))
                 state = self.cache_prefix(head, state)
-                self.prefill(params, *self.pad_prompt([0] * (bucket + 1)), RequestSampling(max_tokens=1))
+            for c, r in pairs:  # (inserted too: insert compiles per prefix shape)
+                hit, _ = self.prefill(params, *self.pad_prompt([0] * c + [1] * r), two_tokens)
+                state = self.free_resource(self.insert(hit, state, 0), 0)
+        if self.max_num_batched_tokens is not None and self._max_len - 1 > self.max_num_batched_tokens:
+            prompt, partial, first = [2] * (self._max_len - 2), None, None
+            while first is None:  # each chunk's keys/values inserted too: a prompt may end with any chunk
+                partial, first = self.prefill_step(params, prompt, two_tokens, partial)
+                as_last = dataclasses.replace(partial, done=False, sampling=two_tokens)
+                state = self.free_resource(self.insert(as_last, state, 0), 0)
         self.prefix_cache_hit_tokens, self.prefix_cache_miss_tokens = counters
+        every = np.arange(self._slots, dtype=np.int32)
+        variants = [(every, num_top, True) for num_top in (0, MAX_TOP_LOGPROBS)]  # the per-slot pipelines
+        rows = 1
+        while True:  # plain steps (greedy / temperature / top-p): one per power-of-two count of running slots
+            variants.append((every[:min(rows, self._slots)], 0, False))
+            if rows >= self._slots:
+                break
+            rows *= 2
         pages = pages_for(MIN_GATHER_TOKENS, self.page_size)
         while True:
-            table = self._pages.table[:, :min(pages, self._pages_per_slot)]
-            for num_top in (0, MAX_TOP_LOGPROBS):
-                state, _ = _generate_jit(params, state, table, None, cfg=self._shape_cfg, num_top=num_top)
+            for rows, num_top, penalties in variants:
+                table = self._pages.table[rows, :min(pages, self._pages_per_slot)]
+                state, _ = _generate_jit(params, state, rows, table, None, cfg=self._shape_cfg, num_top=num_top,
+                                         penalties=penalties)
             if pages >= self._pages_per_slot:
                 return self.init_decode_state()
             pages *= 2

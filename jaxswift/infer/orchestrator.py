@@ -7,6 +7,10 @@ a `sink(index, Chunk)` callback, called on the engine thread. Text is detokenize
 characters split over tokens come out whole) and stop strings are matched across token boundaries: text that could
 still be the start of a stop string is held back, and text after a stop is never emitted.
 
+Chunked prefill (an engine with `max_num_batched_tokens`): between two decode steps at most that many prompt tokens
+are prefilled. A longer prompt runs one page-aligned chunk per round (`engine.prefill_step`) and takes its slot after
+the last one; the requests behind it wait (FIFO), so its slot and pages stay free for it meanwhile.
+
 A cancelled request (client gone) or one past its deadline gives its slot and pages back before the next step.
 `shutdown()` fails everything still waiting or running with `EngineShutdown` and joins the thread.
 
@@ -172,6 +176,7 @@ class _Live:
         self.slot: int | None = None
         self.finished = False
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # goes out with the first chunk
+        self.partial = None  # chunked prefill: the engine's Prefix of the prompt's chunks done so far
 
     def score_prompt(self, engine: Engine, params):
         k = self.request.prompt_logprobs
@@ -258,6 +263,9 @@ class Orchestrator:
         self._running: dict[int, _Live] = {}
         self._free_slots = list(range(engine.max_concurrent_decodes))[::-1]
         self._last_prefill = None  # ((prompt ids, adapter), prefix) within one admission round
+        # chunked prefill: at most this many prompt tokens between two decode steps (None: whole prompts)
+        self._budget = getattr(engine, "max_num_batched_tokens", None)
+        self._prefilling: _Live | None = None  # the request whose long prompt is being prefilled chunk by chunk
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="jaxswift-orchestrator", daemon=True)
@@ -339,7 +347,7 @@ class Orchestrator:
         state = self.engine.init_decode_state()
         while True:
             with self._wake:
-                if not (self._stopping or self._waiting or self._running):
+                if not (self._stopping or self._waiting or self._running or self._prefilling):
                     self._wake.wait(timeout=0.1)
                 if self._stopping:
                     break
@@ -350,6 +358,7 @@ class Orchestrator:
                 for live in [*self._running.values()]:
                     live.fail(EngineFailure(f"the engine failed: {type(e).__name__}: {e}"))
                 self._running.clear()
+                self._fail_prefilling(EngineFailure(f"the engine failed: {type(e).__name__}: {e}"))
                 self._free_slots = list(range(self.engine.max_concurrent_decodes))[::-1]
                 state = self.engine.init_decode_state()
         self._fail_all(EngineShutdown("the server shut down before the request finished"))
@@ -371,6 +380,11 @@ class Orchestrator:
                 if not live.ticket.cancelled:
                     live.fail(RequestTimeout("the request timed out"))
                 state = self._release(state, slot)
+        live = self._prefilling
+        if live is not None and live.ticket.cancelled:
+            self._forget_prefilling(live)
+        elif live is not None and live.expired(now):
+            self._fail_prefilling(RequestTimeout("the request timed out while its prompt was prefilled"))
         with self._wake:
             keep = collections.deque()
             for live in self._waiting:
@@ -391,18 +405,26 @@ class Orchestrator:
             self._last_prefill = None  # no prompt's keys/values held between rounds
 
     def _admit_while_free(self, state):
+        spent = 0  # prompt tokens prefilled this round (chunked prefill keeps them within the budget)
         while self._free_slots:
-            live = self._next_admissible()
+            live = self._prefilling  # a long prompt being prefilled goes first: one more chunk
             if live is None:
-                return state
-            if not self._score_prompt(live) or live.request.sampling.max_tokens == 0:
-                if not live.finished:  # max_tokens 0: the prompt's scores were all it asked for
-                    live.send(Chunk(finish_reason="length"))
-                continue
+                if spent and self._budget is not None and self._over_budget(self._budget - spent):
+                    return state  # the next prompt waits for the next round
+                live = self._next_admissible()
+                if live is None:
+                    return state
+                if not self._score_prompt(live) or live.request.sampling.max_tokens == 0:
+                    if not live.finished:  # max_tokens 0: the prompt's scores were all it asked for
+                        live.send(Chunk(finish_reason="length"))
+                    continue
+            done_before = 0 if live.partial is None else live.partial.length
             try:
                 first = self._prefill(live)
                 if first is None:
                     continue
+                if first[1] is None:  # more chunks to go: the running slots decode first
+                    return state
                 if live.take_token(first[1], 0) or live.ticket.cancelled:  # ended at its first token
                     if hasattr(self.engine, "cache_prefix"):  # its prompt may still serve the next request
                         state = self.engine.cache_prefix(first[0], state)
@@ -411,9 +433,28 @@ class Orchestrator:
             except Exception as e:  # the loop resets the engine; this request is in no queue, so fail it here
                 live.fail(EngineFailure(f"the engine failed: {type(e).__name__}: {e}"))
                 raise
+            finally:
+                spent += len(live.request.prompt_ids) - done_before
             live.slot = self._free_slots.pop()
             self._running[live.slot] = live
         return state
+
+    def _over_budget(self, left: int) -> bool:
+        """The next waiting prompt needs more than `left` tokens of prefill (another choice of the prompt just
+        prefilled needs none: it resamples)."""
+        with self._wake:
+            if not self._waiting:
+                return False
+            request = self._waiting[0].request
+        if self._last_prefill is not None and self._last_prefill[0] == (tuple(request.prompt_ids),
+                                                                          request.sampling.adapter):
+            return False
+        return len(request.prompt_ids) > left
+
+    def _fail_prefilling(self, error: OrchestratorError):
+        if self._prefilling is not None:
+            self._prefilling.fail(error)
+            self._prefilling.partial, self._prefilling = None, None
 
     def _next_admissible(self) -> _Live | None:
         """Pops the oldest waiting request if the engine can take it now (FIFO: the others wait behind it)."""
@@ -448,35 +489,50 @@ class Orchestrator:
         """Scores the prompt when the request asks for prompt_logprobs; False when that failed (it then failed)."""
         if live.request.prompt_logprobs is None:
             return True
-        try:
-            live.score_prompt(self.engine, self.params)
-            return True
-        except JaxswiftError as e:
-            live.fail(RequestRejected(str(e)))
-        except Exception as e:
-            log.exception("scoring the prompt failed")
-            live.fail(EngineFailure(f"scoring the prompt failed: {type(e).__name__}: {e}"))
-        return False
+        return self._guarded(live, "scoring the prompt", lambda: live.score_prompt(self.engine, self.params) or True)
 
     def _prefill(self, live: _Live):
         """(prefix, first ResultTokens), or None when the engine refused the request (only it fails). The n choices
-        of one request (queued one after another) share the first one's prefill when the engine can `resample`."""
-        sampling = live.request.sampling
-        key = (tuple(live.request.prompt_ids), sampling.adapter)
+        of one request (queued one after another) share the first one's prefill when the engine can `resample`.
+        A prompt longer than the chunked-prefill budget runs one chunk per call: (partial prefix, None) until
+        its last chunk."""
+        return self._guarded(live, "prefill", lambda: self._prefill_or_chunk(live))
+
+    def _prefill_or_chunk(self, live: _Live):
+        sampling, ids = live.request.sampling, list(live.request.prompt_ids)
+        key = (tuple(ids), sampling.adapter)
+        if self._last_prefill is not None and self._last_prefill[0] == key and hasattr(self.engine, "resample"):
+            return self.engine.resample(self._last_prefill[1], sampling)
+        self._last_prefill = None
+        if self._budget is not None and (live.partial is not None or len(ids) > self._budget):
+            self._prefilling = live  # until its last chunk (a failure below fails it there)
+            prefix, first = self.engine.prefill_step(self.params, ids, sampling, live.partial)
+            live.partial = prefix if first is None else None
+            if first is None:
+                return prefix, None
+            self._prefilling = None
+        else:
+            prefix, first = self.engine.prefill(self.params, *self.engine.pad_prompt(ids), sampling)
+        self._last_prefill = (key, prefix)
+        return prefix, first
+
+    def _guarded(self, live: _Live, what: str, run):
+        """run()'s value, or None when it raised: only this request fails (RequestRejected when the engine
+        refused it, EngineFailure for a fault)."""
         try:
-            if self._last_prefill is not None and self._last_prefill[0] == key and hasattr(self.engine, "resample"):
-                return self.engine.resample(self._last_prefill[1], sampling)
-            self._last_prefill = None
-            padded, n = self.engine.pad_prompt(list(live.request.prompt_ids))
-            prefix, first = self.engine.prefill(self.params, padded, n, sampling)
-            self._last_prefill = (key, prefix)
-            return prefix, first
+            return run()
         except JaxswiftError as e:
+            self._forget_prefilling(live)
             live.fail(RequestRejected(str(e)))
         except Exception as e:
-            log.exception("prefill failed")
-            live.fail(EngineFailure(f"prefill failed: {type(e).__name__}: {e}"))
+            log.exception("%s failed", what)
+            self._forget_prefilling(live)
+            live.fail(EngineFailure(f"{what} failed: {type(e).__name__}: {e}"))
         return None
+
+    def _forget_prefilling(self, live: _Live):
+        if self._prefilling is live:
+            live.partial, self._prefilling = None, None
 
     def _release(self, state, slot: int):
         self._running.pop(slot, None)
@@ -489,6 +545,7 @@ class Orchestrator:
         for live in [*waiting, *self._running.values()]:
             live.fail(error)
         self._running.clear()
+        self._fail_prefilling(error)
 
 
 class AsyncSink:

@@ -187,8 +187,10 @@ def slot_keys(seed_S2, token_index_S) -> jax.Array:
 
 
 def sample_slots(logits_SV, prompt_mask_SV, output_counts_SV, s: SlotSampling, token_index_S) -> jax.Array:
-    """Next token per slot [S]: argmax of the penalized logits where temperature is 0, else a seeded draw."""
-    penalized = penalized_logits(logits_SV, prompt_mask_SV, output_counts_SV, s)
+    """Next token per slot [S]: argmax of the penalized logits where temperature is 0, else a seeded draw.
+    output_counts_SV None: no slot has penalties (the step compiled without them; prompt_mask_SV is unused)."""
+    penalized = (logits_SV.astype(jnp.float32) if output_counts_SV is None
+                 else penalized_logits(logits_SV, prompt_mask_SV, output_counts_SV, s))
     random = s.temperature > 0
     zeros = jnp.zeros(random.shape, jnp.int32)
 

@@ -6,13 +6,17 @@ mixed in one batch. Then: `curl localhost:8000/v1/chat/completions -d '{"message
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
+import time
 from dataclasses import field
 from pathlib import Path
 from typing import Optional
 
 from jaxswift.errors import ConfigError
 from jaxswift.recipes.common import run_main
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -31,6 +35,11 @@ class ServeArguments:
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV pages of prompt prefixes "
                                                                          "seen before (--no_enable_prefix_caching: "
                                                                          "off)"})
+    max_num_batched_tokens: Optional[int] = field(default=None, metadata={
+        "help": "chunked prefill: at most this many prompt tokens run between two decode steps, so a long prompt "
+                "does not stall the running streams (a multiple of --page_size); unset: whole prompts"})
+    warmup: bool = field(default=True, metadata={"help": "compile the engine's shapes before serving "
+                                                         "(--no_warmup: compile on first use)"})
     dtype: Optional[str] = None
     quant_method: Optional[str] = field(default=None, metadata={"help": "int8 | nf4: quantize a float model's "
                                                                        "projections on load"})
@@ -47,6 +56,10 @@ class ServeArguments:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         check_quant_method(self.quant_method)
+        budget = self.max_num_batched_tokens
+        if budget is not None and (budget < self.page_size or budget % self.page_size):
+            raise ConfigError(f"--max_num_batched_tokens must be a positive multiple of --page_size "
+                              f"({self.page_size}), got {budget}")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ConfigError(f"--request_timeout must be positive, got {self.request_timeout}")
 
@@ -103,7 +116,12 @@ def build_server(args: ServeArguments):
         raise ConfigError(f"--model {args.model}: no tokenizer found; the server needs one")
     engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
                        page_size=args.page_size, num_pages=args.num_pages, adapters=adapters or None,
-                       enable_prefix_caching=args.enable_prefix_caching)
+                       enable_prefix_caching=args.enable_prefix_caching,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.warmup:  # before the orchestrator's thread owns the engine
+        started = time.perf_counter()
+        engine.warmup()
+        log.info("warmup: compiled the engine's shapes in %.1f s", time.perf_counter() - started)
     orchestrator = Orchestrator(engine, max_queue=args.max_queue, request_timeout=args.request_timeout)
     app = build_app(orchestrator, model_name=args.served_model_name or args.model, adapter_names=list(adapters),
                     api_keys=args.api_key, rate_limit=args.rate_limit, max_concurrency=args.max_concurrency)
