@@ -27,7 +27,8 @@ def deployed(tiny_chat_model, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("deploy") / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "jaxswift.recipes.serve", "--model", str(tiny_chat_model),
                              "--port", str(port), "--max_num_seqs", "8", "--max_model_len", "512",
-                             "--log_level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+                             "--log_level", "warning", "--no_warmup"], stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while True:

@@ -281,7 +281,8 @@ def test_deploy_flag_turns_caching_off(tiny_chat_model):
 
     for flags, on in (([], True), (["--enable_prefix_caching", "false"], False)):
         _, orchestrator = build_server(parse_args(ServeArguments, ["--model", str(tiny_chat_model),
-                                                                   "--max_model_len", "64", *flags]))
+                                                                   "--max_model_len", "64", "--no_warmup",
+                                                                   *flags]))
         try:
             assert orchestrator.engine.enable_prefix_caching is on
         finally:

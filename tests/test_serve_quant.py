@@ -73,7 +73,7 @@ def greedy_text(model, max_tokens: int = 8) -> str:
 
 def serve_args(folder, *extra) -> ServeArguments:
     return parse_args(ServeArguments, ["--model", str(folder), "--served_model_name", "m", "--max_num_seqs", "2",
-                                       "--max_model_len", "128", *extra])
+                                       "--max_model_len", "128", "--no_warmup", *extra])
 
 
 @pytest.fixture(scope="module")
