@@ -239,3 +239,53 @@ def test_packed_loss_and_gradients_equal_unpacked(vlm):
     np.testing.assert_allclose(loss_p, loss_u, rtol=1e-5, atol=0)
     for gp, gu in zip(jax.tree.leaves(grad_p), jax.tree.leaves(grad_u)):
         np.testing.assert_allclose(gp, gu, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_adapter_trained_by_sft_loads_with_peft_and_back_into_jaxswift(vlm, tmp_path):
+    """The adapter `jaxswift sft` writes (tower + aligner + LLM) loads onto the transformers model with peft, and back
+    into jaxswift (`jaxswift infer --adapters`): the same logits on a prompt with an image (1e-4)."""
+    import copy
+
+    from peft import PeftModel
+
+    from jaxswift.checkpoints.vlm_peft import load_vlm_peft_adapter
+    from jaxswift.models.vision import vlm_forward
+    from jaxswift.errors import CheckpointError
+    from jaxswift.recipes.infer import InferArguments, _load
+
+    hf_model, model, folder = vlm[0], vlm[1], vlm[2]
+    result = run_sft(vlm_args(vlm, tmp_path / "lora", tuner_type="lora", freeze_vit=False, freeze_aligner=False,
+                              max_steps=2, learning_rate=5e-2), progress=False)
+    adapter = result.export_dir
+    params, lora_cfg = load_vlm_peft_adapter(model.params, model.config, adapter)
+    assert {p for p in ("vision", "aligner", "llm")
+            if any(is_lora(x) for x in jax.tree.leaves(params[p], is_leaf=is_lora))} == {"vision", "aligner", "llm"}
+    assert is_lora(_load(InferArguments(model=str(folder), adapters=str(adapter))).params["vision"]["layers"]["wqkv"])
+
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), adapter).eval()
+    image = random_image(56, 42, seed=7)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "the"}]}]
+    processor = model.processor
+    prompt = processor.encode_chat(messages)
+    tokens, vision = jnp.asarray([prompt.ids]), processor.batch_vision([prompt])
+    rope = jnp.asarray(prompt.rope_positions[:, None])
+    ours = np.asarray(vlm_forward(params, tokens, model.config, vision, rope_positions=rope))
+    base = np.asarray(vlm_forward(model.params, tokens, model.config, vision, rope_positions=rope))
+    assert np.abs(ours - base).max() > 1e-3  # two steps at lr 5e-2 moved the adapters
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    pixels = Qwen2VLImageProcessorPil.from_pretrained(str(folder))(images=[image], return_tensors="pt")
+    mm = torch.from_numpy(np.isin(prompt.ids, model.config.placeholder_ids)[None].astype(np.int64))
+    with torch.no_grad():
+        expected = peft_model(input_ids=torch.tensor([prompt.ids]), mm_token_type_ids=mm, **pixels).logits.numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+    stray = tmp_path / "stray"  # an adapter of some other model: refused, naming a tensor it cannot place
+    stray.mkdir()
+    (stray / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    from jaxswift.checkpoints.safetensors_io import write_safetensors
+
+    write_safetensors(stray / "adapter_model.safetensors",
+                      {"base_model.model.model.other.q_proj.lora_A.weight": np.zeros((4, 8), np.float32)})
+    with pytest.raises(CheckpointError, match="no module for"):
+        load_vlm_peft_adapter(model.params, model.config, stray)

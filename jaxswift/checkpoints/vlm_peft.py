@@ -6,18 +6,22 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxswift.checkpoints.safetensors_io import write_safetensors
-from jaxswift.errors import ConfigError
+from jaxswift.checkpoints.peft import WEIGHTS_NAME, _read_config
+from jaxswift.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from jaxswift.errors import CheckpointError, ConfigError
+from jaxswift.models.families import HF_MODULE_NAMES
 from jaxswift.models.vision import VLMConfig
 from jaxswift.models.vlm_families import vlm_text_prefix, vlm_weight_maps
 from jaxswift.tuners.lora import LoraConfig, LoraWeight, is_lora, module_names
-from jaxswift.tuners.vlm_lora import ALIGNER_LINEARS, VISION_LINEARS
+from jaxswift.tuners.vlm_lora import ALIGNER_LINEARS, VISION_LINEARS, add_vlm_lora
 
 PEFT_PREFIX = "base_model.model."
 
@@ -40,9 +44,7 @@ def vlm_adapter_tensors(params: dict, cfg: VLMConfig) -> tuple[dict[str, np.ndar
     """({peft key: array in torch layout}, HF module path regexes of the adapted modules)."""
     tensors, modules = {}, []
     for path, template in _module_templates(cfg).items():
-        node = params
-        for key in path:
-            node = node[key]
+        node = _get(params, path)
         if not is_lora(node):
             continue
         layers = range(cfg.vision.depth) if "{i}" in template else [None]
@@ -83,3 +85,80 @@ def save_vlm_peft_adapter(params: dict, cfg: VLMConfig, lora_cfg: LoraConfig, ou
               "modules_to_save": None, "inference_mode": True}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def _all_templates(cfg: VLMConfig) -> dict[tuple[str, ...], str]:
+    """Our path of every linear LoRA can adapt (tower, aligner, LLM) -> its HF module path ("{i}": the layer)."""
+    out = dict(_module_templates(cfg))
+    for ours, template in module_names(cfg.text).items():
+        out[("llm", "layers", ours)] = vlm_text_prefix(cfg) + template.removeprefix("model.")
+    return out
+
+
+def _from_torch(a_torch: np.ndarray, b_torch: np.ndarray, like: LoraWeight, index) -> tuple[np.ndarray, np.ndarray]:
+    """peft's lora_A [r, in] / lora_B [out, r] -> our a [*in, r] / b [r, *out] (one layer of a stacked leaf)."""
+    a_shape, b_shape = (like.a.shape[1:], like.b.shape[1:]) if index is not None else (like.a.shape, like.b.shape)
+    if a_torch.shape != (a_shape[-1], math.prod(a_shape[:-1])) or b_torch.shape != (math.prod(b_shape[1:]),
+                                                                                     b_shape[0]):
+        raise CheckpointError(f"LoRA shapes {a_torch.shape} / {b_torch.shape} do not fit this model's layer "
+                              f"(expected [{a_shape[-1]}, {math.prod(a_shape[:-1])}] / "
+                              f"[{math.prod(b_shape[1:])}, {b_shape[0]}])")
+    return a_torch.T.reshape(a_shape), b_torch.T.reshape(b_shape)
+
+
+def load_vlm_peft_adapter(params: dict, cfg: VLMConfig, adapter_dir: str | Path) -> tuple[dict, LoraConfig]:
+    """(params with LoraWeights holding the adapter, its LoraConfig): the inverse of `save_vlm_peft_adapter`, and
+    any PEFT LoRA adapter of the transformers model over the tower's, the aligner's and the LLM's linears."""
+    folder = Path(adapter_dir)
+    raw, config_path = _read_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}")
+    try:
+        rank, alpha = int(raw["r"]), float(raw["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: r and lora_alpha must be numbers ({e!r})") from None
+    if raw.get("use_dora") or raw.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        raise CheckpointError(f"{config_path}: DoRA / PiSSA adapters on vision-language models are not supported")
+    st = SafetensorsFile(weights)
+    templates = _all_templates(cfg)
+    key = lambda template, i, ab: f"{PEFT_PREFIX}{template.format(i=i)}.lora_{ab}.weight"  # noqa: E731
+    names = set(st.keys())
+    present = {path: t for path, t in templates.items() if key(t, 0, "A") in names}
+    known = {key(t, i, ab) for t in present.values() for i in range(max(cfg.vision.depth, cfg.text.num_layers))
+             for ab in "AB"}
+    unknown = sorted(names - known)
+    if unknown or not present:
+        raise CheckpointError(f"{weights}: " + (f"tensors this model has no module for: {unknown[:3]}" if unknown
+                                                else "no LoRA tensors of this model's modules"))
+    llm_names = tuple(HF_MODULE_NAMES[path[-1]] for path in present if path[0] == "llm")
+    lora_cfg = LoraConfig(rank=rank, alpha=alpha, dropout=float(raw.get("lora_dropout", 0.0)),
+                          target_modules=llm_names or ("q_proj",), use_rslora=bool(raw.get("use_rslora", False)))
+    parts = tuple(dict.fromkeys(path[0] for path in present))
+    modules = {part: tuple(path[-1] for path in present if path[0] == part) for part in ("vision", "aligner")}
+    adapted = add_vlm_lora(params, cfg, lora_cfg, jax.random.key(0), parts=parts, modules=modules)
+    for path, template in present.items():
+        like = _get(adapted, path)
+        layers = range(like.a.shape[0]) if "{i}" in template else [None]
+        try:
+            pairs = [_from_torch(st.get(key(template, i, "A")).astype(np.float32),
+                                 st.get(key(template, i, "B")).astype(np.float32), like, i) for i in layers]
+        except KeyError as e:
+            raise CheckpointError(f"{weights}: missing {e} (an adapter must cover every layer of a module)") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{weights}: {template}: {e}") from None
+        a, b = (np.stack(x) for x in zip(*pairs)) if layers != [None] else pairs[0]
+        adapted = _set(adapted, path, like.replace(a=jnp.asarray(a), b=jnp.asarray(b)))
+    return adapted, lora_cfg
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> dict:
+    """A copy of the nested dict with tree[path] = value (the input is left as it was)."""
+    head, *rest = path
+    return {**tree, head: _set(tree[head], tuple(rest), value) if rest else value}

@@ -57,8 +57,11 @@ def _load(args: InferArguments):
     if args.images and (args.prompt is None or args.dataset is not None):
         raise ConfigError("--images goes with --prompt (one user turn: the images, then the text)")
     if args.adapters and model.is_vlm:
-        raise ConfigError("--adapters on a vision-language model is not supported yet")
-    if args.adapters:
+        from jaxswift.checkpoints.vlm_peft import load_vlm_peft_adapter
+
+        params, _ = load_vlm_peft_adapter(model.params, model.config, args.adapters)
+        model = dataclasses.replace(model, params=params)
+    elif args.adapters:
         from jaxswift.checkpoints.peft import load_peft_adapter
 
         params, _ = load_peft_adapter(model.params, model.config, args.adapters)
