@@ -6,9 +6,7 @@ log-softmax of transformers' logits.
 """
 
 import asyncio
-import contextlib
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -26,6 +24,8 @@ from jaxswift.infer.orchestrator import (EngineShutdown, GenerationRequest, Incr
                                          RequestTimeout, StopStringMatcher)
 from jaxswift.serve.openai import build_app
 
+from server_fixtures import running
+
 KEY = "test-key"
 MODEL = "tiny-chat"
 ADAPTER = "tiny-lora"
@@ -34,27 +34,6 @@ PROMPTS = ["Tell me a story about a cat.", "What is 2 + 2?", "Name three colours
 
 
 # ---------------------------------------------------------------- fixtures: model, servers
-
-@contextlib.contextmanager
-def running(app):
-    """A real uvicorn server on a free localhost port, in a background thread."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 class Served:

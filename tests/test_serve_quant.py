@@ -4,12 +4,8 @@ on load (deploy and infer), the int8 decode matmul that reads the codes in place
 Speed and held-out perplexity on SmolLM2 live in benchmarks/serve_quant.py (benchmarks/RESULTS.md).
 """
 
-import contextlib
 import json
 import shutil
-import socket
-import threading
-import time
 import urllib.request
 
 import jax
@@ -30,29 +26,9 @@ from jaxswift.recipes.common import run_main
 from jaxswift.recipes.serve import ServeArguments, build_server
 from jaxswift.train.args import parse_args
 
+from server_fixtures import running
+
 PROMPT = "Name three colours of the rainbow."
-
-
-@contextlib.contextmanager
-def running(app):
-    """A real uvicorn server on a free localhost port, in a background thread."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def chat(url: str, max_tokens: int = 8) -> dict:
