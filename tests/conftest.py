@@ -7,22 +7,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _share_compilations_across_processes():
-    """One persistent XLA compilation cache for the session, inherited by every recipe the tests start: many tests
-    run the same SmolLM2 program in a fresh process, and XLA:CPU takes ~40 s to compile its train step."""
-    import atexit
-    import shutil
-    import tempfile
-
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        folder = tempfile.mkdtemp(prefix="jaxswift-test-xla-cache-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-
-
-_share_compilations_across_processes()
-
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
