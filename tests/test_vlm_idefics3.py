@@ -15,7 +15,7 @@ from jaxswift.errors import ConfigError, DataError
 from jaxswift.models.vision import vlm_forward
 from jaxswift.models.vit import bucketed_positions
 
-from vlm_fixtures import make_idefics3, random_image, rendered, user, vit_forward_logits
+from vlm_fixtures import edited_folder, make_idefics3, random_image, rendered, user, vit_forward_logits
 
 _forward = jax.jit(vlm_forward, static_argnames="cfg")
 _BUILT = {}
@@ -176,8 +176,6 @@ def test_infer_cli_with_two_images(idefics3_only, tmp_path, capsys):
 
 
 def test_bad_inputs(idefics3_only, tmp_path):
-    import json
-    import shutil
 
     _, _, model, folder = idefics3_only
     with pytest.raises(DataError, match="idefics3 models take images only"):
@@ -186,12 +184,7 @@ def test_bad_inputs(idefics3_only, tmp_path):
         model.processor.encode_text("a<image>", [("image", random_image(30, 30))] * 2)
 
     def edited(name, edit, file="config.json"):
-        out = tmp_path / name
-        shutil.copytree(folder, out)
-        data = json.loads((out / file).read_text())
-        edit(data)
-        (out / file).write_text(json.dumps(data))
-        return str(out)
+        return edited_folder(folder, tmp_path / name, edit, file)
 
     with pytest.raises(ConfigError, match="scale_factor 3 must divide the 4 patches per side"):
         jaxswift.load_model(edited("scale", lambda d: d.update(scale_factor=3)))

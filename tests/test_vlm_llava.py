@@ -13,7 +13,7 @@ from jaxswift.data.images import ClipVisionProcessor
 from jaxswift.errors import ConfigError, DataError
 from jaxswift.models.vision import vlm_forward
 
-from vlm_fixtures import make_llava, random_image, rendered, user, vit_forward_logits
+from vlm_fixtures import edited_folder, make_llava, random_image, rendered, user, vit_forward_logits
 
 _forward = jax.jit(vlm_forward, static_argnames="cfg")
 VARIANTS = {"clip-llama": dict(tower="clip", text="llama", feature_layer=-2, strategy="default"),
@@ -167,8 +167,6 @@ def test_infer_cli_with_an_image(clip_llava, tmp_path, capsys):
 
 
 def test_bad_inputs(clip_llava, tmp_path):
-    import json
-    import shutil
 
     _, _, model, folder = clip_llava
     with pytest.raises(DataError, match="images only"):
@@ -181,12 +179,7 @@ def test_bad_inputs(clip_llava, tmp_path):
         jaxswift.load_model(str(folder), max_pixels=1000)
 
     def edited(name, edit, file="config.json"):
-        out = tmp_path / name
-        shutil.copytree(folder, out)
-        data = json.loads((out / file).read_text())
-        edit(data)
-        (out / file).write_text(json.dumps(data))
-        return str(out)
+        return edited_folder(folder, tmp_path / name, edit, file)
 
     with pytest.raises(ConfigError, match="vision feature layer 7 is out of range for a 3-layer tower"):
         jaxswift.load_model(edited("layer", lambda d: d.update(vision_feature_layer=7)))

@@ -3,6 +3,7 @@ tokenizer with the family's special tokens, the family's processor), shared by t
 
 from __future__ import annotations
 
+from pathlib import Path
 import numpy as np
 
 WORDS = [f"w{i}" for i in range(90)] + ["user", "assistant", "system", "\n", "a", "the", "cat", "dog", "image"]
@@ -260,3 +261,15 @@ def check_peft_adapter(hf_class, processor, model, folder, out_dir, messages, im
     base = vit_forward_logits(model, prompt, forward)
     assert np.abs(ours - base).max() > 1e-3  # the adapters really change the output
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def edited_folder(folder, out, edit, file: str = "config.json") -> str:
+    """A copy of the model folder at `out` whose JSON `file` went through `edit(dict)` (bad-input tests)."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, out)
+    data = json.loads((Path(out) / file).read_text())
+    edit(data)
+    (Path(out) / file).write_text(json.dumps(data))
+    return str(out)
