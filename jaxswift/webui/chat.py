@@ -17,6 +17,12 @@ from jaxswift.errors import ConfigError, JaxswiftError
 from jaxswift.serve.limits import TooManyRequests
 
 
+# The page is updated at most this often while an answer streams: every update re-renders the chat in the browser,
+# and on a busy CPU a page full of recipe forms falls seconds behind a token-per-update stream (it then shows the
+# answer in a few jumps instead of growing smoothly).
+PAGE_UPDATE_S = 0.25
+
+
 class LocalBackend:
     """A model loaded in the UI process, fed through an Orchestrator (so concurrent chats share decode steps)."""
 
@@ -176,9 +182,13 @@ def build(ctx, state: ChatState, *, fixed: bool = False) -> None:
             yield history, ""
             sampling = dict(temperature=float(temp), top_p=float(p), top_k=int(k), max_tokens=int(tokens),
                             seed=None if seed_value is None or seed_value < 0 else int(seed_value))
+            shown = time.monotonic()
             for piece in backend.stream(messages, **sampling):
                 history[-1]["content"] += piece
-                yield history, ""
+                if time.monotonic() - shown >= PAGE_UPDATE_S:
+                    shown = time.monotonic()
+                    yield history, ""
+            yield history, ""
         except Exception as e:  # the engine's or the server's refusal, shown in the page rather than lost in a log
             raise gr.Error(f"{type(e).__name__}: {e}") from None
         finally:
