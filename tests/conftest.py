@@ -1,5 +1,6 @@
 """Test setup: 8 virtual CPU devices (set before JAX is imported) and shared fixtures."""
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -13,6 +14,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """After each test module: drop JAX's compiled programs. Each XLA:CPU executable keeps a few memory mappings
+    for its code; a whole suite in one process compiles ~10,000 of them and would pass the kernel's limit of
+    65,530 mappings per process (vm.max_map_count), where the next compilation segfaults."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
