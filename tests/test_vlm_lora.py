@@ -57,3 +57,36 @@ def test_bad_lora_parts(tmp_path):
         add_vlm_lora(model.params, model.config, LoraConfig(), jax.random.key(0), parts=("vit",))
     with pytest.raises(ConfigError, match="DoRA"):
         add_vlm_lora(model.params, model.config, LoraConfig(use_dora=True), jax.random.key(0))
+
+
+def test_export_merges_a_vlm_adapter_as_peft_does(tmp_path):
+    """`jaxswift export --adapters` on a Qwen2-VL adapter (tower + aligner + LLM): transformers loads the merged folder
+    and its logits equal peft's merge_and_unload of the same adapter."""
+    from peft import PeftModel
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from jaxswift.recipes.export import main as export
+
+    hf_model, processor = make_qwen2_vl(tmp_path / "base")
+    model = jaxswift.load_model(str(tmp_path / "base"))
+    lora = LoraConfig(rank=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    params = randomize_b(add_vlm_lora(model.params, model.config, lora, jax.random.key(0)), jax.random.key(1))
+    save_vlm_peft_adapter(params, model.config, lora, tmp_path / "adapter", str(tmp_path / "base"))
+    assert export(["--adapters", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "merged")]) == 0
+
+    image = random_image(90, 60, seed=5)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "a"}]}]
+    for name in ("preprocessor_config.json", "tokenizer.json"):  # the processor came along
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "base" / name).read_bytes(), name
+    assert jaxswift.load_model(str(tmp_path / "merged")).is_vlm
+    inputs = processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True)], images=[image],
+                       return_tensors="pt")
+    merged = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    reference = PeftModel.from_pretrained(hf_model, tmp_path / "adapter").merge_and_unload().eval()
+    with torch.no_grad():
+        ours, expected = merged(**inputs).logits.numpy(), reference(**inputs).logits.numpy()
+        base = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "base").eval()(**inputs).logits.numpy()
+    assert np.abs(expected - base).max() > 1e-3  # the adapter really changes the model
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="vision-language model"):
+        export(["--adapters", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "q"), "--quant_method", "int8"])

@@ -1,7 +1,8 @@
 """Export: `python -m jaxswift.recipes.export --adapters DIR --merge_lora true --output_dir OUT`.
 
 Writes a full Hugging Face folder: the base model (from --model, or the adapter's base_model_name_or_path) with the
-PEFT LoRA adapter merged into its weights. Without --adapters it converts --model (e.g. a GGUF) to an HF folder.
+PEFT LoRA adapter merged into its weights (a vision-language model's adapter may reach its vision tower and
+aligner too; the processor files are copied along). Without --adapters it converts --model (e.g. a GGUF) to an HF folder.
 
 With --quant_method the (merged) model is quantized on the way out, in the layout others load:
   gptq (--quant_bits 4|8, --group_size, --desc_act, calibrated on --dataset) -> AutoGPTQ/optimum/vLLM "gptq";
@@ -57,17 +58,31 @@ def _base_model(args: ExportArguments) -> str:
     return base
 
 
+def _merged(model, adapters: str):
+    """The model with the PEFT LoRA adapter folded into its weights (W + scale*BA), text or vision-language."""
+    from jaxswift.tuners.lora import merge_lora
+
+    if model.is_vlm:  # the adapter may reach the vision tower and the aligner as well as the LLM
+        from jaxswift.checkpoints.vlm_peft import load_vlm_peft_adapter
+
+        params, _ = load_vlm_peft_adapter(model.params, model.config, adapters)
+    else:
+        from jaxswift.checkpoints.peft import load_peft_adapter
+
+        params, _ = load_peft_adapter(model.params, model.config, adapters)
+    return dataclasses.replace(model, params=merge_lora(params))
+
+
 def _quantized_export(args: ExportArguments, model, out: Path):
     from jaxswift.errors import ConfigError
     from jaxswift.quant.calibration import calibration_tokens
     from jaxswift.quant.export_formats import CALIBRATED, QuantSpec, check_spec, quantize_model, save_quantized
 
+    if model.is_vlm:
+        raise ConfigError(f"--quant_method {args.quant_method}: quantized export covers the text families; "
+                          f"{model.source} is a vision-language model (export it merged, without --quant_method)")
     if args.adapters:
-        from jaxswift.checkpoints.peft import load_peft_adapter
-        from jaxswift.tuners.lora import merge_lora
-
-        params, _ = load_peft_adapter(model.params, model.config, args.adapters)
-        model = dataclasses.replace(model, params=merge_lora(params))
+        model = _merged(model, args.adapters)
     bits = args.quant_bits or (4 if args.quant_method in ("gptq", "awq") else 8)
     spec = QuantSpec(args.quant_method, bits, args.group_size, args.desc_act, args.sym, args.quant_per_channel)
     check_spec(spec, model.config)
@@ -93,10 +108,7 @@ def main(argv: list[str]) -> int:
     if args.quant_method:
         _quantized_export(args, model, out)
     elif args.adapters:
-        from jaxswift.checkpoints.peft import load_peft_adapter, merge_and_save
-
-        params, _ = load_peft_adapter(model.params, model.config, args.adapters)
-        merge_and_save(dataclasses.replace(model, params=params), out)
+        jaxswift.save_model(_merged(model, args.adapters), out)
     else:
         jaxswift.save_model(model, out)
     print(f"wrote {out}")
