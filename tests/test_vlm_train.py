@@ -289,3 +289,24 @@ def test_lora_adapter_trained_by_sft_loads_with_peft_and_back_into_jaxswift(vlm,
                       {"base_model.model.model.other.q_proj.lora_A.weight": np.zeros((4, 8), np.float32)})
     with pytest.raises(CheckpointError, match="no module for"):
         load_vlm_peft_adapter(model.params, model.config, stray)
+
+
+def test_families_that_do_not_train_yet_are_refused_by_name(tmp_path, vlm):
+    from vlm_fixtures import make_llava
+
+    make_llava(tmp_path / "llava")
+    with pytest.raises(ConfigError, match="covers qwen2_vl, qwen2_5_vl so far; llava models load"):
+        run_sft(vlm_args(vlm, tmp_path / "out", model=str(tmp_path / "llava"), mesh="1"), progress=False)
+
+
+def test_rlhf_and_grpo_refuse_a_vision_language_model_by_name(tmp_path, vlm):
+    from jaxswift.train.grpo import run_grpo
+    from jaxswift.train.grpo_args import GrpoArguments
+    from jaxswift.train.rlhf import run_rlhf
+    from jaxswift.train.rlhf_args import RlhfArguments
+
+    common = dict(model=str(vlm[2]), dataset=[str(vlm[3])], mesh="1", demo_question="", disable_tqdm=True)
+    with pytest.raises(ConfigError, match="rlhf trains text-only models so far; this is a qwen2_vl"):
+        run_rlhf(RlhfArguments(output_dir=str(tmp_path / "dpo"), **common), progress=False)
+    with pytest.raises(ConfigError, match="grpo trains text-only models so far; this is a qwen2_vl"):
+        run_grpo(GrpoArguments(output_dir=str(tmp_path / "grpo"), **common), None, progress=False)

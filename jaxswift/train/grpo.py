@@ -29,8 +29,9 @@ from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.train.grpo_args import GrpoArguments
-from jaxswift.train.loop import (Feed, compile_step, demo_answer, export_model, init_state, plot_run, start_run,
-                                 total_steps_of, train_loop, TaskScorer, with_task_scores)
+from jaxswift.train.loop import (Feed, compile_step, demo_answer, export_model, init_state, plot_run,
+                                 refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
+                                 with_task_scores)
 from jaxswift.train.shardings import shard_params
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
@@ -327,6 +328,7 @@ def _summary(args: GrpoArguments, prompts_per_step: int, lora: bool) -> str:
 def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
              task_scorer: TaskScorer | None = None) -> GrpoResult:
     ctx = start_run(args)
+    refuse_vision_language(ctx, "grpo")
     model, cfg = ctx.model, ctx.cfg
     if model.tokenizer is None:
         raise ConfigError(f"{args.model}: the model has no tokenizer, which GRPO needs for prompts and rewards")

@@ -31,7 +31,7 @@ from jaxswift.checkpoints.state import StateCheckpointer, resolve_resume, restor
 from jaxswift.checkpoints.vlm import save_vlm
 from jaxswift.checkpoints.vlm_peft import save_vlm_peft_adapter
 from jaxswift.data.formats import check_dataset_specs
-from jaxswift.errors import JaxswiftError
+from jaxswift.errors import ConfigError, JaxswiftError
 from jaxswift.models.vision import VLMConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, is_primary, process_rows, put_process_batch
@@ -107,6 +107,13 @@ def start_run(args) -> RunContext:
     model = load_model(args.model, dtype=args.dtype)
     cfg = run_config(model.config, args)
     return RunContext(args, out_dir, mesh, rules, data_parallel_size(rules, mesh), model, cfg)
+
+
+def refuse_vision_language(ctx: RunContext, recipe: str) -> None:
+    """A trainer that reads text rows only, given a vision-language model: refused by name before any compile."""
+    if ctx.model.is_vlm:
+        raise ConfigError(f"--model {ctx.args.model}: {recipe} trains text-only models so far; this is a "
+                          f"{ctx.model.config.family} vision-language model (jaxswift sft trains it on image rows)")
 
 
 def run_config(config, args):

@@ -25,7 +25,8 @@ from jaxswift.errors import ConfigError, DataError
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import is_primary
 from jaxswift.train.loop import (Feed, RunContext, compile_step, demo_answer, export_model, host_params, init_state,
-                                 plot_run, start_run, total_steps_of, train_loop, TaskScorer, with_task_scores)
+                                 plot_run, refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
+                                 with_task_scores)
 from jaxswift.train.preference import (evaluate_items, init_value_head, item_assembler, make_eval_fn, make_logps_fn,
                                        make_preference_step, objective_from_args, preference_plan, score_items)
 from jaxswift.train.rlhf_args import RlhfArguments
@@ -119,6 +120,7 @@ class _Scoring:
 
 def run_rlhf(args: RlhfArguments, *, progress: bool = True, task_scorer: TaskScorer | None = None) -> RlhfResult:
     ctx = start_run(args)
+    refuse_vision_language(ctx, "rlhf")
     model, cfg, obj = ctx.model, ctx.cfg, objective_from_args(args)
     messages: list[str] = []
     train_items, val_items = _load_items(args, obj, model.tokenizer, messages.append)

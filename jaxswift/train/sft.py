@@ -77,9 +77,17 @@ def load_vlm_sft_data(args: SftArguments, model, log_fn):
     return train, val
 
 
+# The families whose image rows the SFT data path encodes (their processors expand placeholders by image grid).
+TRAINABLE_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
 def check_vlm_run(ctx: RunContext) -> None:
     """What VLM SFT does not do yet, refused before anything is compiled."""
     args = ctx.args
+    family = ctx.model.config.family
+    if family not in TRAINABLE_VLM_FAMILIES:
+        raise ConfigError(f"--model {args.model}: SFT on image rows covers {', '.join(TRAINABLE_VLM_FAMILIES)} so far; "
+                          f"{family} models load, infer, serve and merge adapters, but do not train yet")
     if jax.process_count() > 1:
         raise ConfigError("vision-language SFT runs in one process so far (each process would size its image "
                           "patches alone)")
