@@ -49,10 +49,12 @@ class ServeArguments:
     max_queue: int = field(default=256, metadata={"help": "waiting requests before 429"})
     request_timeout: Optional[float] = field(default=600.0, metadata={"help": "seconds per request"})
     log_level: str = "info"
+    max_image_pixels: int = field(default=32 * 1024 * 1024, metadata={
+        "help": "vision-language models: a request's image of more pixels (width x height) gets a 400"})
     config: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("port", "max_num_seqs", "max_model_len", "page_size", "max_queue"):
+        for name in ("port", "max_num_seqs", "max_model_len", "page_size", "max_queue", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         check_quant_method(self.quant_method)
@@ -124,7 +126,8 @@ def build_server(args: ServeArguments):
         log.info("warmup: compiled the engine's shapes in %.1f s", time.perf_counter() - started)
     orchestrator = Orchestrator(engine, max_queue=args.max_queue, request_timeout=args.request_timeout)
     app = build_app(orchestrator, model_name=args.served_model_name or args.model, adapter_names=list(adapters),
-                    api_keys=args.api_key, rate_limit=args.rate_limit, max_concurrency=args.max_concurrency)
+                    api_keys=args.api_key, rate_limit=args.rate_limit, max_concurrency=args.max_concurrency,
+                    max_image_pixels=args.max_image_pixels)
     return app, orchestrator
 
 
