@@ -13,6 +13,10 @@ import openai
 import pytest
 
 import jaxswift
+from jaxswift.data.images import image_to_data_url as image_data_url
+from jaxswift.errors import ConfigError
+from jaxswift.infer.engine_api import RequestSampling
+from jaxswift.infer.engine_vlm import RequestImages, request_images
 from jaxswift.recipes.serve import ServeArguments, build_server
 
 from server_fixtures import running
@@ -38,8 +42,9 @@ def image_turn(url: str, text: str = "the cat") -> list[dict]:
 
 
 class Deployed:
-    def __init__(self, url, orchestrator, folder, model):
+    def __init__(self, url, orchestrator, folder, model, hf=None):
         self.url, self.orchestrator, self.folder, self.model = url, orchestrator, folder, model
+        self.hf = hf  # (transformers model, processor) of the folder
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 
     def ask(self, messages, **kw) -> str:
@@ -70,10 +75,10 @@ def deploy(folder, **kw):
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen2_vl_serve")
-    make_qwen2_vl(folder)
+    hf = make_qwen2_vl(folder)
     app, orchestrator = deploy(folder, max_image_pixels=MAX_IMAGE_PIXELS)
     with running(app) as url:
-        yield Deployed(url, orchestrator, folder, jaxswift.load_model(str(folder)))
+        yield Deployed(url, orchestrator, folder, jaxswift.load_model(str(folder)), hf)
     orchestrator.shutdown()
 
 
@@ -97,6 +102,19 @@ def test_image_chat_equals_infer_cli(qwen, images, capsys):
     assert answer, "the tiny model's greedy answer is not empty"
     assert printed == answer + "\n"
     assert qwen.ask_streamed(image_turn(data_url(images["a"]))) == answer
+    # and transformers' greedy generate on the same turn
+    import PIL.Image
+    import torch
+
+    hf_model, processor = qwen.hf
+    image = PIL.Image.open(images["a"]).convert("RGB")
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                            "text": "the cat"}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = hf_model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    assert processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == answer
 
 
 def test_same_placeholders_other_image_is_not_a_prefix_cache_hit(qwen, images):
@@ -169,6 +187,26 @@ def test_image_to_text_only_model_gets_400(tiny_chat_model, images):
                 model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2).choices[0].finish_reason
     finally:
         orchestrator.shutdown()
+    engine = orchestrator.engine  # the engine itself refuses images too
+    with pytest.raises(ConfigError, match="serves a text-only model"):
+        engine.prefill(engine.params, *engine.pad_prompt([1, 2, 3]), RequestSampling(max_tokens=2),
+                       images=RequestImages(None, None, 0, 1))
+
+
+def test_engine_refuses_bad_image_prefills(qwen):
+    from jaxswift.infer.engine import JaxEngine
+
+    engine = JaxEngine(qwen.model, max_concurrent_decodes=1, max_model_len=128)  # not the server's: its thread's
+    prompt = qwen.model.processor.encode_chat(image_turn(image_data_url(random_image(60, 60))))
+    images = request_images(qwen.model.processor, prompt)
+    padded, n = engine.pad_prompt(prompt.ids)
+    sampling = RequestSampling(max_tokens=2)
+    with pytest.raises(ConfigError, match="no image placeholder"):
+        engine.prefill(engine.params, *engine.pad_prompt([20, 21, 22]), sampling, images=images)  # words only
+    with pytest.raises(ConfigError, match="must be the RequestImages"):
+        engine.prefill(engine.params, padded, n, sampling, images=prompt)
+    with pytest.raises(ConfigError, match="existing_prefix does not apply"):
+        engine.prefill(engine.params, padded, n, sampling, existing_prefix=object(), images=images)
 
 
 def test_llava_image_chat_equals_chat(tmp_path, images):

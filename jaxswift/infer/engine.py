@@ -494,12 +494,12 @@ class JaxEngine(Engine):
             raise ConfigError("this engine serves a text-only model: a request with images cannot run on it")
         if existing_prefix is not None:
             raise ConfigError("a prompt with images is prefilled whole: existing_prefix does not apply to it")
-        self.prefix_cache_miss_tokens += n
         tokens = tuple(int(t) for t in padded_tokens[:n])
-        prefix = Prefix(None, None, n, sampling, {}, False, None, None, tokens=tokens, adapter=sampling.adapter,
+        k, v, logits, prompt_mask = prefill_with_images(params, self._tower_params, padded_tokens, n, images,
+                                                        self.vlm_config)
+        self.prefix_cache_miss_tokens += n
+        prefix = Prefix(k, v, n, sampling, {}, False, logits, prompt_mask, tokens=tokens, adapter=sampling.adapter,
                         rope_delta=images.rope_delta, cacheable=False)
-        prefix.k, prefix.v, prefix.logits, prefix.prompt_mask = prefill_with_images(
-            params, self._tower_params, padded_tokens, n, images, self.vlm_config)
         return self._first(prefix, sampling)
 
     def prefill_step(self, params, token_ids, sampling: RequestSampling, partial: Prefix | None = None):
