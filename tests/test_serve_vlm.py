@@ -187,6 +187,8 @@ def test_image_to_text_only_model_gets_400(tiny_chat_model, images):
                 model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2).choices[0].finish_reason
     finally:
         orchestrator.shutdown()
+    with pytest.raises(ConfigError, match="--max_image_pixels: .* is a text-only model"):
+        deploy(tiny_chat_model, max_image_pixels=1000)
     engine = orchestrator.engine  # the engine itself refuses images too
     with pytest.raises(ConfigError, match="serves a text-only model"):
         engine.prefill(engine.params, *engine.pad_prompt([1, 2, 3]), RequestSampling(max_tokens=2),

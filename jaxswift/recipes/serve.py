@@ -17,6 +17,7 @@ from jaxswift.errors import ConfigError
 from jaxswift.recipes.common import run_main
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_IMAGE_PIXELS = 32 * 1024 * 1024  # serve/openai.py's MAX_IMAGE_PIXELS (not imported: FastAPI loads late)
 
 
 @dataclasses.dataclass
@@ -49,7 +50,7 @@ class ServeArguments:
     max_queue: int = field(default=256, metadata={"help": "waiting requests before 429"})
     request_timeout: Optional[float] = field(default=600.0, metadata={"help": "seconds per request"})
     log_level: str = "info"
-    max_image_pixels: int = field(default=32 * 1024 * 1024, metadata={
+    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={
         "help": "vision-language models: a request's image of more pixels (width x height) gets a 400"})
     config: Optional[str] = None
 
@@ -116,6 +117,8 @@ def build_server(args: ServeArguments):
     model = load_for_inference(args.model, args.dtype, args.quant_method)
     if model.tokenizer is None:
         raise ConfigError(f"--model {args.model}: no tokenizer found; the server needs one")
+    if args.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS and not model.is_vlm:
+        raise ConfigError(f"--max_image_pixels: {args.model} is a text-only model (it takes no images)")
     engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
                        page_size=args.page_size, num_pages=args.num_pages, adapters=adapters or None,
                        enable_prefix_caching=args.enable_prefix_caching,
