@@ -35,6 +35,11 @@ each page a slot fills while decoding; admission (`can_admit_prompt`) counts pag
 taking none.
 `existing_prefix` does the same from an earlier Prefix instead of the pools. Prompt log-probs (echo) always run the
 whole prompt: they need every prompt token's logits, which cached pages do not keep.
+
+Vision-language models (engine_vlm.py): the engine runs the LLM. A request with images (`prefill(..., images=)`)
+runs the tower once at its prefill, then the whole prompt over the image features; it bypasses the prefix cache
+and chunked prefill. Each slot keeps its prompt's rope delta (Qwen2-VL's M-RoPE; 0 for text requests) and decoded
+tokens rotate by position + delta, so decoding and continuous batching are the text ones.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class DecodeState(NamedTuple):
     sampling: SlotSampling
     prompt_mask: jax.Array  # [S, V] bool: tokens of the prompt (repetition penalty)
     output_counts: jax.Array  # [S, V] int32: how often each token was generated (penalties)
+    rope_delta: jax.Array  # [S] decoded tokens rotate by position + this (Qwen2-VL's M-RoPE delta; else 0)
 
 
 @dataclasses.dataclass
@@ -96,6 +102,8 @@ class Prefix:
     cached_pages: tuple = ()  # pool pages the leading full pages were read from (automatic prefix caching)
     page_of: np.ndarray | None = None  # logical page i of the prompt is k/v page page_of[i] (None: page i)
     first_token: int = -1  # the sampled first token (the first decode step's input)
+    rope_delta: int = 0  # a prompt with images (M-RoPE): decoded tokens rotate by position + this
+    cacheable: bool = True  # False for a prompt with images: its pages never enter the prefix cache
 
 
 def _finished(tokens_S, generated_S, stop_ids_SX, max_tokens_S):
@@ -192,7 +200,7 @@ def _prompt_logprobs(params, tokens_T, length, adapter, *, cfg: ModelConfig, chu
 
 
 def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X, max_tokens, adapter, allowed_1W,
-                 *, num_top: int):
+                 rope_delta, *, num_top: int):
     """The first token and the request's slot arrays (one compile for every bucket; allowed_1W None: no
     constraint)."""
     counts = jnp.zeros(logits.shape, jnp.int32)
@@ -203,7 +211,7 @@ def _first_token(logits, prompt_mask, length, sampling: SlotSampling, stop_ids_X
     done = _finished(first, one, stop_ids_X[None], max_tokens[None])
     slot = dict(tokens=first, positions=length[None], generated=one, active=~done, max_tokens=max_tokens[None],
                 stop_ids=stop_ids_X[None], adapter=adapter[None], sampling=sampling, prompt_mask=prompt_mask,
-                output_counts=counts.at[0, first[0]].add(1))
+                output_counts=counts.at[0, first[0]].add(1), rope_delta=rope_delta[None])
     return slot, (first, jnp.ones((1,), bool), one, done, chosen, top_ids, top_logprobs)
 
 
@@ -244,7 +252,7 @@ def _generate(params, state: DecodeState, rows_B, table_BC, allowed_BW, *, cfg: 
     page = jnp.take_along_axis(table_BC, jnp.minimum(pos // P, C - 1)[:, None], axis=1)[:, 0]
     page = jnp.where(active, page, SCRATCH_PAGE)
     h, ks, vs = paged_decode_hidden(params, rows(state.tokens), cfg, pos, state.k_pages, state.v_pages, page,
-                                    pos % P, table_BC)
+                                    pos % P, table_BC, rope_position_B=pos + rows(state.rope_delta))
     logits = logits_from_hidden(params, h[:, None], cfg)[:, 0]
     masked = logits if allowed_BW is None else apply_token_mask(logits, allowed_BW)  # log-probs stay raw (vLLM)
     if penalties:
@@ -291,6 +299,14 @@ class JaxEngine(Engine):
                  adapters: dict[str, str] | None = None, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int | None = None):
         cfg: ModelConfig = model.config
+        # A vision-language model: the engine runs its LLM; the tower runs at the prefill of requests with images.
+        self.vlm_config, self.processor, self._tower_params = None, None, None
+        if getattr(model, "is_vlm", False):
+            if adapters:
+                raise ConfigError("adapters: serving LoRA adapters on a vision-language model is not supported")
+            self.vlm_config, self.processor, cfg = model.config, model.processor, model.config.text
+            self._tower_params = {k: v for k, v in model.params.items() if k != "llm"}
+            model = dataclasses.replace(model, config=cfg, params=model.params["llm"])
         _check_sizes(max_concurrent_decodes, max_model_len, page_size, num_pages, prefill_buckets)
         if max_num_batched_tokens is not None and (not isinstance(max_num_batched_tokens, int)
                                                    or isinstance(max_num_batched_tokens, bool)
@@ -422,10 +438,13 @@ class JaxEngine(Engine):
         out[:len(ids)] = ids
         return out
 
-    def prefill(self, params, padded_tokens, true_length, sampling: RequestSampling, existing_prefix=None):
+    def prefill(self, params, padded_tokens, true_length, sampling: RequestSampling, existing_prefix=None,
+                images=None):
         """Runs the prompt and samples its first token. Its leading full pages come from `existing_prefix` (a
         Prefix of this engine whose prompt this one starts with, same adapter) or, with prefix caching on, from
-        the cache; only the rest runs (at least the last prompt token, whose logits are needed)."""
+        the cache; only the rest runs (at least the last prompt token, whose logits are needed).
+        `images` (a vision-language model: engine_vlm.RequestImages of this prompt): the tower runs once and the
+        whole prompt is prefilled, without the prefix cache."""
         check_sampling(sampling, self.config.vocab_size, len(self._adapter_names))
         padded_tokens = np.asarray(padded_tokens, np.int32)
         T = padded_tokens.shape[0]
@@ -435,6 +454,8 @@ class JaxEngine(Engine):
         n, P = int(true_length), self.page_size
         self._check_params(params)
         tokens = tuple(int(t) for t in padded_tokens[:n])
+        if images is not None:
+            return self._prefill_with_images(params, padded_tokens, n, sampling, existing_prefix, images)
         hashes = tuple(page_hashes(tokens, P, sampling.adapter)) if self.enable_prefix_caching else ()
         reusable = (n - 1) // P  # full pages before the last prompt token
         source, pages, cached_pages = None, [], ()
@@ -463,6 +484,22 @@ class JaxEngine(Engine):
         prefix.page_of = np.concatenate([np.arange(len(pages)), len(pages_C) + np.arange(rest.shape[0] // P)])
         prefix.prompt_mask = np.zeros((1, self.config.vocab_size), bool)
         prefix.prompt_mask[0, list(tokens)] = True
+        return self._first(prefix, sampling)
+
+    def _prefill_with_images(self, params, padded_tokens, n: int, sampling: RequestSampling, existing_prefix,
+                             images):
+        from jaxswift.infer.engine_vlm import prefill_with_images
+
+        if self.vlm_config is None:
+            raise ConfigError("this engine serves a text-only model: a request with images cannot run on it")
+        if existing_prefix is not None:
+            raise ConfigError("a prompt with images is prefilled whole: existing_prefix does not apply to it")
+        tokens = tuple(int(t) for t in padded_tokens[:n])
+        k, v, logits, prompt_mask = prefill_with_images(params, self._tower_params, padded_tokens, n, images,
+                                                        self.vlm_config)
+        self.prefix_cache_miss_tokens += n
+        prefix = Prefix(k, v, n, sampling, {}, False, logits, prompt_mask, tokens=tokens, adapter=sampling.adapter,
+                        rope_delta=images.rope_delta, cacheable=False)
         return self._first(prefix, sampling)
 
     def prefill_step(self, params, token_ids, sampling: RequestSampling, partial: Prefix | None = None):
@@ -545,7 +582,7 @@ class JaxEngine(Engine):
             guide.write_mask(allowed[0])
         slot, out = _first_token_jit(prefix.logits, prefix.prompt_mask, jnp.int32(prefix.length),
                                      self._slot_sampling(sampling), self._stop_ids(sampling), jnp.int32(max_tokens),
-                                     jnp.int32(sampling.adapter), allowed,
+                                     jnp.int32(sampling.adapter), allowed, jnp.int32(prefix.rope_delta),
                                      num_top=MAX_TOP_LOGPROBS if sampling.logprobs else 0)
         first = self._result(jax.device_get(out), [sampling])
         if guide is not None and not first.done[0]:
@@ -608,7 +645,7 @@ class JaxEngine(Engine):
         return self._returned(DecodeState(
             k, v, zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32), zeros(bool), zeros(jnp.int32),
             jnp.full((S, MAX_STOP_TOKEN_IDS + len(self.eos_ids)), -1, jnp.int32), zeros(jnp.int32), sampling,
-            jnp.zeros((S, V), bool), jnp.zeros((S, V), jnp.int32)))
+            jnp.zeros((S, V), bool), jnp.zeros((S, V), jnp.int32), zeros(jnp.int32)))
 
     def _check_slot(self, slot: int):
         if not 0 <= slot < self._slots:
@@ -630,7 +667,7 @@ class JaxEngine(Engine):
         state = _insert_jit(decode_state, prefix.k, prefix.v, prefix.slot, jnp.int32(slot), pages)
         for page, key in zip(owned[shared:], prefix.page_hashes[shared:]):
             self._pages.register(page, key)
-        if self.enable_prefix_caching:  # pages the slot fills while decoding are cached as they fill
+        if self.enable_prefix_caching and prefix.cacheable:  # pages the slot fills while decoding are cached
             self._fed[slot] = [*prefix.tokens, prefix.first_token]
             self._chain[slot] = (prefix.page_hashes[-1] if prefix.page_hashes else hash_seed(prefix.adapter),
                                  len(prefix.page_hashes))

@@ -76,6 +76,9 @@ class GenerationRequest:
     # vLLM's prompt_logprobs: score the prompt's tokens too, with this many alternatives each (None: don't). With
     # sampling.max_tokens 0 the request only scores its prompt (an evaluator's echo request) and takes no slot.
     prompt_logprobs: int | None = None
+    # a vision-language model's request with images: engine_vlm.RequestImages, preprocessed before submission (the
+    # engine runs the tower at its prefill; no prefix cache, no chunked prefill)
+    images: object | None = None
 
 
 @dataclasses.dataclass
@@ -446,8 +449,7 @@ class Orchestrator:
             if not self._waiting:
                 return False
             request = self._waiting[0].request
-        if self._last_prefill is not None and self._last_prefill[0] == (tuple(request.prompt_ids),
-                                                                          request.sampling.adapter):
+        if self._last_prefill is not None and self._last_prefill[0] == _prefill_key(request):
             return False
         return len(request.prompt_ids) > left
 
@@ -480,7 +482,7 @@ class Orchestrator:
     def _can_admit(self, request: GenerationRequest) -> bool:
         """The engine's answer for this prompt when it can give one (pages shared with running requests through
         prefix caching take none), else for its length."""
-        if hasattr(self.engine, "can_admit_prompt"):
+        if hasattr(self.engine, "can_admit_prompt") and request.images is None:  # images: no cached pages
             return self.engine.can_admit_prompt(request.prompt_ids, request.sampling.max_tokens,
                                                 request.sampling.adapter)
         return self.engine.can_admit(len(request.prompt_ids), request.sampling.max_tokens)
@@ -499,18 +501,20 @@ class Orchestrator:
         return self._guarded(live, "prefill", lambda: self._prefill_or_chunk(live))
 
     def _prefill_or_chunk(self, live: _Live):
-        sampling, ids = live.request.sampling, list(live.request.prompt_ids)
-        key = (tuple(ids), sampling.adapter)
+        sampling, ids, images = live.request.sampling, list(live.request.prompt_ids), live.request.images
+        key = _prefill_key(live.request)
         if self._last_prefill is not None and self._last_prefill[0] == key and hasattr(self.engine, "resample"):
             return self.engine.resample(self._last_prefill[1], sampling)
         self._last_prefill = None
-        if self._budget is not None and (live.partial is not None or len(ids) > self._budget):
+        if images is None and self._budget is not None and (live.partial is not None or len(ids) > self._budget):
             self._prefilling = live  # until its last chunk (a failure below fails it there)
             prefix, first = self.engine.prefill_step(self.params, ids, sampling, live.partial)
             live.partial = prefix if first is None else None
             if first is None:
                 return prefix, None
             self._prefilling = None
+        elif images is not None:  # prefilled whole, the tower run once
+            prefix, first = self.engine.prefill(self.params, *self.engine.pad_prompt(ids), sampling, images=images)
         else:
             prefix, first = self.engine.prefill(self.params, *self.engine.pad_prompt(ids), sampling)
         self._last_prefill = (key, prefix)
@@ -546,6 +550,12 @@ class Orchestrator:
             live.fail(error)
         self._running.clear()
         self._fail_prefilling(error)
+
+
+def _prefill_key(request: GenerationRequest) -> tuple:
+    """What makes two requests' prefills equal: the prompt, the adapter and the images (by identity: the n choices
+    of one request share one object; equal placeholder ids with other images are another prompt)."""
+    return tuple(request.prompt_ids), request.sampling.adapter, request.images
 
 
 class AsyncSink:

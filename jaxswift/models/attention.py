@@ -46,12 +46,14 @@ def paged_attention(q_BNH, k_pool, v_pool, table_BC, position_B, window) -> jax.
     return out.reshape(K, B, G, H).transpose(1, 0, 2, 3).reshape(B, N, H)
 
 
-def paged_decoder_layer(x_BD, layer, window, cfg: ModelConfig, position_B, pages, page_B, offset_B, table_BC):
-    """One block for one new token per row; `pages` = (k_pool, v_pool) of this layer, returned updated."""
+def paged_decoder_layer(x_BD, layer, window, cfg: ModelConfig, position_B, pages, page_B, offset_B, table_BC,
+                        rope_position_B=None):
+    """One block for one new token per row; `pages` = (k_pool, v_pool) of this layer, returned updated.
+    rope_position_B (default: position_B) rotates q and k only (a VLM prompt's M-RoPE delta moves it)."""
     B = x_BD.shape[0]
     x = x_BD[:, None]
     h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = project_qkv(h, layer, cfg, position_B[:, None])
+    q, k, v = project_qkv(h, layer, cfg, (position_B if rope_position_B is None else rope_position_B)[:, None])
     k_pool, v_pool = write_token_kv(*pages, k[:, 0], v[:, 0], page_B, offset_B)
     attn = paged_attention(q[:, 0], k_pool, v_pool, table_BC, position_B, window)
     x = x + linear("BTNH,NHD->BTD", attn.reshape(B, 1, cfg.num_heads, cfg.head_dim), layer["wo"])
@@ -60,7 +62,7 @@ def paged_decoder_layer(x_BD, layer, window, cfg: ModelConfig, position_B, pages
 
 
 def paged_decode_hidden(params, tokens_B, cfg: ModelConfig, position_B, k_pages, v_pages, page_B, offset_B,
-                        table_BC):
+                        table_BC, rope_position_B=None):
     """Final-normed hidden states [B, D] of one new token per row, and the updated per-layer pools.
 
     params["layers"] is the tuple of per-layer trees of `unstack_layers` (decoding runs unrolled); k_pages and
@@ -70,5 +72,5 @@ def paged_decode_hidden(params, tokens_B, cfg: ModelConfig, position_B, k_pages,
     ks, vs = list(k_pages), list(v_pages)
     for i, (layer, window) in enumerate(zip(params["layers"], cfg.window_per_layer)):
         x, (ks[i], vs[i]) = paged_decoder_layer(x, layer, window, cfg, position_B, (ks[i], vs[i]), page_B,
-                                                offset_B, table_BC)
+                                                offset_B, table_BC, rope_position_B)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), tuple(ks), tuple(vs)

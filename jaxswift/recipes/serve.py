@@ -17,6 +17,7 @@ from jaxswift.errors import ConfigError
 from jaxswift.recipes.common import run_main
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_IMAGE_PIXELS = 32 * 1024 * 1024  # serve/openai.py's MAX_IMAGE_PIXELS (not imported: FastAPI loads late)
 
 
 @dataclasses.dataclass
@@ -49,10 +50,12 @@ class ServeArguments:
     max_queue: int = field(default=256, metadata={"help": "waiting requests before 429"})
     request_timeout: Optional[float] = field(default=600.0, metadata={"help": "seconds per request"})
     log_level: str = "info"
+    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={
+        "help": "vision-language models: a request's image of more pixels (width x height) gets a 400"})
     config: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("port", "max_num_seqs", "max_model_len", "page_size", "max_queue"):
+        for name in ("port", "max_num_seqs", "max_model_len", "page_size", "max_queue", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         check_quant_method(self.quant_method)
@@ -114,6 +117,8 @@ def build_server(args: ServeArguments):
     model = load_for_inference(args.model, args.dtype, args.quant_method)
     if model.tokenizer is None:
         raise ConfigError(f"--model {args.model}: no tokenizer found; the server needs one")
+    if args.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS and not model.is_vlm:
+        raise ConfigError(f"--max_image_pixels: {args.model} is a text-only model (it takes no images)")
     engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
                        page_size=args.page_size, num_pages=args.num_pages, adapters=adapters or None,
                        enable_prefix_caching=args.enable_prefix_caching,
@@ -124,7 +129,8 @@ def build_server(args: ServeArguments):
         log.info("warmup: compiled the engine's shapes in %.1f s", time.perf_counter() - started)
     orchestrator = Orchestrator(engine, max_queue=args.max_queue, request_timeout=args.request_timeout)
     app = build_app(orchestrator, model_name=args.served_model_name or args.model, adapter_names=list(adapters),
-                    api_keys=args.api_key, rate_limit=args.rate_limit, max_concurrency=args.max_concurrency)
+                    api_keys=args.api_key, rate_limit=args.rate_limit, max_concurrency=args.max_concurrency,
+                    max_image_pixels=args.max_image_pixels)
     return app, orchestrator
 
 

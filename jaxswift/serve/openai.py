@@ -13,6 +13,12 @@ compiled by infer/grammar.py (outlines-core) and enforced per token inside the e
 `none` leaves the text alone; `required` and a named function constrain the output to one call, so it always
 parses), `role: "tool"` messages; rendering as serve/tools.py describes.
 
+Images (a vision-language model): chat user messages take `{"type": "image_url", "image_url": {"url":
+"data:image/png;base64,..."}}` parts. Each image is decoded, checked against `max_image_pixels` and preprocessed on
+the way in (off the event loop), so a bad one is a 400 naming `messages[i].content[j]` before anything is queued;
+the engine runs the tower once at the request's prefill (infer/engine_vlm.py). http(s) URLs are never fetched and
+file paths never read: only data URLs. A text-only model answers an image part with a 400.
+
 Every error, FastAPI's own validation errors included, answers with OpenAI's envelope
 `{"error": {"message", "type", "param", "code"}}`; a client's mistake is a 4xx, never a 500. Bodies are validated
 strictly (no type coercion, unknown fields refused) so that nothing a client sends is silently ignored. `user`
@@ -26,8 +32,11 @@ strictly (no type coercion, unknown fields refused) so that nothing a client sen
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import functools
+import io
 import json
 import secrets
 import time
@@ -40,6 +49,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jaxswift.errors import ConfigError
 from jaxswift.infer.engine_api import RequestSampling
 from jaxswift.infer.orchestrator import (AsyncSink, Chunk, EngineShutdown, GenerationRequest, Orchestrator,
                                          QueueFull, RequestRejected, RequestTimeout, RequestTooLarge,
@@ -53,6 +63,7 @@ MAX_PROMPTS = 64
 MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs (the engine's MAX_TOP_LOGPROBS)
 MAX_STOP_TOKEN_IDS = 16
 DISCONNECT_POLL_S = 1.0
+MAX_IMAGE_PIXELS = 32 * 1024 * 1024  # default bound on a decoded image (width x height): an 8K x 4K photo passes
 
 
 # ---------------------------------------------------------------- errors
@@ -78,8 +89,8 @@ def _field_path(loc) -> str | None:
     return ".".join(parts) or None
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "StreamOptions", "ResponseFormat",
-              "NamedToolChoice", "ToolCall", "Tool", "JsonSchemaFormat", "StructuredOutputs"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ImagePart", "StreamOptions",
+              "ResponseFormat", "NamedToolChoice", "ToolCall", "Tool", "JsonSchemaFormat", "StructuredOutputs"}
 
 
 def _validation_error(errors: list[dict]) -> APIError:
@@ -147,6 +158,15 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str  # a data URL: data:image/<type>;base64,<data>
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(_Strict):
     name: str
     arguments: str  # a JSON object, as text (OpenAI's shape)
@@ -160,7 +180,7 @@ class ToolCall(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -278,6 +298,7 @@ class ServerConfig:
     api_keys: Sequence[str] = ()
     rate_limit: str | None = None
     max_concurrency: int | None = None
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
 
 class OpenAIServer:
@@ -314,6 +335,8 @@ class OpenAIServer:
                     tools: list[Tool] | None = None) -> list[int]:
         """The conversation's prompt ids; tools, tool calls and tool results rendered by the template when it
         knows tools, else the Hermes way (serve/tools.py)."""
+        for where, _ in _image_parts(messages):
+            raise APIError(400, f"{where}: image parts are taken by /v1/chat/completions only", param=where)
         rendered = [_message_dict(m, i) for i, m in enumerate(messages)]
         tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         extra = {}
@@ -347,6 +370,39 @@ class OpenAIServer:
         if bad:
             raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
                            param=param)
+
+    def image_prompt(self, body: "ChatBody"):
+        """(prompt ids, engine_vlm.RequestImages) of a chat whose user messages hold image parts: every image
+        decoded (data URLs only), bounded and preprocessed, the chat encoded by the model's processor as `jaxswift
+        infer --images` does. A 400 names the part at fault."""
+        from jaxswift.errors import JaxswiftError
+        from jaxswift.infer.engine_vlm import request_images
+
+        first = _image_parts(body.messages)[0][0]
+        processor = getattr(self.engine, "processor", None)
+        if processor is None:
+            raise APIError(400, f"model {self.config.model_name!r} does not take images ({first} is an image_url "
+                                f"part); send text only", param=first)
+        if body.tools:
+            raise APIError(400, "tools cannot be combined with images on this server", param="tools")
+        messages = []
+        for i, m in enumerate(body.messages):
+            if not any(isinstance(p, ImagePart) for p in m.content if isinstance(m.content, list)):
+                messages.append(_message_dict(m, i))
+                continue
+            if m.role != "user":
+                raise APIError(400, f"messages[{i}]: images go in user messages, not {m.role!r} ones",
+                               param=f"messages.{i}.content")
+            parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else
+                     {"type": "image", "image": decode_image_url(p.image_url.url, f"messages[{i}].content[{j}]",
+                                                                 self.config.max_image_pixels)}
+                     for j, p in enumerate(m.content)]
+            messages.append({"role": m.role, "content": parts, **({"name": m.name} if m.name else {})})
+        try:
+            prompt = processor.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+        except JaxswiftError as e:  # the template or the processor refused the conversation
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        return list(prompt.ids), request_images(processor, prompt)
 
     # ---- structured output
     async def constraint(self, body: _SamplingBody, tool_mode: str = "none", tool_name: str | None = None):
@@ -460,6 +516,47 @@ def _message_dict(m: ChatMessage, i: int) -> dict:
         out["tool_calls"] = [_tool_call_dict(c, f"messages.{i}.tool_calls.{j}.function.arguments")
                              for j, c in enumerate(m.tool_calls)]
     return out
+
+
+def _image_parts(messages: list[ChatMessage]) -> list[tuple[str, ImagePart]]:
+    """(`messages[i].content[j]`, part) of every image part, in order."""
+    return [(f"messages[{i}].content[{j}]", p) for i, m in enumerate(messages) if isinstance(m.content, list)
+            for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
+
+
+def decode_image_url(url: str, where: str, max_pixels: int):
+    """The PIL RGB image of a `data:image/<type>;base64,` URL; a 400 naming `where` for an http(s) URL or
+    anything else that is not a data URL, invalid base64, bytes that are no image, or an image of more than
+    max_pixels pixels (checked from the header, before the pixels are decoded)."""
+    import PIL.Image
+
+    from jaxswift.data.images import load_image
+    from jaxswift.errors import DataError
+
+    bad = lambda message: APIError(400, f"{where}: {message}", param=where)  # noqa: E731
+    if url.startswith(("http://", "https://")):
+        raise bad(f"image URLs are not fetched ({url[:60]!r}); send the image as a data URL "
+                  "(data:image/png;base64,...)")
+    header, sep, payload = url.partition(",")
+    if not url.startswith("data:") or not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
+        raise bad(f"expected a data URL (data:image/<type>;base64,<data>), got {url[:40]!r}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise bad(f"invalid base64 in the image data URL ({e})") from None
+    try:
+        width, height = PIL.Image.open(io.BytesIO(data)).size  # the header only
+    except PIL.Image.DecompressionBombError as e:
+        raise bad(f"the image is over this server's limit of {max_pixels} pixels ({e})") from None
+    except Exception as e:  # PIL raises many types for bytes that are no image
+        raise bad(f"not a readable image ({type(e).__name__}: {e})") from None
+    if width * height > max_pixels:
+        raise bad(f"the image is {width}x{height} = {width * height} pixels, over this server's limit of "
+                  f"{max_pixels} pixels (--max_image_pixels)")
+    try:
+        return load_image(data, where=where)
+    except DataError as e:
+        raise APIError(400, str(e), param=where) from None
 
 
 def _tool_call_dict(call: ToolCall, where: str) -> dict:
@@ -700,8 +797,11 @@ async def _stream(server, shape: _Shape, sink, ticket, n: int, prompt_tokens: in
 
 def build_app(orchestrator: Orchestrator, *, model_name: str, adapter_names: Sequence[str] = (),
               api_keys: Sequence[str] = (), rate_limit: str | None = None,
-              max_concurrency: int | None = None) -> FastAPI:
-    config = ServerConfig(model_name, tuple(adapter_names), tuple(api_keys), rate_limit, max_concurrency)
+              max_concurrency: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> FastAPI:
+    if not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+        raise ConfigError(f"max_image_pixels must be a positive integer, got {max_image_pixels!r}")
+    config = ServerConfig(model_name, tuple(adapter_names), tuple(api_keys), rate_limit, max_concurrency,
+                          max_image_pixels)
     server = OpenAIServer(orchestrator, config)
     app = FastAPI(title="jaxswift", description="OpenAI-compatible API served by jaxswift")
     app.state.server = server
@@ -748,7 +848,11 @@ def _add_generation_routes(app: FastAPI, server: OpenAIServer, client):
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         tool_mode, tool_name = check_tools(body.tools, body.tool_choice)
-        prompt = server.chat_prompt(body.messages, body.add_generation_prompt, body.tools)
+        images = None
+        if _image_parts(body.messages):  # decoded and preprocessed off the event loop
+            prompt, images = await asyncio.to_thread(server.image_prompt, body)
+        else:
+            prompt = server.chat_prompt(body.messages, body.add_generation_prompt, body.tools)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(
             server.engine.max_model_len - len(prompt), 1)
         server.check_fits([prompt], max_tokens)
@@ -758,6 +862,8 @@ def _add_generation_routes(app: FastAPI, server: OpenAIServer, client):
                        tool_names=None if tool_mode == "none" else {t.function.name for t in body.tools})
         constraint = await server.constraint(body, tool_mode, tool_name)
         requests = server.requests(body, [prompt], max_tokens, logprobs, adapter, constraint)
+        if images is not None:
+            requests = [dataclasses.replace(r, images=images) for r in requests]
         return await _run(server, request, shape, body, requests, len(prompt), who)
 
     @app.post("/v1/completions")
