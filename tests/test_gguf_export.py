@@ -5,6 +5,7 @@ The references are transformers' own GGUF loader (which dequantizes with the `gg
 q/k permutation itself), `gguf.GGUFReader`, and `gguf.quants` for what each block format must hold.
 """
 
+import dataclasses
 import json
 
 import gguf
@@ -17,9 +18,11 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 import jaxswift
-from jaxswift.checkpoints.gguf import read_gguf
-from jaxswift.checkpoints.gguf_export import check_gguf_export
+from jaxswift.checkpoints.gguf import gguf_tensor_name, read_gguf
+from jaxswift.checkpoints.hf import hf_tensors
+from jaxswift.checkpoints.gguf_export import check_gguf_export, save_gguf
 from jaxswift.errors import ConfigError
+from jaxswift.models.config import RopeConfig
 from jaxswift.models.transformer import forward
 from jaxswift.recipes.export import main as export_main
 
@@ -74,15 +77,16 @@ def small_tokenizer(split: str | None):
     return fast
 
 
-def save_tiny(folder, family: str, tokenizer, *, spare_rows=0, seed=0):
+def save_tiny(folder, family: str, tokenizer, *, spare_rows=0, seed=0, **extra):
     """A tiny random HF model of `family` (2 layers, hidden 64) with `tokenizer`, saved to `folder`."""
     torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(
         family, vocab_size=len(tokenizer) + spare_rows, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=family == "llama",
         max_position_embeddings=512, rope_theta=50000.0, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id)
-    config.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]]
+        eos_token_id=tokenizer.eos_token_id, **extra)
+    config.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                             "mistral": "MistralForCausalLM"}[family]]
     hf = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random q/k/v biases (qwen2), so a missing or unpermuted bias shows
         for layer in hf.model.layers:
@@ -97,10 +101,15 @@ def save_tiny(folder, family: str, tokenizer, *, spare_rows=0, seed=0):
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, tiny_chat_model):
     """{name: HF folder}: llama (tied, GPT-2 split), qwen2 (untied, biases, Qwen2 split, 16 spare embedding rows),
-    and conftest's tiny llama with SmolLM2's real tokenizer."""
+    qwen3, mistral (written as GGUF 'llama', Llama 3 split), and conftest's tiny llama with SmolLM2's tokenizer."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {"llama": save_tiny(root / "llama", "llama", small_tokenizer(None)),
             "qwen2": save_tiny(root / "qwen2", "qwen2", small_tokenizer("qwen2"), spare_rows=16, seed=1),
+            # q/k norms, and head_dim != hidden / heads; 128 because transformers' GGUF loader ignores qwen3's
+            # attention.key_length and keeps Qwen3Config's default head_dim (128)
+            "qwen3": save_tiny(root / "qwen3", "qwen3", small_tokenizer("qwen2"), seed=2, head_dim=128),
+            "mistral": save_tiny(root / "mistral", "mistral", small_tokenizer("llama-bpe"), seed=3,
+                                 sliding_window=None),
             "smol": tiny_chat_model}
 
 
@@ -109,7 +118,8 @@ def exported(tmp_path_factory, tiny_models):
     """{(model, type): (source model, GGUF path)}, each written by `jaxswift export --to_gguf true`."""
     out = tmp_path_factory.mktemp("gguf")
     files = {}
-    for name, types in (("llama", ("f16", "q4_0")), ("qwen2", ("f16", "q8_0", "q4_0")), ("smol", ("q8_0",))):
+    for name, types in (("llama", ("f16", "q4_0")), ("qwen2", ("f16", "q8_0", "q4_0")), ("smol", ("q8_0",)),
+                        ("qwen3", ("f16",)), ("mistral", ("q8_0",))):
         source = jaxswift.load_model(str(tiny_models[name]))
         for gguf_type in types:
             assert export_main(["--model", str(tiny_models[name]), "--to_gguf", "true", "--gguf_type", gguf_type,
@@ -118,7 +128,8 @@ def exported(tmp_path_factory, tiny_models):
     return files
 
 
-CASES = [("llama", "f16"), ("llama", "q4_0"), ("qwen2", "f16"), ("qwen2", "q8_0"), ("qwen2", "q4_0")]
+CASES = [("llama", "f16"), ("llama", "q4_0"), ("qwen2", "f16"), ("qwen2", "q8_0"), ("qwen2", "q4_0"),
+         ("qwen3", "f16"), ("mistral", "q8_0")]
 
 
 @pytest.mark.parametrize("family,gguf_type", CASES)
@@ -138,13 +149,13 @@ def test_transformers_and_jaxswift_agree_on_the_file(exported, family, gguf_type
 def test_file_holds_the_quantized_source_tensors(exported, family, gguf_type):
     """Every tensor read back equals quantize-then-dequantize of the source tensor with the type llama.cpp uses."""
     source, path = exported[family, gguf_type]
-    original = jaxswift.checkpoints.hf.hf_tensors(source.params, source.config, dtype=np.float32)
+    original = hf_tensors(source.params, source.config, dtype=np.float32)
     expected_types = {name: tensor.tensor_type for name, tensor in
                       ((t.name, t) for t in gguf.GGUFReader(path).tensors)}
     seen = set()
     for name, array in read_gguf(path).tensors():
         qtype = {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[gguf_type]
-        gguf_name = jaxswift.checkpoints.gguf.gguf_tensor_name(name)
+        gguf_name = gguf_tensor_name(name)
         if original[name].ndim == 1:
             qtype = Q.F32
         elif gguf_type == "q4_0" and (gguf_name == "output.weight" or (
@@ -196,13 +207,33 @@ def test_gguf_reader_lists_metadata_and_types(exported):
     assert llama.get_field("tokenizer.ggml.pre").contents() == "gpt2"  # GPT-2's own split: no Split regex
     assert {t.name: t.tensor_type for t in llama.tensors}["token_embd.weight"] == Q.F16
     assert "output.weight" not in {t.name for t in llama.tensors}  # tied, as llama.cpp writes it
+    mistral = gguf.GGUFReader(exported["mistral", "q8_0"][1])
+    assert [mistral.get_field(k).contents() for k in ("general.architecture", "tokenizer.ggml.pre")] == \
+        ["llama", "llama-bpe"]
 
 
-@pytest.mark.parametrize("model,reader", [("smol", "jaxswift"), ("smol", "transformers"), ("llama", "jaxswift"),
-                                          ("llama", "transformers"), ("qwen2", "jaxswift"), ("qwen2", "transformers")])
+@pytest.mark.parametrize("rope", [RopeConfig(theta=50000.0, type="linear", factor=2.0),
+                                  RopeConfig(theta=50000.0, type="llama3", factor=8.0, low_freq_factor=1.0,
+                                             high_freq_factor=4.0, original_max_position_embeddings=64)])
+def test_rope_scaling_round_trips(tmp_path, exported, rope):
+    """Linear scaling goes into metadata, Llama 3's into llama.cpp's rope_freqs tensor; jaxswift reads both back.
+    (transformers' GGUF loader reads neither for llama files, so it is no reference here.)"""
+    source, _ = exported["llama", "f16"]
+    scaled = dataclasses.replace(source, config=source.config.replace(rope=rope))
+    path = save_gguf(scaled, tmp_path / "scaled.gguf", "f16")
+    back = jaxswift.load_model(str(path), load_tokenizer=False)
+    assert back.config.rope == rope
+    assert rel_err(jax_logits(back), jax_logits(scaled)) < 1e-3
+    assert rel_err(jax_logits(scaled), jax_logits(source)) > 1e-3  # the scaling matters at these positions
+    names = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert ("rope_freqs.weight" in names) == (rope.type == "llama3")
+
+
+@pytest.mark.parametrize("reader", ["jaxswift", "transformers"])
+@pytest.mark.parametrize("model", ["smol", "llama", "qwen2", "mistral"])
 def test_tokenizer_and_template_round_trip(exported, model, reader):
     """A chat rendered with the file's template and encoded by the file's tokenizer gives the original's ids."""
-    source, path = exported[model, "q8_0" if model != "llama" else "f16"]
+    source, path = exported[model, "f16" if model == "llama" else "q8_0"]
     if reader == "jaxswift":
         tokenizer = read_gguf(path).tokenizer()
     else:
@@ -267,7 +298,7 @@ def test_unsupported_families_and_models_are_refused(exported):
     windowed = cfg.replace(family="mistral", sliding_windows=(16, 16))
     with pytest.raises(ConfigError, match=r"mistral with sliding-window attention cannot be written as GGUF 'llama'"):
         check_gguf_export(windowed, "q8_0", tokenizer)
-    yarn = cfg.replace(rope=cfg.rope.__class__(theta=1e4, type="yarn", factor=4.0, original_max_position_embeddings=64))
+    yarn = cfg.replace(rope=RopeConfig(theta=1e4, type="yarn", factor=4.0, original_max_position_embeddings=64))
     with pytest.raises(ConfigError, match=r"RoPE scaling 'yarn' is not exported \(supported: default, linear, llama3\)"):
         check_gguf_export(yarn, "f16", tokenizer)
     with pytest.raises(ConfigError, match=r"the model has no tokenizer"):
