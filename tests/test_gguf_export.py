@@ -288,6 +288,14 @@ def test_gguf_type_without_to_gguf_is_refused():
         export_main(["--model", "/nonexistent/model", "--gguf_type", "q8_0"])
 
 
+def test_quantized_folder_is_refused(tmp_path, tiny_models):
+    assert export_main(["--model", str(tiny_models["llama"]), "--quant_method", "int8",
+                        "--output_dir", str(tmp_path / "int8")]) == 0
+    with pytest.raises(ConfigError, match=r"--to_gguf: .*int8 holds quantized weights \(GPTQ/AWQ/FP8/int8\)"):
+        export_main(["--model", str(tmp_path / "int8"), "--to_gguf", "true", "--output_dir", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()
+
+
 def test_unsupported_families_and_models_are_refused(exported):
     source, _ = exported["llama", "f16"]
     cfg, tokenizer = source.config, source.tokenizer

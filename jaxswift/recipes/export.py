@@ -112,11 +112,17 @@ def _check_gguf_flags(args: ExportArguments) -> None:
 
 
 def _gguf_export(args: ExportArguments, model, out: Path) -> Path:
+    import jax
+
     from jaxswift.checkpoints.gguf_export import check_gguf_export, save_gguf
     from jaxswift.errors import ConfigError
+    from jaxswift.quant.qweight import is_quantized
 
     if model.is_vlm:
         raise ConfigError(f"--to_gguf: {model.source} is a vision-language model; GGUF export covers text models")
+    if any(is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(model.params, is_leaf=is_quantized)):
+        raise ConfigError(f"--to_gguf: {model.source} holds quantized weights (GPTQ/AWQ/FP8/int8); export the GGUF "
+                          "from the float model, --gguf_type picks its block format")
     gguf_type = args.gguf_type or "f16"
     check_gguf_export(model.config, gguf_type, model.tokenizer)  # before a merge that may take a while
     if args.adapters:
