@@ -19,8 +19,8 @@ from gguf.quants import dequantize, quantize
 
 import jaxswift
 from jaxswift.checkpoints.gguf import gguf_tensor_name, read_gguf
-from jaxswift.checkpoints.hf import hf_tensors
 from jaxswift.checkpoints.gguf_export import check_gguf_export, save_gguf
+from jaxswift.checkpoints.hf import hf_tensors
 from jaxswift.errors import ConfigError
 from jaxswift.models.config import RopeConfig
 from jaxswift.models.transformer import forward
@@ -46,8 +46,8 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-CORPUS = ["the quick brown fox jumps over the lazy dog", "What is 2+2? And 3+3?", "héllo wörld — naïve café 日本",
-          "def f(x):\n    return {'k': x**2}\n", "I'm, you're, we'll, they'd 12345"] * 30
+CORPUS = ["the quick brown fox jumps over the lazy dog", "What is 2+2? And 3+3?",
+          "héllo wörld — naïve café 日本", "def f(x):\n    return {'k': x**2}\n", "I'm, you're, we'll, they'd 12345"] * 30
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -307,7 +307,8 @@ def test_unsupported_families_and_models_are_refused(exported):
     with pytest.raises(ConfigError, match=r"mistral with sliding-window attention cannot be written as GGUF 'llama'"):
         check_gguf_export(windowed, "q8_0", tokenizer)
     yarn = cfg.replace(rope=RopeConfig(theta=1e4, type="yarn", factor=4.0, original_max_position_embeddings=64))
-    with pytest.raises(ConfigError, match=r"RoPE scaling 'yarn' is not exported \(supported: default, linear, llama3\)"):
+    with pytest.raises(ConfigError, match=r"RoPE scaling 'yarn' is not exported \(supported: default, linear, "
+                                          r"llama3\)"):
         check_gguf_export(yarn, "f16", tokenizer)
     with pytest.raises(ConfigError, match=r"the model has no tokenizer"):
         check_gguf_export(cfg, "f16", None)
