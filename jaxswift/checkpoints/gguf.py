@@ -47,6 +47,9 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _ROPE_FREQS = "rope_freqs.weight"  # Llama 3 per-frequency RoPE factors; folded into hf_config["rope_scaling"]
+PERMUTED_QK_ARCHITECTURES = tuple(arch for arch, family in FAMILIES.items() if family.permuted_qk)
+_HF_TO_GGUF = {**{hf: gguf for gguf, hf in _GLOBAL_NAMES.items()},
+               **{f"model.layers.{{}}.{hf}": f"blk.{{}}.{gguf}" for gguf, hf in _LAYER_NAMES.items()}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,22 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     if match and match[2] in _LAYER_NAMES:
         return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{kind}"
     return None
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`: the inverse of hf_tensor_name."""
+    stem, _, kind = hf_name.rpartition(".")
+    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    key = f"model.layers.{{}}.{layer[2]}" if layer else stem
+    if kind not in ("weight", "bias") or key not in _HF_TO_GGUF:
+        raise CheckpointError(f"tensor {hf_name!r} has no GGUF name that jaxswift knows")
+    return f"{_HF_TO_GGUF[key].format(layer[1]) if layer else _HF_TO_GGUF[key]}.{kind}"
+
+
+def llama3_rope_factors(scaling: dict, theta: float, head_dim: int) -> np.ndarray:
+    """The float32 `rope_freqs.weight` llama.cpp writes for a Llama 3 `rope_scaling` (read back by _llama3_scaling)."""
+    wavelens = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    return _llama3_factors(scaling, wavelens).astype(np.float32)
 
 
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:

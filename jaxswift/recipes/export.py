@@ -9,6 +9,9 @@ With --quant_method the (merged) model is quantized on the way out, in the layou
   awq (--quant_bits 4, --group_size, calibrated on --dataset) -> AutoAWQ/vLLM "awq" GEMM;
   fp8 (e4m3, --quant_per_channel true|false) and int8 (per channel) -> compressed-tensors, which vLLM serves and
   transformers loads on CPU. jaxswift.load_model reads all four back (see jaxswift.quant.load).
+
+With --to_gguf true the (merged) model is written as OUTPUT_DIR/model-<gguf_type>.gguf instead, --gguf_type
+f16 | q8_0 | q4_0 (llama.cpp's names; see jaxswift.checkpoints.gguf_export), for llama/mistral/qwen2/qwen3.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class ExportArguments:
     quant_per_channel: bool = field(default=True, metadata={"help": "fp8 scale per output channel (else tensor)"})
     quant_n_samples: int = 128
     quant_seqlen: int = 512
+    to_gguf: bool = field(default=False, metadata={"help": "write one GGUF file (llama.cpp) instead of a folder"})
+    gguf_type: Optional[str] = field(default=None, metadata={"help": "with --to_gguf: f16 (default) | q8_0 | q4_0"})
     config: Optional[str] = None
 
 
@@ -95,6 +100,36 @@ def _quantized_export(args: ExportArguments, model, out: Path):
     save_quantized(model, quantize_model(model, spec, calibration), spec, out)
 
 
+def _check_gguf_flags(args: ExportArguments) -> None:
+    """Flag checks that need no model, so a typo fails before loading one."""
+    from jaxswift.checkpoints.gguf_export import check_gguf_type
+    from jaxswift.errors import ConfigError
+
+    if args.quant_method:
+        raise ConfigError(f"--to_gguf and --quant_method {args.quant_method} exclude each other: pick the GGUF "
+                          "block format with --gguf_type")
+    check_gguf_type(args.gguf_type or "f16")
+
+
+def _gguf_export(args: ExportArguments, model, out: Path) -> Path:
+    import jax
+
+    from jaxswift.checkpoints.gguf_export import check_gguf_export, save_gguf
+    from jaxswift.errors import ConfigError
+    from jaxswift.quant.qweight import is_quantized
+
+    if model.is_vlm:
+        raise ConfigError(f"--to_gguf: {model.source} is a vision-language model; GGUF export covers text models")
+    if any(is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(model.params, is_leaf=is_quantized)):
+        raise ConfigError(f"--to_gguf: {model.source} holds quantized weights (GPTQ/AWQ/FP8/int8); export the GGUF "
+                          "from the float model, --gguf_type picks its block format")
+    gguf_type = args.gguf_type or "f16"
+    check_gguf_export(model.config, gguf_type, model.tokenizer)  # before a merge that may take a while
+    if args.adapters:
+        model = _merged(model, args.adapters)
+    return save_gguf(model, out / f"model-{gguf_type}.gguf", gguf_type)
+
+
 def main(argv: list[str]) -> int:
     import jaxswift
     from jaxswift.errors import ConfigError
@@ -103,9 +138,15 @@ def main(argv: list[str]) -> int:
     args = parse_args(ExportArguments, argv)
     if args.adapters and not args.merge_lora:
         raise ConfigError("--merge_lora false: the adapter folder already is the unmerged export")
+    if args.gguf_type is not None and not args.to_gguf:
+        raise ConfigError(f"--gguf_type {args.gguf_type} needs --to_gguf true")
+    if args.to_gguf:
+        _check_gguf_flags(args)
     model = jaxswift.load_model(_base_model(args), dtype=args.dtype)
     out = Path(args.output_dir or (f"{args.adapters.rstrip('/')}-merged" if args.adapters else "exported"))
-    if args.quant_method:
+    if args.to_gguf:
+        out = _gguf_export(args, model, out)
+    elif args.quant_method:
         _quantized_export(args, model, out)
     elif args.adapters:
         jaxswift.save_model(_merged(model, args.adapters), out)
