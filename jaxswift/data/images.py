@@ -72,20 +72,24 @@ def load_image(ref, *, base_dir: str | Path | None = None, where: str = "image")
         raise DataError(f"{where}: image URL {ref[:80]!r} refused: jaxswift never downloads; pass a local path or a "
                         f"base64 data URL (data:image/png;base64,...)")
     if ref.startswith("data:"):
-        header, sep, payload = ref.partition(",")
-        if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
-            raise DataError(f"{where}: a data URL must look like data:image/<type>;base64,<data>, got {ref[:40]!r}")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise DataError(f"{where}: invalid base64 in image data URL ({e})") from None
-        return _decode(data, f"{where} (data URL)")
+        return _decode(data_url_bytes(ref, where), f"{where} (data URL)")
     path = Path(ref)
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
     if not path.is_file():
         raise DataError(f"{where}: image file {str(path)!r} not found")
     return _decode(path.read_bytes(), f"{where} ({path})")
+
+
+def data_url_bytes(url: str, where: str = "image") -> bytes:
+    """The encoded image bytes of a `data:image/<type>;base64,<data>` URL; DataError naming `where` otherwise."""
+    header, sep, payload = url.partition(",")
+    if not url.startswith("data:") or not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
+        raise DataError(f"{where}: a data URL must look like data:image/<type>;base64,<data>, got {url[:40]!r}")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise DataError(f"{where}: invalid base64 in image data URL ({e})") from None
 
 
 def _decode(data: bytes, where: str):
