@@ -10,6 +10,7 @@ that names the flag.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 
 import pytest
@@ -114,3 +115,19 @@ def test_entry_flags_are_read_by_the_recipe(recipe):
     reader = "initialize_distributed(args.coordinator_address, args.num_processes, args.process_id" \
         if recipe == "sft" else "single_process("
     assert reader in source
+
+
+def test_task_type_flags_are_checked_by_name():
+    from jaxswift.train.args import SftArguments
+    from jaxswift.train.rlhf_args import RlhfArguments
+    from jaxswift.train.sft import check_task_type
+    bad = {"task_type": "classify"}, {"task_type": "seq_cls"}, {"num_labels": 3}, \
+        {"task_type": "seq_cls", "num_labels": 2, "problem_type": "ranking"}
+    for kwargs, needle in zip(bad, ("--task_type 'classify'", "needs --num_labels", "--num_labels 3",
+                                    "--problem_type 'ranking'")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            SftArguments(**kwargs)
+    with pytest.raises(ConfigError, match="--loss_type infonce"):
+        check_task_type(SftArguments(loss_type="infonce"))
+    with pytest.raises(ConfigError, match="--task_type is not used by rlhf"):
+        RlhfArguments(task_type="seq_cls", num_labels=2)

@@ -16,6 +16,8 @@ import yaml
 from jaxswift.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TASK_TYPES = ("causal_lm", "seq_cls", "embedding", "reranker", "generative_reranker")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 @dataclasses.dataclass
@@ -38,6 +40,16 @@ class SftArguments:
     loss_scale: str = field(default="default", metadata={"help": "default | last_round | all"})
     packing: bool = True  # on by default: no compute on padding (ms-swift's default is off)
     packing_length: Optional[int] = None
+    # what the model is trained to do (ms-swift's task types): causal_lm is SFT on chats; the others put a head on
+    # the last token's hidden state (seq_cls, reranker), pool it into a vector (embedding), or score with the LM's
+    # logits of two answer tokens (generative_reranker).
+    task_type: str = field(default="causal_lm", metadata={"help": " | ".join(TASK_TYPES)})
+    num_labels: Optional[int] = field(default=None, metadata={"help": "seq_cls: the number of classes (1: regression)"})
+    problem_type: Optional[str] = field(default=None, metadata={
+        "help": "seq_cls: regression | single_label_classification | multi_label_classification (default: "
+                "regression for 1 label, else single_label_classification, as transformers infers it)"})
+    loss_type: Optional[str] = field(default=None, metadata={
+        "help": "embedding / reranker losses by ms-swift's names (causal_lm and seq_cls: unused)"})
     # tuner
     tuner_type: str = field(default="lora", metadata={"help": "lora | full"})
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
@@ -140,6 +152,7 @@ class SftArguments:
             "truncation_strategy": (self.truncation_strategy, ("delete", "left", "right")),
             "loss_scale": (self.loss_scale, ("default", "last_round", "all")),
             "dtype": (self.dtype, ("float32", "bfloat16")),
+            "task_type": (self.task_type, TASK_TYPES),
             "init_weights": (self.init_weights, ("true", "gaussian", "pissa")),
             "pipeline_schedule": (self.pipeline_schedule, ("auto", "gpipe", "circular")),
             "ring_attention_layout": (self.ring_attention_layout, ("zigzag", "striped", "contiguous")),
@@ -167,6 +180,18 @@ class SftArguments:
         if self.eval_limit is not None and (self.eval_limit < 1 or not self.eval_dataset):
             raise ConfigError(f"--eval_limit {self.eval_limit}: needs --eval_dataset and a value >= 1")
         self._check_memory_flags()
+        self._check_task_flags()
+
+    def _check_task_flags(self):
+        if self.num_labels is not None and (self.task_type != "seq_cls" or self.num_labels < 1):
+            raise ConfigError(f"--num_labels {self.num_labels}: needs --task_type seq_cls and a value >= 1")
+        if self.problem_type is not None:
+            if self.task_type != "seq_cls":
+                raise ConfigError(f"--problem_type {self.problem_type}: needs --task_type seq_cls")
+            if self.problem_type not in PROBLEM_TYPES:
+                raise ConfigError(f"--problem_type {self.problem_type!r}: expected one of {' | '.join(PROBLEM_TYPES)}")
+        if self.task_type == "seq_cls" and self.num_labels is None:
+            raise ConfigError("--task_type seq_cls needs --num_labels (the number of classes; 1 for regression)")
 
     def _reject_unused(self):
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -239,3 +264,8 @@ def parse_args(cls, argv: list[str] | None):
     except ValueError as e:
         raise ConfigError(str(e).replace("\n", " ")) from None
     return args
+
+
+# The task-type flags, for the trainers that train a causal LM only (RLHF, GRPO).
+TASK_FLAGS_UNUSED = {name: "preference and RL training train a causal LM (--task_type is an SFT flag)"
+                     for name in ("task_type", "num_labels", "problem_type")}

@@ -114,7 +114,18 @@ def grain_batches(ctx: RunContext, plan: StepPlan, source, total_steps: int, ass
                                                 assemble_fn=assemble_fn))
 
 
+def check_task_type(args: SftArguments):
+    """Only causal-LM SFT reads --loss_type's absence as "the LM loss"; the other task types are issue 21's."""
+    if args.task_type != "causal_lm" or args.num_labels is not None or args.problem_type is not None:
+        raise ConfigError(f"--task_type {args.task_type}: not available yet (causal_lm only, without --num_labels "
+                          "or --problem_type)")
+    if args.loss_type is not None:
+        raise ConfigError(f"--loss_type {args.loss_type}: --task_type causal_lm trains the language-model loss; "
+                          "--loss_type names embedding and reranker losses")
+
+
 def run_sft(args: SftArguments, *, progress: bool = True, task_scorer: TaskScorer | None = None) -> TrainResult:
+    check_task_type(args)
     ctx = start_run(args)
     model, cfg = ctx.model, ctx.cfg
     messages: list[str] = []
