@@ -116,7 +116,9 @@ def merge_and_save(model, out_dir: str | Path) -> Path:
 # --- import -------------------------------------------------------------------------------------------------------
 
 
-def _read_config(folder: Path) -> tuple[dict, Path]:
+def _read_config(folder: Path, *, modules_to_save: bool = False) -> tuple[dict, Path]:
+    """adapter_config.json, refusing the fields this loader cannot honour (modules_to_save: only where the caller
+    loads those tensors, the VLM loader)."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
@@ -126,8 +128,8 @@ def _read_config(folder: Path) -> tuple[dict, Path]:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
-    for field in ("bias", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                  "fan_in_fan_out", "lora_bias"):
+    for field in ("bias", *(() if modules_to_save else ("modules_to_save",)), "rank_pattern", "alpha_pattern",
+                  "layers_to_transform", "fan_in_fan_out", "lora_bias"):
         if raw.get(field) not in (None, "none", False, [], {}):
             raise CheckpointError(f"{path}: {field}={raw[field]!r} is not supported")
     return raw, path

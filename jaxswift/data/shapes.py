@@ -79,19 +79,23 @@ def answer(scene: Scene, kind: str) -> str:
     return {"colour": scene.colour, "shape": scene.shape, "count": COUNTS[scene.count - 1]}[kind]
 
 
-def shapes_rows(n: int, *, seed: int, size: int = 64) -> list[dict]:
-    """n rows, the question kinds in turn (colour, shape, count, colour, ...), each with its own picture."""
+def shapes_rows(n: int, *, seed: int, size: int = 64, questions: int = 1) -> list[dict]:
+    """n rows, each with its own picture. One question per row: the kinds in turn (colour, shape, count, colour,
+    ...). More (up to three): a conversation asking that many kinds, starting where the one-question rows would, the
+    picture shown once in the first turn (its tokens then serve every answer)."""
+    if not 1 <= questions <= len(QUESTIONS):
+        raise ValueError(f"questions must be 1 to {len(QUESTIONS)}, got {questions}")
     rng = random.Random(seed)
+    kinds = tuple(QUESTIONS)
     rows = []
     for i in range(n):
-        kind = tuple(QUESTIONS)[i % len(QUESTIONS)]
         scene = random_scene(rng, size)
-        rows.append({
-            "messages": [{"role": "user", "content": "<image>" + QUESTIONS[kind]},
-                         {"role": "assistant", "content": answer(scene, kind)}],
-            "images": [image_to_data_url(draw(scene, size))],
-            "kind": kind,
-        })
+        asked = [kinds[(i + j) % len(kinds)] for j in range(questions)]
+        messages = []
+        for j, kind in enumerate(asked):
+            messages += [{"role": "user", "content": ("<image>" if j == 0 else "") + QUESTIONS[kind]},
+                         {"role": "assistant", "content": answer(scene, kind)}]
+        rows.append({"messages": messages, "images": [image_to_data_url(draw(scene, size))], "kind": asked[0]})
     return rows
 
 
