@@ -21,10 +21,11 @@ from jaxswift.data.images import image_to_data_url
 COLOURS = {"red": (215, 40, 40), "green": (35, 160, 60), "blue": (40, 80, 215), "yellow": (225, 195, 30)}
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three")
+# short: every question token is paid for in each training step (the one-word answers are taught by the rows)
 QUESTIONS = {
-    "colour": "What colour are the shapes in the picture? Answer with one word.",
-    "shape": "Which shape is drawn in the picture? Answer with one word.",
-    "count": "How many shapes are in the picture? Answer with one word.",
+    "colour": "What colour are the shapes?",
+    "shape": "Which shape is drawn?",
+    "count": "How many shapes are there?",
 }
 
 

@@ -11,6 +11,7 @@ eval/shapes/accuracy next to the loss. Every SFT flag applies; the demo's own ar
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 from dataclasses import field
@@ -76,11 +77,14 @@ def demo_model(args: VlmDemoArguments, out: Path) -> str:
     if source.is_dir() and read_vlm_config(source) is not None:
         return str(source)
     grown = out / "grown_model"
-    if not (grown / "config.json").is_file():
+    recipe = {"model": str(source), "seed": args.seed, "image_size": args.image_size}
+    marker = grown / "grown_from.json"
+    if not marker.is_file() or json.loads(marker.read_text()) != recipe:  # built once per (model, seed, size)
         text = jaxswift.load_model(args.model)
         print(f"growing a Qwen2-VL model from {args.model}: its LLM, a vision tower and merger from scratch")
         grow_qwen2_vl(text.params, text.config, text.tokenizer, grown, seed=args.seed,
                       max_pixels=args.image_size ** 2, min_pixels=min(56 * 56, args.image_size ** 2))
+        marker.write_text(json.dumps(recipe))
     return str(grown)
 
 
