@@ -18,7 +18,7 @@ from jaxswift.parallel.pipeline import make_run_layers, plan_pipeline, relayout_
 from jaxswift.parallel.rules import activation_sharding, batch_sharding, load_rules
 from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.step import nll_sums
-from jaxswift.train.shardings import tree_shardings
+from jaxswift.parallel.params import tree_shardings
 from jaxswift.tuners import lora
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=8, num_heads=4,

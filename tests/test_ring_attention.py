@@ -20,7 +20,7 @@ from jaxswift.parallel.ring_attention import (LAYOUTS, balance_sequence, balance
 from jaxswift.parallel.rules import activation_sharding, load_rules
 from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.step import nll_sums
-from jaxswift.train.shardings import shard_params
+from jaxswift.parallel.params import shard_params
 
 B, T, N, K, H = 4, 32, 4, 2, 16  # GQA: two query heads per kv head
 CFG = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=N,

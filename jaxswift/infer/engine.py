@@ -297,7 +297,10 @@ class JaxEngine(Engine):
     def __init__(self, model, *, max_concurrent_decodes: int = 8, max_model_len: int = 2048, page_size: int = 16,
                  num_pages: int | None = None, prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048),
                  adapters: dict[str, str] | None = None, enable_prefix_caching: bool = True,
-                 max_num_batched_tokens: int | None = None):
+                 max_num_batched_tokens: int | None = None, mesh=None):
+        """`mesh` (a jax.sharding.Mesh with jaxswift's axes, parallel/mesh.make_mesh): params and the paged KV
+        cache sharded by the default rule table (heads, kv heads and the MLP over `tensor`), every step run over
+        the mesh by the compiler (GSPMD); None: one device."""
         cfg: ModelConfig = model.config
         # A vision-language model: the engine runs its LLM; the tower runs at the prefill of requests with images.
         self.vlm_config, self.processor, self._tower_params = None, None, None
@@ -328,6 +331,9 @@ class JaxEngine(Engine):
         self._num_pages = num_pages or max_concurrent_decodes * self._pages_per_slot
         self._adapter_names = list(adapters or {})
         params = stack_adapters(model.params, cfg, list(adapters.values())) if adapters else model.params
+        self._mesh, self._rules = mesh, None
+        if mesh is not None:
+            params = self._shard_params(params, cfg)
         self.params = unstack_layers(params)
         pad = getattr(model.tokenizer, "pad_token_id", None) if model.tokenizer is not None else None
         self._pad_id = int(pad if pad is not None else self.eos_ids[0])
@@ -336,6 +342,45 @@ class JaxEngine(Engine):
         self._shape_cfg = cfg.replace(bos_token_id=None, eos_token_ids=(), pad_token_id=None)
         self._grammar = None
         self._reset_host()
+
+    # --- the mesh -------------------------------------------------------------------------------------------------
+
+    @property
+    def mesh(self):
+        return self._mesh
+
+    def _shard_params(self, params, cfg):
+        from jaxswift.parallel.params import shard_params
+        from jaxswift.parallel.rules import rules_for_mesh
+
+        for axis in ("stage", "sequence", "expert"):
+            if self._mesh.shape[axis] > 1:
+                raise ConfigError(f"mesh axis {axis!r}: the engine shards over data and tensor only")
+        self._rules = rules_for_mesh("default", self._mesh)
+        if self._tower_params is not None:  # the tower is small next to the LLM: a copy on every device
+            self._tower_params = jax.device_put(self._tower_params, self._replicated())
+        return shard_params(params, cfg, self._rules, self._mesh)
+
+    def _replicated(self):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return NamedSharding(self._mesh, PartitionSpec())
+
+    def _placed(self, state: DecodeState) -> DecodeState:
+        """The decode state on the mesh: each layer's KV pools [K, pages, page, H] split over kv heads as the rule
+        table splits the k/v projections (so each device attends with its own heads; made in place, never whole
+        on one device), the rest replicated."""
+        from jax.sharding import NamedSharding
+
+        from jaxswift.parallel.rules import partition_spec
+
+        shape = (self.config.num_kv_heads, self._num_pages + 1, self.page_size, self.config.head_dim)
+        spec = partition_spec(("kv_heads", None, None, "head_dim"), shape, self._rules.params, self._mesh,
+                              "the engine's KV cache")
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.config.compute_dtype),
+                        out_shardings=NamedSharding(self._mesh, spec))
+        pools = lambda: tuple(zeros() for _ in range(self.config.num_layers))  # noqa: E731
+        return jax.device_put(state, self._replicated())._replace(k_pages=pools(), v_pages=pools())
 
     # --- sizes ----------------------------------------------------------------------------------------------------
 
@@ -638,14 +683,15 @@ class JaxEngine(Engine):
     def init_decode_state(self) -> DecodeState:
         self._reset_host()
         S, V, cfg = self._slots, self.config.vocab_size, self.config
-        k, v = init_pools(cfg, self._num_pages, self.page_size)
+        k, v = init_pools(cfg, self._num_pages, self.page_size) if self._mesh is None else ((), ())
         zeros = lambda dtype: jnp.zeros((S,), dtype)  # noqa: E731
         sampling = SlotSampling(*(zeros(jnp.float32) for _ in range(7)), jnp.zeros((S, 2), jnp.uint32))
         sampling = sampling._replace(top_k=zeros(jnp.int32), top_p=jnp.ones((S,), jnp.float32))
-        return self._returned(DecodeState(
+        state = DecodeState(
             k, v, zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32), zeros(bool), zeros(jnp.int32),
             jnp.full((S, MAX_STOP_TOKEN_IDS + len(self.eos_ids)), -1, jnp.int32), zeros(jnp.int32), sampling,
-            jnp.zeros((S, V), bool), jnp.zeros((S, V), jnp.int32), zeros(jnp.int32)))
+            jnp.zeros((S, V), bool), jnp.zeros((S, V), jnp.int32), zeros(jnp.int32))
+        return self._returned(state if self._mesh is None else self._placed(state))
 
     def _check_slot(self, slot: int):
         if not 0 <= slot < self._slots:

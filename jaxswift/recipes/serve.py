@@ -39,6 +39,9 @@ class ServeArguments:
     max_num_batched_tokens: Optional[int] = field(default=None, metadata={
         "help": "chunked prefill: at most this many prompt tokens run between two decode steps, so a long prompt "
                 "does not stall the running streams (a multiple of --page_size); unset: whole prompts"})
+    mesh: Optional[str] = field(default=None, metadata={
+        "help": "shard the model and its KV cache over devices: tensor=4 or data=2,tensor=4 (heads, kv heads and "
+                "the MLP over tensor); on CPU the virtual devices are made; unset: one device"})
     warmup: bool = field(default=True, metadata={"help": "compile the engine's shapes before serving "
                                                          "(--no_warmup: compile on first use)"})
     dtype: Optional[str] = None
@@ -104,6 +107,19 @@ def load_for_inference(name: str, dtype: Optional[str], quant_method: Optional[s
                                                               f"--model {name}"))
 
 
+def serving_mesh(spec: Optional[str]):
+    """--mesh -> the engine's Mesh (None: one device). The engine shards over data and tensor only."""
+    if not spec:
+        return None
+    from jaxswift.parallel.mesh import make_mesh, parse_mesh
+
+    other = [f"{axis}={n}" for axis, n in parse_mesh(spec).items() if n > 1 and axis not in ("data", "tensor")]
+    if other:
+        raise ConfigError(f"--mesh {spec}: serving shards over data and tensor only ({', '.join(other)} is a "
+                          "training axis)")
+    return make_mesh(spec)
+
+
 def build_server(args: ServeArguments):
     """(FastAPI app, orchestrator) for the arguments; the caller runs uvicorn and shuts the orchestrator down."""
     from jaxswift.infer.engine import JaxEngine
@@ -122,7 +138,7 @@ def build_server(args: ServeArguments):
     engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
                        page_size=args.page_size, num_pages=args.num_pages, adapters=adapters or None,
                        enable_prefix_caching=args.enable_prefix_caching,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens, mesh=serving_mesh(args.mesh))
     if args.warmup:  # before the orchestrator's thread owns the engine
         started = time.perf_counter()
         engine.warmup()
@@ -140,6 +156,9 @@ def main(argv: list[str]) -> int:
     from jaxswift.train.args import parse_args
 
     args = parse_args(ServeArguments, argv)
+    from jaxswift.parallel.mesh import ensure_cpu_devices
+
+    ensure_cpu_devices(args.mesh)  # before JAX starts: the mesh's virtual devices on a CPU-only machine
     app, orchestrator = build_server(args)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

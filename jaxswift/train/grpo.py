@@ -32,7 +32,7 @@ from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.loop import (Feed, compile_step, demo_answer, export_model, init_state, plot_run,
                                  refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
                                  with_task_scores)
-from jaxswift.train.shardings import shard_params
+from jaxswift.parallel.params import shard_params
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
 from jaxswift.train.tuning import build_optimizer, prepare_tuner

@@ -39,7 +39,7 @@ from jaxswift.parallel.mesh import make_mesh
 from jaxswift.parallel.rules import activation_sharding, data_parallel_size, rules_for_mesh
 from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.logging import RunLogger, plot_loss
-from jaxswift.train.shardings import shard_params, tree_shardings
+from jaxswift.parallel.params import shard_params, tree_shardings
 from jaxswift.train.state import init_train_state
 from jaxswift.train.tuning import TunedParams, modules_to_save, moe_overrides
 

@@ -150,7 +150,7 @@ def _with_shardings(tree, shardings):
 
 def state_shardings(state, cfg: ModelConfig, rules, mesh):
     """The SFT trainer's shardings for every leaf of a train state (see `trainer.tree_shardings`)."""
-    from jaxswift.train.shardings import tree_shardings
+    from jaxswift.parallel.params import tree_shardings
 
     return tree_shardings(state, cfg, rules, mesh)
 

@@ -31,7 +31,7 @@ from jaxswift.train.preference import (evaluate_items, init_value_head, item_ass
                                        make_preference_step, objective_from_args, preference_plan, score_items)
 from jaxswift.train.rlhf_args import RlhfArguments
 from jaxswift.train.sft import grain_batches
-from jaxswift.train.shardings import shard_params
+from jaxswift.parallel.params import shard_params
 from jaxswift.train.state import count_bytes
 from jaxswift.train.tuning import TunedParams, build_optimizer, prepare_tuner
 

@@ -1,4 +1,5 @@
-"""Shardings of params and whole train states, derived from the parameter specs through the rule table."""
+"""Shardings of params and whole train states (and the engine's params), derived from the parameter specs through the
+rule table."""
 
 from __future__ import annotations
 

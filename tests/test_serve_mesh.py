@@ -1,0 +1,87 @@
+"""Sharded serving (`jaxswift deploy --mesh`) on the test process's 8 virtual CPU devices: params and the paged KV
+cache split over `tensor` (and requests' rows over `data`); through the openai client the greedy answers and their
+log-probs equal the one-device engine's."""
+
+import openai
+import pytest
+
+from jaxswift.errors import ConfigError
+from jaxswift.recipes.serve import ServeArguments, build_server
+from jaxswift.train.args import parse_args
+
+from server_fixtures import running
+
+PROMPTS = ["Name three colours.", "What is two plus two?", "Write a word that rhymes with cat."]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, smol_tokenizer):
+    """A random llama whose 4 kv heads and 8 heads split over tensor=4, with weights large enough that greedy
+    decoding does not settle on one repeated token."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("mesh_model")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(smol_tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, intermediate_size=256, tie_word_embeddings=True, initializer_range=0.2,
+        bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    config.architectures = ["LlamaForCausalLM"]
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def answers(folder, *flags):
+    """[(text, [(token, logprob, {top-5})]) per prompt], and the engine, served with these flags."""
+    args = parse_args(ServeArguments, ["--model", str(folder), "--served_model_name", "m", "--max_num_seqs", "4",
+                                       "--max_model_len", "128", "--no_warmup", *flags])
+    app, orchestrator = build_server(args)
+    try:
+        with running(app) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            out = []
+            for prompt in PROMPTS:
+                reply = client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0,
+                    logprobs=True, top_logprobs=5)
+                choice = reply.choices[0]
+                out.append((choice.message.content, [(t.token, t.logprob, {a.token: a.logprob for a in t.top_logprobs})
+                                                     for t in choice.logprobs.content]))
+            stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                                    max_tokens=12, temperature=0, stream=True)
+            out.append(("".join(c.choices[0].delta.content or "" for c in stream if c.choices), []))
+            return out, orchestrator.engine
+    finally:
+        orchestrator.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_device(model_folder):
+    return answers(model_folder)[0]
+
+
+@pytest.mark.parametrize("mesh", ["tensor=4", "data=2,tensor=4"])
+def test_sharded_engine_answers_as_one_device(model_folder, one_device, mesh):
+    got, engine = answers(model_folder, "--mesh", mesh)
+    assert len({text for text, _ in one_device[:3]}) == 3 and all(len(t) > 5 for t, _ in one_device)
+    for (text, steps), (want_text, want_steps) in zip(got, one_device):
+        assert text == want_text
+        for (token, logprob, top), (want_token, want_logprob, want_top) in zip(steps, want_steps):
+            assert token == want_token and top.keys() == want_top.keys()
+            assert abs(logprob - want_logprob) < 1e-4
+            assert all(abs(top[k] - want_top[k]) < 1e-4 for k in top)
+    assert engine.mesh is not None and engine.mesh.shape["tensor"] == 4
+    wq = engine.params["layers"][0]["wq"]
+    assert "tensor" in str(wq.sharding.spec) and len(wq.sharding.device_set) == engine.mesh.size
+    k_pages = engine._pools[0][0]  # the live KV pools: each device holds its kv heads only
+    assert k_pages.sharding.spec[0] == "tensor"
+    assert k_pages.addressable_shards[0].data.shape[0] == k_pages.shape[0] // 4
+
+
+def test_bad_meshes_are_refused(model_folder):
+    for mesh, message in (("stage=2", "serving shards over data and tensor only"),
+                          ("tensor=16", "needs 16 devices")):
+        with pytest.raises(ConfigError, match=message):
+            build_server(parse_args(ServeArguments, ["--model", str(model_folder), "--no_warmup", "--mesh", mesh]))
