@@ -27,8 +27,8 @@ import pytest
 from jaxswift import cli
 from jaxswift.errors import ConfigError
 from jaxswift.models.spec import param_specs
-from jaxswift.train.plan import (PlanArguments, build_step, load_plan_config, per_device_bytes, plan_train_step,
-                                 preset_names)
+from jaxswift.train.plan import (PlanArguments, build_step, format_serve_plan, load_plan_config, per_device_bytes,
+                                 plan_serving, plan_train_step, preset_names)
 
 TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
@@ -78,6 +78,27 @@ def test_fsdp_shards_weights_and_optimizer_state(tmp_path):
     assert per_device_bytes(planned.state.opt_state) == 2 * expected + 8  # mu, nu; Adam and schedule step counts
     assert planned.batch["tokens"].shape == (1, 8, 2048)
     assert planned.batch["tokens"].sharding.shard_shape((1, 8, 2048)) == (1, 1, 2048)
+
+
+@pytest.mark.parametrize("mesh, kv_split", [(None, 1), ("tensor=8", 1), ("data=2,tensor=4", 4)])
+def test_serving_plan_counts_weights_and_kv_cache_per_device(mesh, kv_split):
+    """qwen2.5-7b in bfloat16, 32 requests x 4096 tokens: the KV cache is 2 (k, v) x 28 layers x 4 kv heads x
+    (32 x 256 pages + the scratch page) x 16 tokens x 128 x 2 bytes, split over tensor only where it divides the 4
+    kv heads; weights are the published 7.6 B parameters in bfloat16 on one device, fewer per device on a mesh."""
+    plan = plan_serving(PlanArguments(model="qwen2.5-7b", mesh=mesh, serve=True, max_num_seqs=32,
+                                      max_model_len=4096))
+    assert plan.pages == 32 * 256
+    assert plan.kv_cache == 2 * 28 * 4 * (32 * 256 + 1) * 16 * 128 * 2 // kv_split
+    if mesh is None:
+        assert plan.weights == PUBLISHED_PARAMS["qwen2.5-7b"] * 2
+    else:
+        assert PUBLISHED_PARAMS["qwen2.5-7b"] * 2 / 8 < plan.weights < PUBLISHED_PARAMS["qwen2.5-7b"] * 2 / 3
+    text = format_serve_plan(plan)
+    assert "KV cache" in text and ("do not split 8 ways" in text) == (mesh == "tensor=8")
+    with pytest.raises(ConfigError, match="--tuner_type is not used by --serve true"):
+        PlanArguments(serve=True, tuner_type="full")
+    with pytest.raises(ConfigError, match="--max_num_seqs is not used by a training plan"):
+        PlanArguments(max_num_seqs=4)
 
 
 def test_dtype_changes_of_the_state_are_reported(tmp_path):

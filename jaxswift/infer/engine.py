@@ -56,7 +56,7 @@ from jaxswift.errors import ConfigError
 from jaxswift.infer.engine_api import Engine, RequestSampling, ResultTokens
 from jaxswift.infer.generate import stop_token_ids
 from jaxswift.infer.kv_cache import (SCRATCH_PAGE, PageAllocator, hash_seed, init_pools, next_page_hash,
-                                     page_hashes, pages_for)
+                                     page_hashes, pages_for, pool_shape, pool_sharding)
 from jaxswift.infer.multi_lora import stack_adapters, with_adapter_index
 from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, apply_token_mask, sample_slots, token_logprobs
 from jaxswift.models.attention import paged_decode_hidden
@@ -370,15 +370,9 @@ class JaxEngine(Engine):
         """The decode state on the mesh: each layer's KV pools [K, pages, page, H] split over kv heads as the rule
         table splits the k/v projections (so each device attends with its own heads; made in place, never whole
         on one device), the rest replicated."""
-        from jax.sharding import NamedSharding
-
-        from jaxswift.parallel.rules import partition_spec
-
-        shape = (self.config.num_kv_heads, self._num_pages + 1, self.page_size, self.config.head_dim)
-        spec = partition_spec(("kv_heads", None, None, "head_dim"), shape, self._rules.params, self._mesh,
-                              "the engine's KV cache")
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.config.compute_dtype),
-                        out_shardings=NamedSharding(self._mesh, spec))
+        sharding = pool_sharding(self.config, self._num_pages, self.page_size, self._rules, self._mesh)
+        shape = pool_shape(self.config, self._num_pages, self.page_size)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.config.compute_dtype), out_shardings=sharding)
         pools = lambda: tuple(zeros() for _ in range(self.config.num_layers))  # noqa: E731
         return jax.device_put(state, self._replicated())._replace(k_pages=pools(), v_pages=pools())
 

@@ -36,9 +36,26 @@ def pages_for(tokens: int, page_size: int) -> int:
 def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
     """(k pools, v pools), one per layer, with the scratch page in front of `num_pages` allocatable ones."""
     dtype = dtype or cfg.compute_dtype
-    shape = (cfg.num_kv_heads, num_pages + 1, page_size, cfg.head_dim)
+    shape = pool_shape(cfg, num_pages, page_size)
     return (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
             tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+
+
+def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+    """One layer's k (or v) pool: [kv heads, the scratch page + num_pages, page_size, head_dim]."""
+    return (cfg.num_kv_heads, num_pages + 1, page_size, cfg.head_dim)
+
+
+def pool_sharding(cfg: ModelConfig, num_pages: int, page_size: int, rules, mesh):
+    """How a pool lies on a mesh: split over kv heads as the rule table splits the k / v projections, so each device
+    attends with its own heads (replicated where the mesh axis does not divide the kv heads)."""
+    from jax.sharding import NamedSharding
+
+    from jaxswift.parallel.rules import partition_spec
+
+    return NamedSharding(mesh, partition_spec(("kv_heads", None, None, "head_dim"),
+                                              pool_shape(cfg, num_pages, page_size), rules.params, mesh,
+                                              "the engine's KV cache"))
 
 
 def hash_seed(adapter: int = 0) -> bytes:

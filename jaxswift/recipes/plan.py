@@ -1,4 +1,5 @@
-"""Memory planner: `python -m jaxswift.recipes.plan --model qwen2.5-7b --mesh fsdp=8 --tuner_type full`.
+"""Memory planner: `python -m jaxswift.recipes.plan --model qwen2.5-7b --mesh fsdp=8 --tuner_type full`, or
+`--serve true --mesh tensor=8 --max_num_seqs 32 --max_model_len 4096` for the serving engine.
 
 Compiles SFT's train step ahead of time for the mesh's device count, on virtual CPU devices unless JAX_PLATFORMS
 names another platform, without allocating a weight, and prints per-device memory and FLOPs per step. The figures are
@@ -38,9 +39,9 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(PlanArguments, argv)
     _virtual_cpu_devices(args.mesh, args.emulate_accelerator)
-    from jaxswift.train.plan import format_plan, plan_train_step
+    from jaxswift.train.plan import format_plan, format_serve_plan, plan_serving, plan_train_step
 
-    print(format_plan(plan_train_step(args)))
+    print(format_serve_plan(plan_serving(args)) if args.serve else format_plan(plan_train_step(args)))
     return 0
 
 

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +66,32 @@ class PlanArguments:
     emulate_accelerator: bool = field(default=True, metadata={"help": (
         "on the CPU backend, keep XLA:CPU from hoisting out of the layer loop the float32 copies of bfloat16 weights "
         "it makes for its own matmuls (a whole-model copy no accelerator makes); false: plan the CPU program")})
+    # serving (`--serve true`): the engine `jaxswift deploy --mesh` would build, not a train step
+    serve: bool = field(default=False, metadata={"help": "plan `jaxswift deploy`: weights and the paged KV cache "
+                                                         "per device for --max_num_seqs x --max_model_len"})
+    max_num_seqs: int = field(default=8, metadata={"help": "--serve: requests decoded together"})
+    max_model_len: int = field(default=2048, metadata={"help": "--serve: prompt + completion tokens per request"})
+    page_size: int = field(default=16, metadata={"help": "--serve: tokens per KV-cache page"})
     config: Optional[str] = field(default=None, metadata={"help": "YAML file with the same keys as the flags"})
 
+    # what a serving plan has no use for: giving one with --serve is an error, never ignored
+    TRAIN_ONLY: ClassVar[tuple[str, ...]] = (
+        "tuner_type", "quant_method", "max_length", "per_device_train_batch_size", "gradient_checkpointing",
+        "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "use_galore", "galore_rank",
+        "galore_update_interval", "galore_scale", "loss_chunk_size")
+    SERVE_ONLY: ClassVar[tuple[str, ...]] = ("max_num_seqs", "max_model_len", "page_size")
+
     def __post_init__(self):
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(self)}
+        for name in self.TRAIN_ONLY if self.serve else self.SERVE_ONLY:
+            if getattr(self, name) != defaults[name]:
+                raise ConfigError(f"--{name} is not used by " + (
+                    "--serve true (it plans the serving engine)" if self.serve else
+                    "a training plan (it plans a train step; --serve true plans the serving engine)"))
+        for name in self.SERVE_ONLY:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.tuner_type not in TUNER_TYPES:
             raise ConfigError(f"--tuner_type {self.tuner_type!r}: expected one of {' | '.join(TUNER_TYPES)}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -432,4 +455,69 @@ def format_plan(plan: MemoryPlan) -> str:
               f"XLA cost_analysis flops: {plan.xla_flops:.4g} per device (XLA counts each loop body once)",
               f"compile: {plan.compile_seconds:.1f} s"]
     lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serving: the engine `jaxswift deploy --mesh` builds
+
+
+@dataclasses.dataclass(frozen=True)
+class ServePlan:
+    model: str
+    mesh: str
+    devices: int
+    dtype: str
+    slots: int
+    max_model_len: int
+    pages: int  # allocatable KV pages (every slot full), plus the one scratch page
+    page_size: int
+    weights: int  # bytes per device
+    kv_cache: int
+    kv_sharded: bool
+    kv_heads: int
+    tensor: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+
+def plan_serving(args: PlanArguments) -> ServePlan:
+    """Per-device weights and KV cache of the serving engine on the mesh: params sharded by the default rule table
+    (parallel/params.py, as JaxEngine does), each layer's k and v pools as infer/kv_cache.pool_sharding lays them;
+    counted from abstract arrays, nothing allocated."""
+    from jaxswift.infer.kv_cache import pages_for, pool_shape, pool_sharding
+    from jaxswift.models.spec import abstract_params
+    from jaxswift.parallel.mesh import make_mesh
+    from jaxswift.parallel.params import tree_shardings
+    from jaxswift.parallel.rules import rules_for_mesh
+
+    cfg, source = load_plan_config(args.model, args.dtype)
+    mesh = make_mesh(args.mesh or "1")
+    rules = rules_for_mesh(args.sharding_rules, mesh)
+    params = abstract_params(cfg)
+    weights = per_device_bytes(_with_shardings(params, tree_shardings(params, cfg, rules, mesh)))
+    pages = args.max_num_seqs * pages_for(args.max_model_len, args.page_size)
+    sharding = pool_sharding(cfg, pages, args.page_size, rules, mesh)
+    pool = jax.ShapeDtypeStruct(pool_shape(cfg, pages, args.page_size), cfg.compute_dtype, sharding=sharding)
+    return ServePlan(model=source, mesh=_mesh_description(mesh), devices=mesh.size, dtype=args.dtype,
+                     slots=args.max_num_seqs, max_model_len=args.max_model_len, pages=pages,
+                     page_size=args.page_size, weights=weights, kv_cache=2 * cfg.num_layers * per_device_bytes(pool),
+                     kv_sharded=any(axis is not None for axis in sharding.spec), kv_heads=cfg.num_kv_heads,
+                     tensor=mesh.shape["tensor"])
+
+
+def format_serve_plan(plan: ServePlan) -> str:
+    lines = [f"serving {plan.model} | {plan.dtype} | {plan.slots} requests x {plan.max_model_len} tokens "
+             f"({plan.pages} KV pages of {plan.page_size}) | mesh {plan.mesh} ({plan.devices} "
+             f"device{'s' * (plan.devices > 1)})",
+             f"{'memory per device':<34}      GiB",
+             f"{'weights':<34} {_gib(plan.weights)}",
+             f"{'KV cache' + (' (kv heads split)' if plan.kv_sharded else ' (replicated)'):<34} {_gib(plan.kv_cache)}",
+             f"{'total':<34} {_gib(plan.total)}"]
+    if not plan.kv_sharded and plan.tensor > 1:
+        lines.append(f"note: the model's {plan.kv_heads} kv heads do not split {plan.tensor} ways, so every device "
+                     f"holds the whole KV cache; a tensor size that divides {plan.kv_heads} (with data for the rest "
+                     f"of the devices) splits it")
     return "\n".join(lines)
