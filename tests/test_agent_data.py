@@ -264,8 +264,8 @@ def test_sft_trains_on_agent_rows(tiny_chat_model, tmp_path):
     path = tmp_path / "agent.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (OPENAI_ROW, SWIFT_ROW) * 2))
     args = SftArguments(model=str(tiny_chat_model), dataset=[str(path)], output_dir=str(tmp_path / "out"),
-                        loss_scale="hermes", max_steps=3, logging_steps=1, learning_rate=1e-3, max_length=512,
-                        per_device_train_batch_size=2, demo_question="", disable_tqdm=True, save_steps=1000,
+                        loss_scale="hermes", max_steps=3, logging_steps=1, learning_rate=1e-3, max_length=384,
+                        per_device_train_batch_size=1, demo_question="", disable_tqdm=True, save_steps=1000,
                         lr_scheduler_type="constant", lora_dropout=0.0)
     result = run_sft(args, progress=False)
     losses = list(result.losses.values())
