@@ -341,6 +341,20 @@ def test_k_quant_bytes_round_trip_through_gguf_dequantize(qtype, nearest):
     assert np.sqrt(np.mean(err ** 2)) < np.sqrt(np.mean(plain ** 2))
 
 
+@pytest.mark.parametrize("data", ["gauss", "wide", "sparse"])
+def test_k_quants_equal_llama_cpp_bytes(data):
+    """Byte for byte llama.cpp's quantize_row_q4_K_ref / quantize_row_q6_K_ref output on the same inputs (stored in
+    tests/data/kquants_llama_cpp.npz by make_kquants_golden.py, from llama.cpp's own C compiled alone)."""
+    from pathlib import Path
+
+    from jaxswift.checkpoints.gguf_kquants import quantize_q4_k, quantize_q6_k
+
+    golden = np.load(Path(__file__).parent / "data" / "kquants_llama_cpp.npz")
+    x = golden[f"{data}_x"]
+    np.testing.assert_array_equal(quantize_q4_k(x), golden[f"{data}_q4_k"])
+    np.testing.assert_array_equal(quantize_q6_k(x), golden[f"{data}_q6_k"])
+
+
 def test_k_quant_exactly_representable_blocks_are_exact():
     rng = np.random.default_rng(1)
     d, ls = 2.0 ** -6, rng.integers(1, 64, 8)

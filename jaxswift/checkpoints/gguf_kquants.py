@@ -26,7 +26,7 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     """[..., n] float (n a multiple of 256) -> uint8 [..., n / 256 * 144], llama.cpp's Q4_K bytes."""
     blocks, lead = _superblocks(x)
     sub = blocks.reshape(-1, 8, 32)
-    av_x = np.sqrt((sub * sub).sum(-1, keepdims=True) / f32(32))
+    av_x = np.sqrt(_sum(sub * sub)[..., None] / f32(32))
     weights = av_x + np.abs(sub)
     scales, mins, codes = _make_qkx2_quants(sub, weights, nmax=15, rmin=f32(-1.0), rdelta=f32(0.1), nstep=20)
     max_scale = np.maximum(scales.max(-1), f32(0))
@@ -77,6 +77,12 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(*lead, -1)
 
 
+def _sum(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis in C's order (a running float32 sum, not numpy's pairwise one): the searches compare
+    errors, so the order decides ties and near-ties the way llama.cpp does."""
+    return np.cumsum(a, axis=-1, dtype=np.float32)[..., -1]
+
+
 def _superblocks(x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 0 or x.shape[-1] % QK_K:
@@ -97,27 +103,30 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 
 def _make_qkx2_quants(x, weights, *, nmax: int, rmin, rdelta, nstep: int):
     """Asymmetric codes 0..nmax per row of x [..., n] (scale, min = -offset): start from the min-max grid, then try
-    nstep + 1 stretched grids, each refit by weighted least squares, keeping the lowest weighted squared error.
+    nstep + 1 stretched grids (each from the best offset so far), each refit by weighted least squares, keeping the
+    lowest weighted squared error.
     Returns (scale [...], the_min [...] >= 0, codes [..., n]) with x ~ scale * code - the_min."""
     lo = np.minimum(x.min(-1), f32(0))
     hi = x.max(-1)
     flat = hi == lo
     span = np.where(flat, f32(1), hi - lo)
-    sum_w = weights.sum(-1)
-    sum_x = (weights * x).sum(-1)
-    shifted = x - lo[..., None]
+    sum_w = _sum(weights)
+    sum_x = _sum(weights * x)
 
     iscale = f32(nmax) / span
     scale = f32(1) / iscale
-    codes = np.clip(np.rint(iscale[..., None] * shifted), 0, nmax)
-    best = (weights * np.square(scale[..., None] * codes + lo[..., None] - x)).sum(-1)
+    codes = np.clip(np.rint(iscale[..., None] * (x - lo[..., None])), 0, nmax)
+    best = _sum(weights * np.square(scale[..., None] * codes + lo[..., None] - x))
     the_min = lo
     for step in range(nstep + 1):
-        trial_iscale = (rmin + rdelta * f32(step) + f32(nmax)) / span
-        trial = np.clip(np.rint(trial_iscale[..., None] * shifted), 0, nmax)
-        sum_l = (weights * trial).sum(-1)
-        sum_l2 = (weights * trial * trial).sum(-1)
-        sum_xl = (weights * trial * x).sum(-1)
+        # each trial grid starts from the best offset found so far (llama.cpp updates `min` in the loop)
+        reach = hi - the_min
+        reach = np.where(reach > 0, reach, f32(1))
+        trial_iscale = (rmin + rdelta * f32(step) + f32(nmax)) / reach
+        trial = np.clip(np.rint(trial_iscale[..., None] * (x - the_min[..., None])), 0, nmax)
+        sum_l = _sum(weights * trial)
+        sum_l2 = _sum(weights * trial * trial)
+        sum_xl = _sum(weights * trial * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         safe_det = np.where(ok, det, f32(1))
@@ -126,7 +135,7 @@ def _make_qkx2_quants(x, weights, *, nmax: int, rmin, rdelta, nstep: int):
         clamp = this_min > 0  # a positive offset is not allowed: refit the scale alone through zero
         this_scale = np.where(clamp, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
         this_min = np.where(clamp, f32(0), this_min)
-        error = (weights * np.square(this_scale[..., None] * trial + this_min[..., None] - x)).sum(-1)
+        error = _sum(weights * np.square(this_scale[..., None] * trial + this_min[..., None] - x))
         better = ok & (error < best)
         codes = np.where(better[..., None], trial, codes)
         best = np.where(better, error, best)
@@ -150,7 +159,7 @@ def _make_qx_quants(x, *, nmax: int):
 
     def fit(iscale):
         levels = np.clip(np.rint(iscale[..., None] * x), -nmax, nmax - 1)
-        return levels, (w * x * levels).sum(-1), (w * levels * levels).sum(-1)
+        return levels, _sum(w * x * levels), _sum(w * levels * levels)
 
     levels, sumlx, suml2 = fit(f32(-nmax) / peak)
     scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
