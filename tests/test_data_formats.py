@@ -34,8 +34,10 @@ def write_jsonl(path, rows):
 
 def test_messages_multi_turn_with_system_and_tools():
     tools = [{"type": "function", "function": {"name": "f"}}]
-    row = {"messages": [{"role": "system", "content": "S"}, *qa("q1", "r1"), {"role": "tool", "content": "{}"},
-                        *qa("q2", "r2")], "tools": json.dumps(tools)}
+    call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+    row = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+                        {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "{}"},
+                        {"role": "assistant", "content": "r1"}, *qa("q2", "r2")], "tools": json.dumps(tools)}
     assert row_to_messages(row, "x:1") == row["messages"]
     assert row_tools(row, "x:1") == tools
 

@@ -80,11 +80,11 @@ def small_tokenizer(split: str | None):
 def save_tiny(folder, family: str, tokenizer, *, spare_rows=0, seed=0, **extra):
     """A tiny random HF model of `family` (2 layers, hidden 64) with `tokenizer`, saved to `folder`."""
     torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(
-        family, vocab_size=len(tokenizer) + spare_rows, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=family == "llama",
-        max_position_embeddings=512, rope_theta=50000.0, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, **extra)
+    sizes = dict(vocab_size=len(tokenizer) + spare_rows, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=family == "llama",
+                 max_position_embeddings=512, rope_theta=50000.0, bos_token_id=tokenizer.bos_token_id,
+                 eos_token_id=tokenizer.eos_token_id)
+    config = transformers.AutoConfig.for_model(family, **{**sizes, **extra})
     config.architectures = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                              "mistral": "MistralForCausalLM"}[family]]
     hf = transformers.AutoModelForCausalLM.from_config(config)
@@ -160,7 +160,7 @@ def test_file_holds_the_quantized_source_tensors(exported, family, gguf_type):
             qtype = Q.F32
         elif gguf_type == "q4_0" and (gguf_name == "output.weight" or (
                 source.config.tie_word_embeddings and gguf_name == "token_embd.weight")):
-            qtype = Q.Q8_0  # llama-quantize keeps the head at Q6_K; gguf writes Q8_0 as the nearest it can
+            qtype = Q.Q8_0  # llama-quantize's Q6_K head; rows of 64 are no whole 256-block: Q8_0, as llama.cpp
         assert expected_types[gguf_name] == qtype, gguf_name
         reference = dequantize(quantize(original[name], qtype), qtype).reshape(original[name].shape)
         np.testing.assert_array_equal(array, reference, err_msg=name)
@@ -274,8 +274,9 @@ def test_adapters_are_merged_first(tmp_path, tiny_models):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--gguf_type", "q4_k_m"], r"--gguf_type q4_k_m: not supported, .*no quantizer.*\(supported: f16, q8_0, q4_0\)"),
-    (["--gguf_type", "q5_x"], r"--gguf_type 'q5_x' is not a GGUF type jaxswift writes \(supported: f16, q8_0, q4_0\)"),
+    (["--gguf_type", "q5_k_m"],
+     r"--gguf_type 'q5_k_m' is not a GGUF type jaxswift writes \(supported: f16, q8_0, q4_0, q4_k_m\)"),
+    (["--gguf_type", "q5_x"], r"--gguf_type 'q5_x' is not a GGUF type jaxswift writes \(supported: f16, q8_0, q4_0, q4_k_m\)"),
     (["--quant_method", "fp8"], r"--to_gguf and --quant_method fp8 exclude each other"),
 ])
 def test_bad_flags_are_refused_before_loading(argv, message):
@@ -312,3 +313,127 @@ def test_unsupported_families_and_models_are_refused(exported):
         check_gguf_export(yarn, "f16", tokenizer)
     with pytest.raises(ConfigError, match=r"the model has no tokenizer"):
         check_gguf_export(cfg, "f16", None)
+
+
+# ------------------------------------------------------------------------------------------------ q4_k_m
+
+
+def k_quant_error(x, qtype):
+    from jaxswift.checkpoints.gguf_export import quantize_tensor
+
+    return dequantize(quantize_tensor(x, qtype), qtype).reshape(x.shape) - x
+
+
+@pytest.mark.parametrize("qtype,nearest", [(Q.Q4_K, Q.Q4_0), (Q.Q6_K, Q.Q5_0)])
+def test_k_quant_bytes_round_trip_through_gguf_dequantize(qtype, nearest):
+    """Our Q4_K / Q6_K bytes, read by gguf's dequantizer: errors within a grid step, and below the plain 32-block
+    format with fewer or as many bits (the point of the super-block search)."""
+    x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32) * np.linspace(0.1, 3, 512)
+    err = k_quant_error(x, qtype)
+    sub = x.reshape(-1, 8, 32) if qtype == Q.Q4_K else x.reshape(-1, 16, 16)
+    if qtype == Q.Q4_K:  # codes 0..15 over [min(x, 0), max(x)] of each sub-block
+        step = (sub.max(2) - np.minimum(sub.min(2), 0)) / 15
+    else:  # codes -32..31 over [-max|x|, max|x|]
+        step = 2 * np.abs(sub).max(2) / 63
+    # within one step of the super-block's coarsest sub-block grid (the 6-/8-bit sub-block scales are relative to it)
+    assert (np.abs(err.reshape(len(sub), -1)).max(1) <= step.max(1)).all()
+    plain = dequantize(quantize(x, nearest), nearest).reshape(x.shape) - x
+    assert np.sqrt(np.mean(err ** 2)) < np.sqrt(np.mean(plain ** 2))
+
+
+@pytest.mark.parametrize("data", ["gauss", "wide", "sparse"])
+def test_k_quants_equal_llama_cpp_bytes(data):
+    """Byte for byte llama.cpp's quantize_row_q4_K_ref / quantize_row_q6_K_ref output on the same inputs (stored in
+    tests/data/kquants_llama_cpp.npz by make_kquants_golden.py, from llama.cpp's own C compiled alone)."""
+    from pathlib import Path
+
+    from jaxswift.checkpoints.gguf_kquants import quantize_q4_k, quantize_q6_k
+
+    golden = np.load(Path(__file__).parent / "data" / "kquants_llama_cpp.npz")
+    x = golden[f"{data}_x"]
+    np.testing.assert_array_equal(quantize_q4_k(x), golden[f"{data}_q4_k"])
+    np.testing.assert_array_equal(quantize_q6_k(x), golden[f"{data}_q6_k"])
+
+
+def test_k_quant_exactly_representable_blocks_are_exact():
+    rng = np.random.default_rng(1)
+    d, ls = 2.0 ** -6, rng.integers(1, 64, 8)
+    ls[3] = 63
+    codes = rng.integers(0, 16, (8, 32))
+    codes[:, 0] = 15
+    q4 = (d * ls[:, None] * codes).astype(np.float32).reshape(1, 256)  # d * scale_j * q, no min
+    assert np.array_equal(q4 + k_quant_error(q4, Q.Q4_K), q4)
+    scales = 2.0 ** -3 * rng.integers(1, 129, 16) / 128
+    scales[5] = 2.0 ** -3
+    codes = rng.integers(-32, 32, (16, 16))
+    codes[:, 0] = -32
+    q6 = (scales[:, None] * codes).astype(np.float32).reshape(1, 256)
+    assert np.array_equal(q6 + k_quant_error(q6, Q.Q6_K), q6)
+    zeros = np.zeros((2, 256), np.float32)
+    assert not k_quant_error(zeros, Q.Q4_K).any() and not k_quant_error(zeros, Q.Q6_K).any()
+
+
+def test_q4_k_m_types_follow_llama_quantize():
+    from jaxswift.checkpoints.gguf_export import tensor_type
+
+    def q4km(name, shape, tied=False, layers=32):
+        return tensor_type(name, shape, "q4_k_m", tied, layers)
+
+    # a 7B llama (32 layers): half the attn_v / ffn_down get Q6_K, llama.cpp's use_more_bits
+    six = [i for i in range(32) if q4km(f"blk.{i}.attn_v.weight", (1024, 4096)) == Q.Q6_K]
+    assert six == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert six == [i for i in range(32) if q4km(f"blk.{i}.ffn_down.weight", (4096, 11008 + 256)) == Q.Q6_K]
+    assert q4km("blk.5.attn_q.weight", (4096, 4096)) == q4km("token_embd.weight", (32000, 4096)) == Q.Q4_K
+    assert q4km("output.weight", (32000, 4096)) == q4km("token_embd.weight", (32000, 4096), tied=True) == Q.Q6_K
+    assert q4km("blk.5.attn_norm.weight", (4096,)) == Q.F32
+    # rows that are not whole 256-blocks fall back as llama.cpp does; rows of neither 256 nor 32 -> F16
+    assert q4km("blk.0.ffn_down.weight", (64, 11040)) == Q.Q8_0 and q4km("blk.5.ffn_down.weight", (64, 11040)) == Q.Q5_0
+    assert q4km("output.weight", (300, 576)) == Q.Q8_0 and q4km("blk.5.attn_q.weight", (48, 48)) == Q.F16
+    assert q4km("blk.1.attn_v.weight", (256, 256), layers=80) == Q.Q6_K  # a 70B's Q5_K, written as Q6_K
+
+
+@pytest.fixture(scope="module")
+def q4_k_m_file(tmp_path_factory):
+    """A qwen2 whose every matrix row is whole 256-blocks (hidden 256, heads 4 x 64, mlp 512), untied, exported
+    with --gguf_type q4_k_m."""
+    root = tmp_path_factory.mktemp("q4km")
+    folder = save_tiny(root / "qwen2_256", "qwen2", small_tokenizer("qwen2"), seed=4, hidden_size=256,
+                       intermediate_size=512)
+    assert export_main(["--model", str(folder), "--to_gguf", "true", "--gguf_type", "q4_k_m",
+                        "--output_dir", str(root / "out")]) == 0
+    return jaxswift.load_model(str(folder)), root / "out" / "model-q4_k_m.gguf"
+
+
+def test_q4_k_m_file_types_and_file_type(q4_k_m_file):
+    _, path = q4_k_m_file
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["token_embd.weight"] == Q.Q4_K and types["output.weight"] == Q.Q6_K
+    assert (types["blk.0.attn_v.weight"], types["blk.1.attn_v.weight"]) == (Q.Q4_K, Q.Q6_K)  # use_more_bits(1, 2)
+    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == (Q.Q4_K, Q.Q6_K)
+    for kind in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+        assert types[f"blk.0.{kind}.weight"] == types[f"blk.1.{kind}.weight"] == Q.Q4_K, kind
+    assert {types[n] for n in types if n.endswith(("norm.weight", ".bias"))} == {Q.F32}
+
+
+def test_q4_k_m_loads_in_transformers_and_jaxswift(q4_k_m_file):
+    """transformers (`gguf_file=`) and jaxswift read the same dequantized tensors: logits within 1e-4; the file
+    holds exactly our quantized source tensors."""
+    from jaxswift.checkpoints.gguf_export import quantize_tensor
+
+    source, path = q4_k_m_file
+    back = jaxswift.load_model(str(path), load_tokenizer=False)
+    ours, theirs = jax_logits(back), hf_gguf_logits(path)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert 1e-4 < rel_err(ours, jax_logits(source)) < 0.2  # really quantized, still the same model
+    original = hf_tensors(source.params, source.config, dtype=np.float32)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    checked = 0
+    for name, array in read_gguf(path).tensors():  # qwen2 files keep q/k rows in HF order (no permutation)
+        qtype = types[gguf_tensor_name(name)]
+        if qtype in (Q.Q4_K, Q.Q6_K):
+            expected = dequantize(quantize_tensor(original[name], qtype), qtype).reshape(array.shape)
+            np.testing.assert_array_equal(array, expected, err_msg=name)
+            checked += 1
+    assert checked == 2 + 2 * 7  # embedding, head, 7 matrices per layer

@@ -127,8 +127,14 @@ def test_tools_are_rendered_by_a_template_that_supports_them(llama3):
 
 
 def test_tools_ignored_by_the_template_are_an_error(smollm):
+    """A template that names `tools` is trusted to render them (no Hermes fallback); one that then drops them is an
+    error. (SmolLM2's own template does not name them: it gets the Hermes rendering, tests/test_agent_data.py.)"""
+    import copy
+
+    tok = copy.deepcopy(smollm)
+    tok.chat_template = smollm.chat_template + "{# tools are not rendered #}"
     with pytest.raises(DataError, match="ignores `tools`"):
-        encode_chat(smollm, CHAT, tools=[{"type": "function", "function": {"name": "f"}}])
+        encode_chat(tok, CHAT, tools=[{"type": "function", "function": {"name": "f"}}])
 
 
 def test_truncation_strategies():

@@ -2,16 +2,19 @@
 
 Names, metadata keys and the q/k row permutation are the ones gguf.py reads back, so `read_gguf(save_gguf(m))`
 returns m's weights (dequantized). The file is written with the `gguf` package's GGUFWriter; block formats come from
-`gguf.quants.quantize`. Which tensors get which type follows llama.cpp (see `tensor_type`).
+`gguf.quants.quantize`, and Q4_K / Q6_K (which it cannot write) from gguf_kquants.py. Which tensors get which type
+follows llama.cpp (see `tensor_type`).
 
 Types, named as llama.cpp names them:
   f16    every matrix float16 (convert_hf_to_gguf.py --outtype f16);
   q8_0   every matrix Q8_0 (convert_hf_to_gguf.py --outtype q8_0);
-  q4_0   every matrix Q4_0, except the output head (or the tied embedding serving as the head), which llama-quantize
-         keeps at Q6_K; `gguf` cannot write Q6_K, so it is Q8_0 here (more bits, never fewer);
-  q4_k_m refused: it is a mix of Q4_K and Q6_K, and `gguf.quants` implements neither quantizer.
+  q4_0   every matrix Q4_0, except the output head (or the tied embedding serving as the head): Q6_K, as
+         llama-quantize keeps it;
+  q4_k_m llama-quantize's Q4_K_M mix (llama_tensor_get_type): Q4_K, except the head Q6_K and attn_v / ffn_down Q6_K
+         in the layers its `use_more_bits` picks (the first and last eighth, and every third layer between).
 Vectors (norms, biases, Llama 3 RoPE factors) are always float32, as llama.cpp keeps them. A matrix whose rows are
-not a whole number of blocks falls back to f16, as convert_hf_to_gguf.py does.
+not a whole number of blocks falls back as llama.cpp does: Q4_K -> Q5_0, Q6_K -> Q8_0 (a head whose rows are not
+whole Q4_0 blocks -> Q8_0), and f16 where even that does not fit (convert_hf_to_gguf.py's choice for q8_0 / q4_0).
 """
 
 from __future__ import annotations
@@ -26,28 +29,29 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 
 from jaxswift.checkpoints.gguf import PERMUTED_QK_ARCHITECTURES, gguf_tensor_name, llama3_rope_factors
+from jaxswift.checkpoints.gguf_kquants import quantize_q4_k, quantize_q6_k
 from jaxswift.checkpoints.gguf_tokenizer import PRE_TOKENIZER_SPLITS
 from jaxswift.checkpoints.hf import hf_tensors
 from jaxswift.errors import ConfigError
 from jaxswift.models.config import ModelConfig
 
 Q = GGMLQuantizationType
-# --gguf_type -> (matrix type, output head type, general.file_type)
+# --gguf_type -> (matrix type, general.file_type)
 GGUF_TYPES = {
-    "f16": (Q.F16, Q.F16, LlamaFileType.MOSTLY_F16),
-    "q8_0": (Q.Q8_0, Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (Q.Q4_0, Q.Q8_0, LlamaFileType.MOSTLY_Q4_0),
+    "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
+    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q4_k_m": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
 }
-REFUSED_TYPES = {"q4_k_m": "it mixes Q4_K and Q6_K blocks, and the gguf package (0.19) has no quantizer for either"}
+LLAMA_QUANTIZE_TYPES = ("q4_0", "q4_k_m")  # llama-quantize's types (head and per-layer rules); the others convert's
+# llama.cpp's tensor_type_fallback: a row that is not whole blocks of the k-quant takes this 32-value type
+K_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}
 # jaxswift family -> GGUF general.architecture. Mistral is a llama with another name in llama.cpp.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def check_gguf_type(gguf_type: str) -> None:
     """Raises a ConfigError unless jaxswift writes `gguf_type` (checked before a model is even loaded)."""
-    if gguf_type in REFUSED_TYPES:
-        raise ConfigError(f"--gguf_type {gguf_type}: not supported, {REFUSED_TYPES[gguf_type]} "
-                          f"(supported: {', '.join(GGUF_TYPES)})")
     if gguf_type not in GGUF_TYPES:
         raise ConfigError(f"--gguf_type {gguf_type!r} is not a GGUF type jaxswift writes "
                           f"(supported: {', '.join(GGUF_TYPES)})")
@@ -82,11 +86,11 @@ def save_gguf(model, path: str | Path, gguf_type: str = "f16") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     arch = ARCHITECTURES[cfg.family]
     writer = GGUFWriter(path, arch)
-    _add_hyperparameters(writer, cfg, arch, GGUF_TYPES[gguf_type][2])
+    _add_hyperparameters(writer, cfg, arch, GGUF_TYPES[gguf_type][1])
     _add_tokenizer(writer, tokenizer, cfg)
     for name, array in _gguf_tensors(model.params, cfg, arch):
-        qtype = tensor_type(name, array.shape, gguf_type, cfg.tie_word_embeddings)
-        writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
+        qtype = tensor_type(name, array.shape, gguf_type, cfg.tie_word_embeddings, cfg.num_layers)
+        writer.add_tensor(name, quantize_tensor(array, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -94,15 +98,44 @@ def save_gguf(model, path: str | Path, gguf_type: str = "f16") -> Path:
     return path
 
 
-def tensor_type(name: str, shape: tuple[int, ...], gguf_type: str, tied: bool) -> GGMLQuantizationType:
+def tensor_type(name: str, shape: tuple[int, ...], gguf_type: str, tied: bool,
+                num_layers: int) -> GGMLQuantizationType:
     """The GGUF type of one tensor (shape in torch layout, rows first) for --gguf_type (see the module doc)."""
-    matrix_type, head_type, _ = GGUF_TYPES[gguf_type]
+    qtype = GGUF_TYPES[gguf_type][0]
     if len(shape) < 2:
         return Q.F32
-    is_head = name == "output.weight" or (tied and name == "token_embd.weight")
-    qtype = head_type if is_head else matrix_type
-    block = GGML_QUANT_SIZES[qtype][0]
-    return qtype if shape[-1] % block == 0 else Q.F16
+    if gguf_type in LLAMA_QUANTIZE_TYPES:
+        if name == "output.weight" or (tied and name == "token_embd.weight"):
+            qtype = Q.Q6_K if shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else Q.Q8_0
+        elif gguf_type == "q4_k_m":
+            qtype = _q4_k_m_layer_type(name, num_layers)
+    if shape[-1] % GGML_QUANT_SIZES[qtype][0] and qtype in K_FALLBACK:
+        qtype = K_FALLBACK[qtype]
+    return qtype if shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else Q.F16
+
+
+def _q4_k_m_layer_type(name: str, num_layers: int) -> GGMLQuantizationType:
+    """llama_tensor_get_type for LLAMA_FTYPE_MOSTLY_Q4_K_M (dense models): attn_v and ffn_down get Q6_K where
+    use_more_bits says so. llama.cpp also gives a 70B model's (80 layers) other attn_v Q5_K; jaxswift cannot write
+    Q5_K and gives them Q6_K (more bits, never fewer)."""
+    match = re.fullmatch(r"blk\.(\d+)\.(attn_v|ffn_down)\.weight", name)
+    if match is None:
+        return Q.Q4_K
+    layer = int(match.group(1))
+    more_bits = (layer < num_layers // 8 or layer >= 7 * num_layers // 8
+                 or (layer - num_layers // 8) % 3 == 2)
+    if more_bits or (match.group(2) == "attn_v" and num_layers == 80):
+        return Q.Q6_K
+    return Q.Q4_K
+
+
+def quantize_tensor(array: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """The tensor's bytes (or float16 / float32 values) in `qtype`: gguf's quantizers, and ours for Q4_K / Q6_K."""
+    if qtype == Q.Q4_K:
+        return quantize_q4_k(array)
+    if qtype == Q.Q6_K:
+        return quantize_q6_k(array)
+    return quantize(array, qtype)
 
 
 def _gguf_tensors(params: dict, cfg: ModelConfig, arch: str):

@@ -2,7 +2,8 @@
 trains with only its offsets in RAM, and every step reads just the rows it needs.
 
   tokens.bin  int32, all examples end to end      mask.bin  bool, the loss masks, same layout
-  offsets.npy int64 [n + 1] example boundaries
+  offsets.npy int64 [n + 1] example boundaries     weights.bin float32, the loss weights, same layout (only when
+                                                   some example has weights other than its 0/1 mask)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class TokenCache(Sequence[EncodedChat]):
         total = int(self.offsets[-1])
         self.tokens = np.memmap(folder / "tokens.bin", np.int32, "r", shape=(total,)) if total else np.zeros(0, np.int32)
         self.mask = np.memmap(folder / "mask.bin", np.bool_, "r", shape=(total,)) if total else np.zeros(0, bool)
+        weights = folder / "weights.bin"
+        self.weights = np.memmap(weights, np.float32, "r", shape=(total,)) if total and weights.exists() else None
         self.lengths = np.diff(self.offsets)
 
     def __len__(self) -> int:
@@ -38,7 +41,8 @@ class TokenCache(Sequence[EncodedChat]):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         begin, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return EncodedChat(np.asarray(self.tokens[begin:end]), np.asarray(self.mask[begin:end]))
+        weights = None if self.weights is None else np.asarray(self.weights[begin:end])
+        return EncodedChat(np.asarray(self.tokens[begin:end]), np.asarray(self.mask[begin:end]), weights)
 
 
 class Subset(Sequence[EncodedChat]):
@@ -75,27 +79,43 @@ def split_indices(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def write_token_cache(examples: Iterable[EncodedChat], folder: str | Path) -> TokenCache:
-    """Streams examples to disk (bounded memory) and returns the cache over them."""
+    """Streams examples to disk (bounded memory) and returns the cache over them. The weights file is written from
+    the first example that carries weights on (earlier examples' weights are their masks, written then)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    offsets, pending_tokens, pending_mask, pending = [0], [], [], 0
+    (folder / "weights.bin").unlink(missing_ok=True)
+    offsets, pending, count = [0], [], 0
+    weights_file = None
     with open(folder / "tokens.bin", "wb") as tok_file, open(folder / "mask.bin", "wb") as mask_file:
         def flush():
-            if pending_tokens:
-                tok_file.write(np.concatenate(pending_tokens).astype(np.int32).tobytes())
-                mask_file.write(np.concatenate(pending_mask).astype(np.bool_).tobytes())
-                pending_tokens.clear()
-                pending_mask.clear()
+            nonlocal weights_file
+            if not pending:
+                return
+            tok_file.write(np.concatenate([e.input_ids for e in pending]).astype(np.int32).tobytes())
+            mask_file.write(np.concatenate([e.loss_mask for e in pending]).astype(np.bool_).tobytes())
+            if weights_file is None and any(e.loss_weights is not None for e in pending):
+                weights_file = open(folder / "weights.bin", "wb")
+                before = offsets[-1] - sum(len(e) for e in pending)
+                if before:  # examples flushed before this chunk: their masks are their weights
+                    mask_file.flush()
+                    written = np.memmap(folder / "mask.bin", np.bool_, "r", shape=(before,))
+                    weights_file.write(np.asarray(written, np.float32).tobytes())
+            if weights_file is not None:
+                weights_file.write(np.concatenate([e.weights for e in pending]).astype(np.float32).tobytes())
+            pending.clear()
 
-        for ex in examples:
-            pending_tokens.append(ex.input_ids)
-            pending_mask.append(ex.loss_mask)
-            offsets.append(offsets[-1] + len(ex))
-            pending += len(ex)
-            if pending >= _FLUSH_TOKENS:
-                flush()
-                pending = 0
-        flush()
+        try:
+            for ex in examples:
+                pending.append(ex)
+                offsets.append(offsets[-1] + len(ex))
+                count += len(ex)
+                if count >= _FLUSH_TOKENS:
+                    flush()
+                    count = 0
+            flush()
+        finally:
+            if weights_file is not None:
+                weights_file.close()
     np.save(folder / "offsets.npy", np.asarray(offsets, np.int64))
     return TokenCache(folder)
 

@@ -18,14 +18,19 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from jaxswift.data.templates import EncodedChat, encode_chat, truncate
+from jaxswift.data.tools import normalize_tool_calls
 from jaxswift.errors import ConfigError, DataError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_PREFIX = "builtin:"
 READABLE = (".jsonl", ".json", ".csv", ".parquet", "a folder saved with datasets.save_to_disk")
 ROLES = ("system", "user", "assistant", "tool")
+# ms-swift's agent rows (its "Agent support" doc): `tool_call` messages hold one call's JSON each, `tool_response`
+# messages a result; read as OpenAI-style assistant `tool_calls` and `tool` messages.
+SWIFT_AGENT_ROLES = ("tool_call", "tool_response")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
+                  "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
+                  "function_call": "tool_call", "tool_call": "tool_call", "tool_response": "tool_response"}
 EXPECTED_FORMATS = ("messages", "conversations", "instruction+output (alpaca)", "query+response")
 
 
@@ -48,13 +53,25 @@ def row_to_messages(row: Any, where: str) -> list[dict]:
 
 
 def row_tools(row: dict, where: str) -> list | None:
-    """The optional `tools` column (a list, or a JSON string of one, as CSV and many hub datasets store it)."""
+    """The optional `tools` column: a list, or a JSON string of one (as CSV, ms-swift and many hub datasets store
+    it); each tool an object or a JSON string of one. A bare function ({name, parameters, ...}) is wrapped as
+    {"type": "function", "function": ...}, as ms-swift does, so every template sees OpenAI's shape."""
     tools = _maybe_json(row.get("tools"), where, "tools")
     if tools in (None, "", []):
         return None
     if not isinstance(tools, list):
         raise DataError(f"{where}: field 'tools': expected a list of tool definitions, got {type(tools).__name__}")
-    return tools
+    out = []
+    for k, tool in enumerate(tools):
+        tool = _maybe_json(tool, where, f"tools[{k}]")
+        if isinstance(tool, dict) and "function" not in tool and isinstance(tool.get("name"), str):
+            tool = {"type": "function", "function": tool}
+        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict) or \
+                not isinstance(tool["function"].get("name"), str):
+            raise DataError(f"{where}: tools[{k}]: expected {{\"type\": \"function\", \"function\": {{\"name\": "
+                            f"..., \"parameters\": ...}}}}, got {tool!r:.80}")
+        out.append(tool)
+    return out
 
 
 def _present(row: dict, key: str) -> bool:
@@ -84,7 +101,8 @@ def _messages_rows(messages: Any, where: str) -> list[dict]:
     if not isinstance(messages, (list, tuple)):
         raise DataError(f"{where}: field 'messages': expected a list of {{role, content}}, got "
                         f"{type(messages).__name__}")
-    return [_message(m, where, f"messages[{k}]", "role", "content", None) for k, m in enumerate(messages)]
+    return _agent_turns([_message(m, where, f"messages[{k}]", "role", "content", None)
+                         for k, m in enumerate(messages)], where, "messages")
 
 
 def _sharegpt(turns: Any, where: str) -> list[dict]:
@@ -96,7 +114,41 @@ def _sharegpt(turns: Any, where: str) -> list[dict]:
     for k, turn in enumerate(turns):
         keys = ("from", "value") if isinstance(turn, dict) and "from" in turn else ("role", "content")
         out.append(_message(turn, where, f"conversations[{k}]", *keys, SHAREGPT_ROLES))
-    return out
+    return _agent_turns(out, where, "conversations")
+
+
+def _agent_turns(messages: list[dict], where: str, field: str) -> list[dict]:
+    """ms-swift's `tool_call` / `tool_response` messages as OpenAI's: consecutive calls join one assistant message's
+    `tool_calls` (an assistant text right before them becomes that message's content: ms-swift writes thinking, then
+    the calls); a response becomes a `tool` message. Then every call is checked and its arguments parsed
+    (data/tools.normalize_tool_calls); errors name the row's own message index."""
+    out: list[dict] = []
+    origin: list[str] = []
+    for k, m in enumerate(messages):
+        if m["role"] == "tool_call":
+            call = _swift_call(m["content"], where, f"{field}[{k}].content")
+            prev = out[-1] if out else {}
+            joins = prev.get("role") == "assistant" and (prev.get("tool_calls") or messages[k - 1]["role"] == "assistant")
+            if joins:
+                out[-1] = {**prev, "tool_calls": [*prev.get("tool_calls", []), call]}
+                continue
+            m = {"role": "assistant", "content": "", "tool_calls": [call]}
+        elif m["role"] == "tool_response":
+            m = {**m, "role": "tool"}
+        out.append(m)
+        origin.append(f"{field}[{k}]")
+    try:
+        return normalize_tool_calls(out, origin)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def _swift_call(content: Any, where: str, field: str) -> dict:
+    obj = _maybe_json(content, where, field) if isinstance(content, str) else content
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise DataError(f"{where}: {field}: a tool_call message holds one call as JSON {{\"name\": ..., "
+                        f"\"arguments\": {{...}}}}, got {content!r:.80}")
+    return {"type": "function", "function": {"name": obj["name"], "arguments": obj.get("arguments", {})}}
 
 
 def _message(m: Any, where: str, field: str, role_key: str, content_key: str, role_map: dict | None) -> dict:
@@ -104,16 +156,22 @@ def _message(m: Any, where: str, field: str, role_key: str, content_key: str, ro
         raise DataError(f"{where}: {field}: expected an object with {role_key!r} and {content_key!r}, got "
                         f"{m!r:.80}")
     role = role_map.get(m[role_key]) if role_map else m[role_key]
-    if role not in ROLES:
-        allowed = sorted(role_map) if role_map else ROLES
+    if role not in ROLES + SWIFT_AGENT_ROLES:
+        allowed = sorted(role_map) if role_map else ROLES + SWIFT_AGENT_ROLES
         raise DataError(f"{where}: {field}.{role_key}={m[role_key]!r}; expected one of {', '.join(allowed)}")
     content = m.get(content_key)
+    if role in ("tool", "tool_response") and isinstance(content, (dict, list)):
+        content = json.dumps(content, ensure_ascii=False)  # a structured result is rendered as its JSON text
+    if role == "tool_call" and isinstance(content, dict):
+        return {"role": role, "content": content}
     # OpenAI-style content parts (text, image_url, image, video) stay a list for vision-language models.
     content = _parts(content, where, f"{field}.{content_key}") if isinstance(content, list) else _text(
         content, where, f"{field}.{content_key}")
     out = {"role": role, "content": content}
     # Tool-calling fields ride along so templates that support them can render them.
     out.update({k: v for k, v in m.items() if k in ("tool_calls", "name", "tool_call_id") and v is not None})
+    if "tool_calls" in out:
+        out["tool_calls"] = _maybe_json(out["tool_calls"], where, f"{field}.tool_calls")
     return out
 
 

@@ -225,8 +225,9 @@ def encode_multimodal_row(row: dict, where: str, processor: VLMProcessor, *, bas
     repeats[is_placeholder] = [processor.images.num_tokens(g) for g in grids]
     ids = np.repeat(encoded.input_ids, repeats)
     mask = np.repeat(encoded.loss_mask & ~is_placeholder, repeats)
+    weights = None if encoded.loss_weights is None else np.repeat(encoded.loss_weights * ~is_placeholder, repeats)
     positions, _ = rope_index(ids, grids, cfg)
-    return MultimodalExample(EncodedChat(ids.astype(np.int32), mask), patches, grids, positions)
+    return MultimodalExample(EncodedChat(ids.astype(np.int32), mask, weights), patches, grids, positions)
 
 
 def iter_multimodal_examples(path: str | Path, processor: VLMProcessor, **kwargs):

@@ -2,7 +2,8 @@
 
   tokens        int32    input ids; 0 in padding
   targets       int32    the next token of the same segment (0 where there is none)
-  loss_weights  float32  1.0 where `targets` is a real next token whose position is in the loss mask, else 0
+  loss_weights  float32  the example's loss weight of the token `targets` holds (1.0 on the loss mask, or a pattern
+                         loss scale's weight, data/templates.py), 0 where there is no real next token
   segment_ids   int32    1, 2, ... per example in a row; 0 for padding
   positions     int32    restart at 0 for each segment; 0 for padding
 
@@ -37,7 +38,7 @@ def write_row(batch: Batch, row: int, examples: Sequence[EncodedChat]) -> None:
         span = slice(offset, offset + n)
         batch["tokens"][row, span] = ex.input_ids
         batch["targets"][row, offset: offset + n - 1] = ex.input_ids[1:]
-        batch["loss_weights"][row, offset: offset + n - 1] = ex.loss_mask[1:]
+        batch["loss_weights"][row, offset: offset + n - 1] = ex.weights[1:]
         batch["segment_ids"][row, span] = segment
         batch["positions"][row, span] = np.arange(n, dtype=np.int32)
         offset += n

@@ -29,10 +29,13 @@ def _pad_to_chunks(x, chunk: int):
 
 
 def chunked_nll_sum(params, h_BTD, targets_BT, weights_BT, cfg: ModelConfig, chunk: int = 512):
-    """(sum of weighted token NLL, sum of weights); never holds more than one [B, chunk, V] logit block."""
+    """(sum of weighted token NLL, number of weighted tokens); never holds more than one [B, chunk, V] logit block.
+    The count, not the weight sum, is the denominator, as in ms-swift's loss_scale: a token weighted 2.0 counts
+    twice in the sum and once in the count (for 0/1 weights the two are equal)."""
+    count = jnp.sum(weights_BT != 0).astype(jnp.float32)
     if h_BTD.shape[1] <= chunk:
         nll = token_nll(logits_from_hidden(params, h_BTD, cfg), targets_BT)
-        return jnp.sum(nll * weights_BT), jnp.sum(weights_BT)
+        return jnp.sum(nll * weights_BT), count
 
     @jax.checkpoint
     def one(carry, xs):
@@ -42,7 +45,7 @@ def chunked_nll_sum(params, h_BTD, targets_BT, weights_BT, cfg: ModelConfig, chu
 
     xs = (_pad_to_chunks(h_BTD, chunk), _pad_to_chunks(targets_BT, chunk), _pad_to_chunks(weights_BT, chunk))
     total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), xs)
-    return total, jnp.sum(weights_BT)
+    return total, count
 
 
 def token_logps(params, h_BTD, targets_BT, cfg: ModelConfig, chunk: int = 512) -> jax.Array:

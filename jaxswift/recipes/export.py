@@ -11,7 +11,7 @@ With --quant_method the (merged) model is quantized on the way out, in the layou
   transformers loads on CPU. jaxswift.load_model reads all four back (see jaxswift.quant.load).
 
 With --to_gguf true the (merged) model is written as OUTPUT_DIR/model-<gguf_type>.gguf instead, --gguf_type
-f16 | q8_0 | q4_0 (llama.cpp's names; see jaxswift.checkpoints.gguf_export), for llama/mistral/qwen2/qwen3.
+f16 | q8_0 | q4_0 | q4_k_m (llama.cpp's names; see jaxswift.checkpoints.gguf_export), for llama/mistral/qwen2/qwen3.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class ExportArguments:
     quant_n_samples: int = 128
     quant_seqlen: int = 512
     to_gguf: bool = field(default=False, metadata={"help": "write one GGUF file (llama.cpp) instead of a folder"})
-    gguf_type: Optional[str] = field(default=None, metadata={"help": "with --to_gguf: f16 (default) | q8_0 | q4_0"})
+    gguf_type: Optional[str] = field(default=None, metadata={"help": "with --to_gguf: f16 (default) | q8_0 | q4_0 | q4_k_m"})
     config: Optional[str] = None
 
 

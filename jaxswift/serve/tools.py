@@ -1,18 +1,8 @@
 """Tool calling, Hermes-style: how tools and tool traffic are rendered into the prompt, and how a completion's
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks become OpenAI `tool_calls`, whole or streamed.
 
-Rendering. A chat template that knows tools (Qwen2.5 / Qwen3 and other Hermes-style templates: it reads a `tools`
-variable) gets them as `apply_chat_template(..., tools=...)`, with each assistant tool call's `arguments` as an
-object (what those templates `tojson`). A template that does not (SmolLM2's plain ChatML) gets the Hermes convention
-spelled out in the messages themselves, which is this server's documented convention:
-
-- the tools go into the system message (appended to the client's own system message, or as the only one): the
-  `# Tools` section below, the function signatures one JSON object a line inside `<tools></tools>`, and the
-  instruction to answer calls as `<tool_call>` JSON;
-- an assistant message's tool calls become its content: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n
-  </tool_call>` blocks after any text;
-- consecutive `role: tool` messages become one user message of `<tool_response>\\n...\\n</tool_response>` blocks
-  (Qwen2.5's layout).
+Rendering (data/tools.py, shared with training): a template that knows tools renders them itself; others get
+the Hermes convention spelled out in the messages (`render_hermes`).
 
 Parsing. Every complete block whose JSON is an object with a served tool's `name` and an object `arguments` becomes a
 call; anything else stays text (a model's malformed attempt is shown, not dropped). The stream parser holds back text
@@ -24,58 +14,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+from jaxswift.data.tools import (CLOSE, OPEN, call_block, render_hermes, template_handles_tools,  # noqa: F401
+                                 tools_system_text)
+
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
-
-
-def template_handles_tools(tokenizer) -> bool:
-    """Whether the tokenizer's chat template renders a `tools` variable itself."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = " ".join(template.values())
-    return bool(template) and re.search(r"\btools\b", template) is not None
-
-
-def tools_system_text(tools: list[dict]) -> str:
-    """The Hermes-style tools section of the system message (for templates without tool support)."""
-    signatures = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{signatures}\n"
-            "</tools>\n\nFor each function call, return a json object with function name and arguments within "
-            f"{OPEN}{CLOSE} XML tags:\n{OPEN}\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n"
-            f"{CLOSE}")
-
-
-def call_block(name: str, arguments: Any) -> str:
-    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{CLOSE}"
-
-
-def render_hermes(messages: list[dict], tools: list[dict] | None) -> list[dict]:
-    """Plain role/content messages carrying tools, tool calls and tool results the Hermes way (see the module
-    docstring); `messages` have parsed `arguments` in their tool calls."""
-    out: list[dict] = []
-    if tools:
-        if messages and messages[0]["role"] == "system":
-            system, messages = messages[0]["content"] + "\n\n" + tools_system_text(tools), messages[1:]
-        else:
-            system = tools_system_text(tools)
-        out.append({"role": "system", "content": system})
-    for m in messages:
-        if m["role"] == "assistant" and m.get("tool_calls"):
-            blocks = [call_block(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
-            text = "\n".join(([m["content"]] if m.get("content") else []) + blocks)
-            out.append({"role": "assistant", "content": text})
-        elif m["role"] == "tool":
-            block = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if out and out[-1].get("_tool_responses"):
-                out[-1]["content"] += "\n" + block
-            else:
-                out.append({"role": "user", "content": block, "_tool_responses": True})
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    return [{k: v for k, v in m.items() if not k.startswith("_")} for m in out]
 
 
 def _call(payload: str, names: set[str]) -> dict | None:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Optional
 
 import yaml
 
+from jaxswift.data.templates import BASE_LOSS_SCALES, parse_loss_scale
 from jaxswift.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -37,7 +38,9 @@ class SftArguments:
     system: Optional[str] = None
     max_length: int = 512
     truncation_strategy: str = field(default="delete", metadata={"help": "delete | left | right"})
-    loss_scale: str = field(default="default", metadata={"help": "default | last_round | all"})
+    loss_scale: str = field(default="default", metadata={
+        "help": "default | last_round | all, optionally + pattern weights as ms-swift: hermes (tool calls x2), react, "
+                "ignore_empty_think, ignore_think_prefix; e.g. last_round+hermes. Tool results are never trained"})
     packing: bool = True  # on by default: no compute on padding (ms-swift's default is off)
     packing_length: Optional[int] = None
     # what the model is trained to do (ms-swift's task types): causal_lm is SFT on chats; the others put a head on
@@ -153,7 +156,6 @@ class SftArguments:
         checks = {
             "tuner_type": (self.tuner_type, ("lora", "full")),
             "truncation_strategy": (self.truncation_strategy, ("delete", "left", "right")),
-            "loss_scale": (self.loss_scale, ("default", "last_round", "all")),
             "dtype": (self.dtype, ("float32", "bfloat16")),
             "task_type": (self.task_type, TASK_TYPES),
             "init_weights": (self.init_weights, ("true", "gaussian", "pissa")),
@@ -163,6 +165,9 @@ class SftArguments:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ConfigError(f"--{name} {value!r}: expected one of {' | '.join(allowed)}")
+        if parse_loss_scale(self.loss_scale).patterns and self.RECIPE != "sft":
+            raise ConfigError(f"--loss_scale {self.loss_scale}: weighted loss scales are for SFT; {self.RECIPE} takes "
+                              f"{' | '.join(BASE_LOSS_SCALES)}")
         positive = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                     "gradient_accumulation_steps", "lora_rank", "logging_steps", "eval_steps", "save_steps",
                     "virtual_stages")

@@ -4,6 +4,8 @@ A batch is a dict of [A, B, T] arrays (A = gradient-accumulation microbatches): 
 segment_ids, positions; a vision-language model's batch adds its rows' M-RoPE positions and image patches
 (data/multimodal_batch.py). The loss is the mean NLL over every real target token of all A microbatches (not a mean of
 microbatch means), so packed and unpacked batches, and any accumulation split, give the same loss and gradients.
+Loss weights other than 1 (`--loss_scale hermes` ...) scale their tokens' NLL; the mean still divides by the number of
+trained tokens (losses/lm.chunked_nll_sum), as ms-swift does.
 """
 
 from __future__ import annotations
