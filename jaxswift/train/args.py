@@ -50,6 +50,18 @@ class SftArguments:
                 "regression for 1 label, else single_label_classification, as transformers infers it)"})
     loss_type: Optional[str] = field(default=None, metadata={
         "help": "embedding / reranker losses by ms-swift's names (causal_lm and seq_cls: unused)"})
+    # --task_type embedding (train/embedding.py); unset: ms-swift's environment variables, then their defaults
+    embedding_pooling: Optional[str] = field(default=None, metadata={
+        "help": "embedding: last | mean (default last: the EOS token's hidden state, as Qwen3-Embedding)"})
+    embedding_normalize: Optional[bool] = field(default=None, metadata={
+        "help": "embedding: L2-normalise the pooled vectors (default true)"})
+    infonce_temperature: Optional[float] = field(default=None, metadata={
+        "help": "embedding, infonce: similarity / temperature (default $INFONCE_TEMPERATURE, else 0.1)"})
+    infonce_use_batch: Optional[bool] = field(default=None, metadata={
+        "help": "embedding, infonce: other rows' documents as negatives too (default $INFONCE_USE_BATCH, else true)"})
+    infonce_hard_negatives: Optional[int] = field(default=None, metadata={
+        "help": "embedding, infonce: hard negatives per row, cut or resampled to this count (default "
+                "$INFONCE_HARD_NEGATIVES, else each row's own, padded and masked)"})
     # tuner
     tuner_type: str = field(default="lora", metadata={"help": "lora | full"})
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
@@ -181,6 +193,7 @@ class SftArguments:
             raise ConfigError(f"--eval_limit {self.eval_limit}: needs --eval_dataset and a value >= 1")
         self._check_memory_flags()
         self._check_task_flags()
+        self._check_embedding_flags()
 
     def _check_task_flags(self):
         if self.num_labels is not None and (self.task_type != "seq_cls" or self.num_labels < 1):
@@ -192,6 +205,13 @@ class SftArguments:
                 raise ConfigError(f"--problem_type {self.problem_type!r}: expected one of {' | '.join(PROBLEM_TYPES)}")
         if self.task_type == "seq_cls" and self.num_labels is None:
             raise ConfigError("--task_type seq_cls needs --num_labels (the number of classes; 1 for regression)")
+
+    def _check_embedding_flags(self):
+        names = ("embedding_pooling", "embedding_normalize", "infonce_temperature", "infonce_use_batch",
+                 "infonce_hard_negatives")
+        given = [n for n in names if getattr(self, n) is not None]
+        if given and self.task_type != "embedding":
+            raise ConfigError(f"--{given[0]}: needs --task_type embedding (got {self.task_type})")
 
     def _reject_unused(self):
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -268,4 +288,6 @@ def parse_args(cls, argv: list[str] | None):
 
 # The task-type flags, for the trainers that train a causal LM only (RLHF, GRPO).
 TASK_FLAGS_UNUSED = {name: "preference and RL training train a causal LM (--task_type is an SFT flag)"
-                     for name in ("task_type", "num_labels", "problem_type")}
+                     for name in ("task_type", "num_labels", "problem_type", "embedding_pooling",
+                                  "embedding_normalize", "infonce_temperature", "infonce_use_batch",
+                                  "infonce_hard_negatives")}
