@@ -444,3 +444,30 @@ def test_deploy_flags_for_embeddings_are_checked(full_run, tiny_chat_model):
         embedding_spec(serve("--model", str(full_run.export_dir), "--page_size", "32"))
     with pytest.raises(ConfigError, match="--task_type 'seq_cls'"):
         serve("--model", str(tiny_chat_model), "--task_type", "seq_cls")
+
+
+def test_a_generative_server_refuses_embeddings_by_name(smol_tokenizer):
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from jaxswift.serve.openai import build_app
+
+    orchestrator = SimpleNamespace(engine=SimpleNamespace(), tokenizer=smol_tokenizer)  # never reached
+    client = TestClient(build_app(orchestrator, model_name="chatty"))
+    response = client.post("/v1/embeddings", json={"input": "hi"})
+    assert response.status_code == 400
+    assert "'chatty' is a generative model" in response.json()["error"]["message"]
+
+
+def test_unused_sft_flags_are_refused_and_hard_negatives_are_fixed_per_row():
+    from jaxswift.data.embedding import EmbeddingRow, fix_negatives
+    from jaxswift.train.embedding import check_embedding_run
+
+    with pytest.raises(ConfigError, match="--system is not used by --task_type embedding"):
+        check_embedding_run(sft_args("--task_type", "embedding", "--system", "be brief"))
+    rows = [EmbeddingRow((1,), (2,), ((3,), (4,), (5,)), where="f:1"), EmbeddingRow((1,), (2,), ((6,),), where="f:2")]
+    fixed = fix_negatives(rows, 2, seed=0)
+    assert fixed[0].negatives == ((3,), (4,)) and fixed[1].negatives == ((6,), (6,))
+    with pytest.raises(DataError, match="f:3: --infonce_hard_negatives 2 needs negative_messages"):
+        fix_negatives([EmbeddingRow((1,), (2,), where="f:3")], 2, seed=0)

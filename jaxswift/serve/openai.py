@@ -25,6 +25,11 @@ strictly (no type coercion, unknown fields refused) so that nothing a client sen
 (OpenAI's end-user id) gives each end user of a client its own share of the per-client limits (`--rate_limit`,
 `--max_concurrency`).
 
+Embedding models (`jaxswift sft --task_type embedding` folders, Qwen3-Embedding-style folders with
+sentence-transformers' modules.json) get their own app, `build_embedding_app`: /v1/embeddings (texts or token ids,
+`encoding_format` float | base64, `dimensions` cut Matryoshka-style and renormalised), /v1/models and /health;
+chat and completion requests to it are 400s naming the task, as /v1/embeddings is on a generative server.
+
     app = build_app(orchestrator, model_name="smollm2-135m-instruct", api_keys=["secret"])
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
