@@ -329,8 +329,13 @@ def test_bad_flags_are_refused_by_name(monkeypatch):
         embedding_options(sft_args("--task_type", "embedding", "--loss_type", "triplet"))
     with pytest.raises(ConfigError, match="--embedding_pooling 'cls'"):
         embedding_options(sft_args("--task_type", "embedding", "--embedding_pooling", "cls"))
+    from jaxswift.train.rlhf_args import RlhfArguments
+    from jaxswift.train.sft import check_task_type
+
     with pytest.raises(ConfigError, match="--infonce_temperature: needs --task_type embedding"):
-        sft_args("--infonce_temperature", "0.1")
+        check_task_type(sft_args("--infonce_temperature", "0.1"))
+    with pytest.raises(ConfigError, match="--embedding_pooling is not used by rlhf"):
+        RlhfArguments(embedding_pooling="mean")
     with pytest.raises(ConfigError, match="--infonce_temperature: read by --loss_type infonce only"):
         embedding_options(sft_args("--task_type", "embedding", "--loss_type", "contrastive",
                                    "--infonce_temperature", "0.1"))
@@ -464,8 +469,9 @@ def test_unused_sft_flags_are_refused_and_hard_negatives_are_fixed_per_row():
     from jaxswift.data.embedding import EmbeddingRow, fix_negatives
     from jaxswift.train.embedding import check_embedding_run
 
-    with pytest.raises(ConfigError, match="--system is not used by --task_type embedding"):
-        check_embedding_run(sft_args("--task_type", "embedding", "--system", "be brief"))
+    for flag, value in (("--system", "be brief"), ("--loss_chunk_size", "64"), ("--router_aux_loss_coef", "0.1")):
+        with pytest.raises(ConfigError, match=f"{flag} is not used by --task_type embedding"):
+            check_embedding_run(sft_args("--task_type", "embedding", flag, value))
     rows = [EmbeddingRow((1,), (2,), ((3,), (4,), (5,)), where="f:1"), EmbeddingRow((1,), (2,), ((6,),), where="f:2")]
     fixed = fix_negatives(rows, 2, seed=0)
     assert fixed[0].negatives == ((3,), (4,)) and fixed[1].negatives == ((6,), (6,))

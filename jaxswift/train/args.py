@@ -50,7 +50,8 @@ class SftArguments:
                 "regression for 1 label, else single_label_classification, as transformers infers it)"})
     loss_type: Optional[str] = field(default=None, metadata={
         "help": "embedding / reranker losses by ms-swift's names (causal_lm and seq_cls: unused)"})
-    # --task_type embedding (train/embedding.py); unset: ms-swift's environment variables, then their defaults
+    # --task_type embedding (train/embedding.py checks them; other task types refuse them); unset: ms-swift's
+    # environment variables, then ms-swift's defaults
     embedding_pooling: Optional[str] = field(default=None, metadata={
         "help": "embedding: last | mean (default last: the EOS token's hidden state, as Qwen3-Embedding)"})
     embedding_normalize: Optional[bool] = field(default=None, metadata={
@@ -193,7 +194,6 @@ class SftArguments:
             raise ConfigError(f"--eval_limit {self.eval_limit}: needs --eval_dataset and a value >= 1")
         self._check_memory_flags()
         self._check_task_flags()
-        self._check_embedding_flags()
 
     def _check_task_flags(self):
         if self.num_labels is not None and (self.task_type != "seq_cls" or self.num_labels < 1):
@@ -205,13 +205,6 @@ class SftArguments:
                 raise ConfigError(f"--problem_type {self.problem_type!r}: expected one of {' | '.join(PROBLEM_TYPES)}")
         if self.task_type == "seq_cls" and self.num_labels is None:
             raise ConfigError("--task_type seq_cls needs --num_labels (the number of classes; 1 for regression)")
-
-    def _check_embedding_flags(self):
-        names = ("embedding_pooling", "embedding_normalize", "infonce_temperature", "infonce_use_batch",
-                 "infonce_hard_negatives")
-        given = [n for n in names if getattr(self, n) is not None]
-        if given and self.task_type != "embedding":
-            raise ConfigError(f"--{given[0]}: needs --task_type embedding (got {self.task_type})")
 
     def _reject_unused(self):
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()

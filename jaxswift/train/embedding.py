@@ -107,6 +107,17 @@ def embedding_options(args) -> EmbeddingOptions:
                             bool(use_batch), hard)
 
 
+EMBEDDING_FLAGS = ("embedding_pooling", "embedding_normalize", "infonce_temperature", "infonce_use_batch",
+                   "infonce_hard_negatives")
+
+
+def check_embedding_flags(args) -> None:
+    """The embedding flags, given with another task type: refused by name."""
+    given = [n for n in EMBEDDING_FLAGS if getattr(args, n) is not None]
+    if given and args.task_type != "embedding":
+        raise ConfigError(f"--{given[0]}: needs --task_type embedding (got {args.task_type})")
+
+
 def check_embedding_run(args) -> None:
     """The SFT flags an embedding run has no use for, refused by name (never silently ignored)."""
     unused = {"eval_dataset": "benchmark tasks score a chat model; the embedding eval is --val_dataset / "
@@ -114,7 +125,15 @@ def check_embedding_run(args) -> None:
               "packing_length": "embedding rows are padded per sequence, never packed",
               "system": "put a system message into the rows (it is prepended to that text, as Qwen3-Embedding's "
                         "template does)",
-              "loss_scale": "the embedding losses weight sequences, not tokens"}
+              "loss_scale": "the embedding losses weight sequences, not tokens",
+              "loss_chunk_size": "it chunks the language-model cross-entropy, which an embedding run does not compute",
+              "demo_max_new_tokens": "an embedding model has no chat demo",
+              "router_aux_loss_coef": "the MoE auxiliary losses are not added to the embedding losses yet",
+              "router_z_loss_coef": "the MoE auxiliary losses are not added to the embedding losses yet",
+              "num_microbatches": "pipeline meshes are not supported by --task_type embedding yet",
+              "virtual_stages": "pipeline meshes are not supported by --task_type embedding yet",
+              "pipeline_schedule": "pipeline meshes are not supported by --task_type embedding yet",
+              "ring_attention_layout": "sequence-parallel meshes are not supported by --task_type embedding yet"}
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(args)}
     for name, why in unused.items():

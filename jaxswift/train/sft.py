@@ -16,7 +16,7 @@ from jaxswift.errors import ConfigError, DataError
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.ring_attention import balanced_step
 from jaxswift.train.args import SftArguments
-from jaxswift.train.embedding import run_embedding
+from jaxswift.train.embedding import check_embedding_flags, run_embedding
 from jaxswift.train.loop import (Feed, RunContext, compile_eval, compile_step, demo_answer, export_model,
                                  host_params, init_state, plot_run, start_run, total_steps_of, train_loop,
                                  TaskScorer, with_task_scores)
@@ -117,7 +117,8 @@ def grain_batches(ctx: RunContext, plan: StepPlan, source, total_steps: int, ass
 
 def check_task_type(args: SftArguments):
     """Only causal-LM SFT reads --loss_type's absence as "the LM loss"; the other task types are issue 21's."""
-    if args.task_type == "embedding":  # train/embedding.py checks its own flags
+    check_embedding_flags(args)  # refused with any other task type
+    if args.task_type == "embedding":
         return
     if args.task_type != "causal_lm" or args.num_labels is not None or args.problem_type is not None:
         raise ConfigError(f"--task_type {args.task_type}: not available yet (causal_lm only, without --num_labels "
