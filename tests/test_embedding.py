@@ -247,13 +247,14 @@ def test_exported_folder_loads_in_transformers_and_serves_the_same_vectors(full_
     np.testing.assert_allclose(ours, last_token_pool(h, torch.tensor(mask)).numpy(), atol=1e-4)
 
 
-def test_lora_mean_pooling_with_the_contrastive_loss_trains_and_writes_the_marker(tiny_chat_model, tmp_path):
+def test_lora_mean_pooling_with_the_contrastive_loss_and_accumulation_trains_and_writes_the_marker(tiny_chat_model, tmp_path):
     from jaxswift.train.sft import run_sft
 
     data = write_rows(tmp_path / "rows.jsonl", negatives=False, label=lambda i: i % 2)
     args = run_args(tiny_chat_model, data, tmp_path / "out", "--loss_type", "contrastive", "--embedding_pooling",
                     "mean", "--embedding_normalize", "false", "--lora_rank", "8", "--learning_rate", "1e-2",
-                    "--max_steps", "6", "--lora_dropout", "0")
+                    "--max_steps", "6", "--lora_dropout", "0", "--per_device_train_batch_size", "2",
+                    "--gradient_accumulation_steps", "2")
     result = run_sft(args, progress=False)
     losses = list(result.losses.values())
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
