@@ -88,6 +88,36 @@ def test_left_and_right_padding_give_the_same_vectors_as_no_padding(tmp_path):
         np.testing.assert_allclose(np.asarray(padded[0]), np.asarray(alone[0]), atol=1e-5)
 
 
+def test_an_accumulated_step_is_the_mean_of_its_microbatches_losses_and_gradients(tmp_path):
+    import jax
+    import optax
+
+    from jaxswift.train.embedding import EmbeddingOptions, embedding_loss, make_embedding_step
+    from jaxswift.train.state import init_train_state
+
+    _tiny_hf("qwen2", tmp_path)
+    cfg, _ = read_hf_config(tmp_path)
+    params = load_hf_params(tmp_path, cfg)
+    rng = np.random.RandomState(11)
+    tokens = rng.randint(1, 96, (2, 2, 3, 8)).astype(np.int32)  # [A, b, S, T]
+    segments = np.ones_like(tokens)
+    segments[0, 1, 2, 5:] = 0  # some right padding
+    batch = {"tokens": tokens, "segment_ids": segments, "doc_mask": np.ones((2, 2, 3), bool),
+             "labels": np.zeros((2, 2, 1), np.float32)}
+    batch["doc_mask"][1, 0, 2] = False  # a missing hard negative
+    opts = EmbeddingOptions(temperature=0.5)
+    lr = 0.1
+    state = init_train_state(params, jax.tree.map(lambda _: True, params), optax.sgd(lr), seed=0)
+    new_state, metrics = jax.jit(make_embedding_step(cfg, optax.sgd(lr), opts))(state, batch)
+    micro = [jax.tree.map(lambda a, k=k: a[k], batch) for k in range(2)]
+    losses, grads = zip(*[jax.value_and_grad(lambda p, m=m: embedding_loss(p, m, cfg, opts)[0])(params)
+                          for m in micro])
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+    expected = jax.tree.map(lambda p, g0, g1: p - lr * (g0 + g1) / 2, params, *grads)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 # ---------------------------------------------------------------- losses vs float64 transcriptions of ms-swift's
 
 

@@ -42,6 +42,7 @@ def infonce_loss(anchors_BD, docs_BGD, doc_mask_BG, *, temperature: float = 0.1,
     (mean positive similarity, mean hard-negative similarity, mean of positive minus the row's hardest negative;
     NaN-free: 0 when there are no hard negatives)."""
     anchors_BD, docs_BGD = anchors_BD.astype(jnp.float32), docs_BGD.astype(jnp.float32)
+    doc_mask_BG = jnp.asarray(doc_mask_BG, bool)
     logits, target_B = infonce_logits(anchors_BD, docs_BGD, doc_mask_BG, temperature, use_batch)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     loss = -jnp.mean(jnp.take_along_axis(log_probs, target_B[:, None], axis=1))
