@@ -142,6 +142,29 @@ def infonce_reference(groups, temperature, use_batch):
     return float(np.mean(losses))
 
 
+def infonce_variant_reference(groups, temperature, margin=None, qq=False, dd=False):
+    """ms-swift's in-batch InfonceLoss loop with its Qwen3-Embedding options (INFONCE_MASK_FAKE_NEGATIVE with
+    INFONCE_FAKE_NEG_MARGIN, INFONCE_INCLUDE_QQ, INFONCE_INCLUDE_DD), in float64 numpy."""
+    docs = np.concatenate([g[1:] for g in groups])
+    queries = np.stack([g[0] for g in groups])
+    losses, length = [], 0
+    for idx, g in enumerate(groups):
+        qd = g[0] @ docs.T
+        threshold = qd[length] + (margin or 0.0)
+        parts = [np.where(qd > threshold, -np.inf, qd) if margin is not None else qd]
+        if qq:
+            qq_vec = g[0] @ queries.T
+            qq_vec[idx] = -np.inf
+            parts.append(np.where(qq_vec > threshold, -np.inf, qq_vec) if margin is not None else qq_vec)
+        if dd:
+            dd_vec = g[1] @ docs.T
+            dd_vec[length] = -np.inf
+            parts.append(dd_vec)
+        losses.append(-_log_softmax(np.concatenate(parts) / temperature)[length])
+        length += len(g) - 1
+    return float(np.mean(losses))
+
+
 def _normalized(rng, *shape):
     x = rng.randn(*shape)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -167,6 +190,23 @@ def test_infonce_equals_a_float64_transcription_with_in_batch_and_hard_negatives
     np.testing.assert_allclose(float(metrics["mean_pos"]), pos.mean(), rtol=1e-5)
     negs = np.concatenate([g[2:] @ g[0] for g in groups])
     np.testing.assert_allclose(float(metrics["mean_neg"]), negs.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("margin, qq, dd", [(0.05, False, False), (None, True, False), (None, False, True),
+                                            (0.05, True, True)])
+def test_infonce_options_equal_a_float64_transcription(margin, qq, dd):
+    rng = np.random.RandomState(17)
+    counts = [3, 1, 0, 2]
+    groups = [_normalized(rng, 2 + n, 8) for n in counts]
+    docs, mask = np.zeros((4, 4, 8)), np.zeros((4, 4), bool)
+    for i, g in enumerate(groups):
+        docs[i, :len(g) - 1], mask[i, :len(g) - 1] = g[1:], True
+    anchors = jnp.asarray(np.stack([g[0] for g in groups]), jnp.float32)
+    loss, _ = infonce_loss(anchors, jnp.asarray(docs, jnp.float32), jnp.asarray(mask), temperature=0.1,
+                           fake_negative_margin=margin, include_qq=qq, include_dd=dd)
+    expected = infonce_variant_reference(groups, 0.1, margin, qq, dd)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert abs(expected - infonce_reference(groups, 0.1, True)) > 1e-3  # the option changes the loss here
 
 
 def test_pair_losses_equal_float64_transcriptions():
@@ -376,8 +416,19 @@ def test_bad_flags_are_refused_by_name(monkeypatch):
     assert (opts.temperature, opts.use_batch) == (0.3, False)
     assert embedding_options(sft_args("--task_type", "embedding", "--infonce_temperature", "0.2")).temperature == 0.2
     monkeypatch.setenv("INFONCE_MASK_FAKE_NEGATIVE", "true")
-    with pytest.raises(ConfigError, match="INFONCE_MASK_FAKE_NEGATIVE"):
+    with pytest.raises(ConfigError, match="need --infonce_use_batch true"):
         embedding_options(sft_args("--task_type", "embedding"))
+    monkeypatch.setenv("INFONCE_USE_BATCH", "true")
+    monkeypatch.setenv("INFONCE_INCLUDE_DD", "1")
+    opts = embedding_options(sft_args("--task_type", "embedding", "--infonce_fake_neg_margin", "0.2"))
+    assert (opts.fake_negative_margin, opts.include_qq, opts.include_dd) == (0.2, False, True)
+    monkeypatch.setenv("INFONCE_INCLUDE_QQ", "maybe")
+    with pytest.raises(ConfigError, match=r"\$INFONCE_INCLUDE_QQ='maybe': expected true or false"):
+        embedding_options(sft_args("--task_type", "embedding"))
+    monkeypatch.delenv("INFONCE_MASK_FAKE_NEGATIVE")
+    monkeypatch.delenv("INFONCE_INCLUDE_QQ")
+    with pytest.raises(ConfigError, match="--infonce_fake_neg_margin: needs --infonce_mask_fake_negative true"):
+        embedding_options(sft_args("--task_type", "embedding", "--infonce_fake_neg_margin", "0.2"))
 
 
 def test_no_batch_infonce_needs_hard_negatives_in_every_row(tiny_chat_model, tmp_path):

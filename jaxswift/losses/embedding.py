@@ -1,7 +1,8 @@
 """Embedding losses by ms-swift's `--loss_type` names (swift/loss/embedding.py), over pooled sentence vectors.
 
     infonce             anchors against their positive, their hard negatives and (in-batch) every other row's
-                        documents: cross-entropy of similarity / temperature, the positive as the target
+                        documents: cross-entropy of similarity / temperature, the positive as the target; options
+                        as ms-swift's: fake-negative masking, anchor-anchor and document-document negatives
     cosine_similarity   MSE between cos(anchor, positive) and a float label
     contrastive         0.5 * (label * d^2 + (1 - label) * relu(margin - d)^2), d = 1 - cos; labels 0 / 1
     online_contrastive  the contrastive terms of the hard pairs only (positives farther than the nearest negative,
@@ -23,27 +24,47 @@ CONTRASTIVE_MARGIN = 0.5  # ms-swift's (and sentence-transformers') fixed margin
 _MASKED = -1e30  # a padded negative's logit: exp underflows to exactly 0, no NaN when a whole row is masked
 
 
-def infonce_logits(anchors_BD, docs_BGD, doc_mask_BG, temperature: float, use_batch: bool):
-    """(logits, target index per row): [B, B*G] over every document of the batch (use_batch), else [B, G] over the
-    row's own; padded negatives (doc_mask False) get a logit of -1e30, which the softmax gives zero weight."""
+def infonce_logits(anchors_BD, docs_BGD, doc_mask_BG, temperature: float, use_batch: bool, *,
+                   fake_negative_margin: float | None = None, include_qq: bool = False, include_dd: bool = False):
+    """(logits, target index per row). Without use_batch: [B, G] over the row's own documents. With it: [B, B*G]
+    over every document of the batch, then (ms-swift's Qwen3-Embedding options) the other anchors [B, B]
+    (include_qq) and every document against the row's positive [B, B*G] (include_dd). Padded negatives (doc_mask
+    False), an anchor against itself and a positive against itself get a logit of -1e30, which the softmax gives
+    zero weight; with fake_negative_margin, so do the anchor-document and anchor-anchor similarities above the row's
+    positive similarity (not differentiated) + margin: likely unlabelled positives."""
     B, G, D = docs_BGD.shape
-    if use_batch:
-        docs_ND = docs_BGD.reshape(B * G, D)
-        logits = jnp.einsum("BD,ND->BN", anchors_BD, docs_ND) / temperature
-        logits = jnp.where(doc_mask_BG.reshape(1, B * G), logits, _MASKED)
-        return logits, jnp.arange(B) * G
-    logits = jnp.einsum("BD,BGD->BG", anchors_BD, docs_BGD) / temperature
-    return jnp.where(doc_mask_BG, logits, _MASKED), jnp.zeros((B,), jnp.int32)
+    if not use_batch:
+        logits = jnp.einsum("BD,BGD->BG", anchors_BD, docs_BGD) / temperature
+        return jnp.where(doc_mask_BG, logits, _MASKED), jnp.zeros((B,), jnp.int32)
+    docs_ND = docs_BGD.reshape(B * G, D)
+    valid_N = doc_mask_BG.reshape(1, B * G)
+    target_B = jnp.arange(B) * G
+    qd = jnp.where(valid_N, jnp.einsum("BD,ND->BN", anchors_BD, docs_ND), _MASKED)
+    threshold = jax.lax.stop_gradient(qd[jnp.arange(B), target_B])[:, None] + (fake_negative_margin or 0.0)
+    mask_fake = (lambda x: jnp.where(x > threshold, _MASKED, x)) if fake_negative_margin is not None else (
+        lambda x: x)
+    parts = [mask_fake(qd)]
+    if include_qq:
+        qq = jnp.einsum("BD,CD->BC", anchors_BD, anchors_BD)
+        parts.append(mask_fake(jnp.where(jnp.eye(B, dtype=bool), _MASKED, qq)))
+    if include_dd:
+        dd = jnp.einsum("BD,ND->BN", docs_BGD[:, 0], docs_ND)
+        own_positive = jnp.arange(B * G)[None, :] == target_B[:, None]
+        parts.append(jnp.where(valid_N & ~own_positive, dd, _MASKED))
+    return jnp.concatenate(parts, axis=1) / temperature, target_B
 
 
-def infonce_loss(anchors_BD, docs_BGD, doc_mask_BG, *, temperature: float = 0.1, use_batch: bool = True):
+def infonce_loss(anchors_BD, docs_BGD, doc_mask_BG, *, temperature: float = 0.1, use_batch: bool = True,
+                 fake_negative_margin: float | None = None, include_qq: bool = False, include_dd: bool = False):
     """(mean cross-entropy over rows, metrics): `acc` is the fraction of rows whose positive scores highest among
-    the documents the loss compares it with; `mean_pos` / `mean_neg` / `margin` are ms-swift's InfoNCE eval metrics
+    the candidates the loss compares it with; `mean_pos` / `mean_neg` / `margin` are ms-swift's InfoNCE eval metrics
     (mean positive similarity, mean hard-negative similarity, mean of positive minus the row's hardest negative;
     NaN-free: 0 when there are no hard negatives)."""
     anchors_BD, docs_BGD = anchors_BD.astype(jnp.float32), docs_BGD.astype(jnp.float32)
     doc_mask_BG = jnp.asarray(doc_mask_BG, bool)
-    logits, target_B = infonce_logits(anchors_BD, docs_BGD, doc_mask_BG, temperature, use_batch)
+    logits, target_B = infonce_logits(anchors_BD, docs_BGD, doc_mask_BG, temperature, use_batch,
+                                      fake_negative_margin=fake_negative_margin, include_qq=include_qq,
+                                      include_dd=include_dd)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     loss = -jnp.mean(jnp.take_along_axis(log_probs, target_B[:, None], axis=1))
     sims_BG = jnp.einsum("BD,BGD->BG", anchors_BD, docs_BGD)

@@ -63,6 +63,17 @@ class SftArguments:
     infonce_hard_negatives: Optional[int] = field(default=None, metadata={
         "help": "embedding, infonce: hard negatives per row, cut or resampled to this count (default "
                 "$INFONCE_HARD_NEGATIVES, else each row's own, padded and masked)"})
+    infonce_mask_fake_negative: Optional[bool] = field(default=None, metadata={
+        "help": "embedding, infonce in-batch: drop negatives scoring above the positive + --infonce_fake_neg_margin "
+                "(default $INFONCE_MASK_FAKE_NEGATIVE, else false)"})
+    infonce_fake_neg_margin: Optional[float] = field(default=None, metadata={
+        "help": "embedding, infonce: the fake-negative margin (default $INFONCE_FAKE_NEG_MARGIN, else 0.1)"})
+    infonce_include_qq: Optional[bool] = field(default=None, metadata={
+        "help": "embedding, infonce in-batch: the other anchors as negatives too (default $INFONCE_INCLUDE_QQ, else "
+                "false)"})
+    infonce_include_dd: Optional[bool] = field(default=None, metadata={
+        "help": "embedding, infonce in-batch: the documents against the positive as negatives too (default "
+                "$INFONCE_INCLUDE_DD, else false)"})
     # tuner
     tuner_type: str = field(default="lora", metadata={"help": "lora | full"})
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
@@ -283,4 +294,5 @@ def parse_args(cls, argv: list[str] | None):
 TASK_FLAGS_UNUSED = {name: "preference and RL training train a causal LM (--task_type is an SFT flag)"
                      for name in ("task_type", "num_labels", "problem_type", "embedding_pooling",
                                   "embedding_normalize", "infonce_temperature", "infonce_use_batch",
-                                  "infonce_hard_negatives")}
+                                  "infonce_hard_negatives", "infonce_mask_fake_negative", "infonce_fake_neg_margin",
+                                  "infonce_include_qq", "infonce_include_dd")}

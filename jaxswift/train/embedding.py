@@ -40,8 +40,6 @@ from jaxswift.train.step import guarded_update
 from jaxswift.train.tuning import build_optimizer, prepare_tuner
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-# ms-swift's InfoNCE variants jaxswift does not implement: refused when their environment variable turns them on.
-UNSUPPORTED_ENV = ("INFONCE_MASK_FAKE_NEGATIVE", "INFONCE_INCLUDE_QQ", "INFONCE_INCLUDE_DD")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +50,9 @@ class EmbeddingOptions:
     temperature: float = 0.1
     use_batch: bool = True
     hard_negatives: int | None = None
+    fake_negative_margin: float | None = None  # None: no fake-negative masking
+    include_qq: bool = False
+    include_dd: bool = False
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -73,9 +74,21 @@ def _env_number(name: str, kind):
         raise ConfigError(f"${name}={value!r}: expected a {kind.__name__}") from None
 
 
+def _flag_or_env(args, flag: str, env: str, default, kind=None):
+    """A flag's value; unset, its ms-swift environment variable's (a bool, or a number of `kind`); else default."""
+    value = getattr(args, flag)
+    if value is not None:
+        return value
+    if kind is None:
+        return _env_bool(env, default)
+    value = _env_number(env, kind)
+    return default if value is None else value
+
+
 def embedding_options(args) -> EmbeddingOptions:
     """The run's options: flags first, then ms-swift's environment variables (INFONCE_TEMPERATURE,
-    INFONCE_USE_BATCH, INFONCE_HARD_NEGATIVES), then ms-swift's defaults. Each checked, by name."""
+    INFONCE_USE_BATCH, INFONCE_HARD_NEGATIVES, INFONCE_MASK_FAKE_NEGATIVE, INFONCE_FAKE_NEG_MARGIN, INFONCE_INCLUDE_QQ,
+    INFONCE_INCLUDE_DD), then ms-swift's defaults. Each checked, by name."""
     loss_type = args.loss_type or "infonce"
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"--loss_type {loss_type!r}: --task_type embedding trains with one of "
@@ -83,32 +96,40 @@ def embedding_options(args) -> EmbeddingOptions:
     pooling = args.embedding_pooling or "last"
     if pooling not in POOLINGS:
         raise ConfigError(f"--embedding_pooling {pooling!r}: expected one of {' | '.join(POOLINGS)}")
+    base = EmbeddingOptions(loss_type, pooling, args.embedding_normalize is not False)
     if loss_type != "infonce":
-        given = [n for n in ("infonce_temperature", "infonce_use_batch", "infonce_hard_negatives")
-                 if getattr(args, n) is not None]
+        given = [n for n in INFONCE_FLAGS if getattr(args, n) is not None]
         if given:
             raise ConfigError(f"--{given[0]}: read by --loss_type infonce only (got {loss_type})")
-        return EmbeddingOptions(loss_type, pooling, args.embedding_normalize is not False)
-    for name in UNSUPPORTED_ENV:
-        if _env_bool(name, False):
-            raise ConfigError(f"${name}: this InfoNCE variant of ms-swift is not implemented in jaxswift; unset it")
-    temperature = args.infonce_temperature
-    if temperature is None:
-        temperature = _env_number("INFONCE_TEMPERATURE", float) or 0.1
+        return base
+    return _infonce_options(args, base)
+
+
+def _infonce_options(args, base: EmbeddingOptions) -> EmbeddingOptions:
+    temperature = _flag_or_env(args, "infonce_temperature", "INFONCE_TEMPERATURE", 0.1, float)
     if not temperature > 0:
         raise ConfigError(f"--infonce_temperature must be positive, got {temperature}")
-    use_batch = args.infonce_use_batch if args.infonce_use_batch is not None else _env_bool("INFONCE_USE_BATCH", True)
-    hard = args.infonce_hard_negatives
-    if hard is None:
-        hard = _env_number("INFONCE_HARD_NEGATIVES", int)
+    use_batch = _flag_or_env(args, "infonce_use_batch", "INFONCE_USE_BATCH", True)
+    hard = _flag_or_env(args, "infonce_hard_negatives", "INFONCE_HARD_NEGATIVES", None, int)
     if hard is not None and hard < 1:
         raise ConfigError(f"--infonce_hard_negatives must be >= 1, got {hard}")
-    return EmbeddingOptions(loss_type, pooling, args.embedding_normalize is not False, float(temperature),
-                            bool(use_batch), hard)
+    mask_fake = _flag_or_env(args, "infonce_mask_fake_negative", "INFONCE_MASK_FAKE_NEGATIVE", False)
+    if args.infonce_fake_neg_margin is not None and not mask_fake:
+        raise ConfigError("--infonce_fake_neg_margin: needs --infonce_mask_fake_negative true")
+    margin = _flag_or_env(args, "infonce_fake_neg_margin", "INFONCE_FAKE_NEG_MARGIN", 0.1, float)
+    include_qq = _flag_or_env(args, "infonce_include_qq", "INFONCE_INCLUDE_QQ", False)
+    include_dd = _flag_or_env(args, "infonce_include_dd", "INFONCE_INCLUDE_DD", False)
+    if not use_batch and (mask_fake or include_qq or include_dd):
+        raise ConfigError("--infonce_mask_fake_negative / --infonce_include_qq / --infonce_include_dd (or their "
+                          "environment variables) act on in-batch negatives: they need --infonce_use_batch true")
+    return dataclasses.replace(base, temperature=float(temperature), use_batch=bool(use_batch), hard_negatives=hard,
+                               fake_negative_margin=float(margin) if mask_fake else None,
+                               include_qq=bool(include_qq), include_dd=bool(include_dd))
 
 
-EMBEDDING_FLAGS = ("embedding_pooling", "embedding_normalize", "infonce_temperature", "infonce_use_batch",
-                   "infonce_hard_negatives")
+INFONCE_FLAGS = ("infonce_temperature", "infonce_use_batch", "infonce_hard_negatives", "infonce_mask_fake_negative",
+                 "infonce_fake_neg_margin", "infonce_include_qq", "infonce_include_dd")
+EMBEDDING_FLAGS = ("embedding_pooling", "embedding_normalize", *INFONCE_FLAGS)
 
 
 def check_embedding_flags(args) -> None:
@@ -150,8 +171,9 @@ def embedding_loss(params, micro: dict, cfg, opts: EmbeddingOptions):
     vectors = embed(params, micro["tokens"].reshape(b * S, T), micro["segment_ids"].reshape(b * S, T), cfg,
                     pooling=opts.pooling, normalize=opts.normalize).reshape(b, S, -1)
     if opts.loss_type == "infonce":
-        return infonce_loss(vectors[:, 0], vectors[:, 1:], micro["doc_mask"][:, 1:],
-                            temperature=opts.temperature, use_batch=opts.use_batch)
+        return infonce_loss(vectors[:, 0], vectors[:, 1:], micro["doc_mask"][:, 1:], temperature=opts.temperature,
+                            use_batch=opts.use_batch, fake_negative_margin=opts.fake_negative_margin,
+                            include_qq=opts.include_qq, include_dd=opts.include_dd)
     loss = PAIR_LOSSES[opts.loss_type](vectors[:, 0], vectors[:, 1], micro["labels"][:, 0])
     cos = jnp.sum(vectors[:, 0] * vectors[:, 1], axis=-1) / jnp.maximum(
         jnp.linalg.norm(vectors[:, 0], axis=-1) * jnp.linalg.norm(vectors[:, 1], axis=-1), 1e-8)
