@@ -110,8 +110,8 @@ def test_an_accumulated_step_is_the_mean_of_its_microbatches_losses_and_gradient
     state = init_train_state(params, jax.tree.map(lambda _: True, params), optax.sgd(lr), seed=0)
     new_state, metrics = jax.jit(make_embedding_step(cfg, optax.sgd(lr), opts))(state, batch)
     micro = [jax.tree.map(lambda a, k=k: a[k], batch) for k in range(2)]
-    losses, grads = zip(*[jax.value_and_grad(lambda p, m=m: embedding_loss(p, m, cfg, opts)[0])(params)
-                          for m in micro])
+    loss_and_grad = jax.jit(jax.value_and_grad(lambda p, m: embedding_loss(p, m, cfg, opts)[0]))
+    losses, grads = zip(*[loss_and_grad(params, m) for m in micro])
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
     expected = jax.tree.map(lambda p, g0, g1: p - lr * (g0 + g1) / 2, params, *grads)
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
