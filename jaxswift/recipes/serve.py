@@ -55,9 +55,18 @@ class ServeArguments:
     log_level: str = "info"
     max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata={
         "help": "vision-language models: a request's image of more pixels (width x height) gets a 400"})
+    # embedding models (/v1/embeddings): unset, a folder with sentence-transformers' modules.json is one
+    task_type: Optional[str] = field(default=None, metadata={
+        "help": "causal_lm | embedding (default: embedding for a folder with modules.json, else causal_lm)"})
+    embedding_pooling: Optional[str] = field(default=None, metadata={
+        "help": "embedding: last | mean (default: the folder's 1_Pooling/config.json, else last)"})
+    embedding_normalize: Optional[bool] = field(default=None, metadata={
+        "help": "embedding: L2-normalise the vectors (default: the folder's modules.json, else true)"})
     config: Optional[str] = None
 
     def __post_init__(self):
+        if self.task_type not in (None, "causal_lm", "embedding"):
+            raise ConfigError(f"--task_type {self.task_type!r}: expected causal_lm | embedding")
         for name in ("port", "max_num_seqs", "max_model_len", "page_size", "max_queue", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -121,15 +130,19 @@ def serving_mesh(spec: Optional[str]):
 
 
 def build_server(args: ServeArguments):
-    """(FastAPI app, orchestrator) for the arguments; the caller runs uvicorn and shuts the orchestrator down."""
+    """(FastAPI app, orchestrator) for the arguments; the caller runs uvicorn and shuts the orchestrator down. An
+    embedding model has no orchestrator (None): its app embeds in a worker thread (build_embedding_server)."""
     from jaxswift.infer.engine import JaxEngine
     from jaxswift.infer.orchestrator import Orchestrator
     from jaxswift.serve.limits import parse_rate_limit
     from jaxswift.serve.openai import build_app
 
-    adapters = parse_adapters(args.adapters)
     if args.rate_limit:
         parse_rate_limit(args.rate_limit)  # a bad flag fails before the model loads
+    spec = embedding_spec(args)
+    if spec is not None:
+        return build_embedding_server(args, spec), None
+    adapters = parse_adapters(args.adapters)
     model = load_for_inference(args.model, args.dtype, args.quant_method)
     if model.tokenizer is None:
         raise ConfigError(f"--model {args.model}: no tokenizer found; the server needs one")
@@ -150,6 +163,48 @@ def build_server(args: ServeArguments):
     return app, orchestrator
 
 
+# Generation-engine flags an embedding server has no use for (flag -> its default): refused when given.
+ENGINE_ONLY = {"adapters": [], "num_pages": None, "max_num_batched_tokens": None, "page_size": 16,
+               "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS, "max_queue": 256, "enable_prefix_caching": True,
+               "request_timeout": 600.0}
+
+
+def embedding_spec(args: ServeArguments):
+    """The EmbeddingSpec to serve --model with, or None for a generative model: --task_type, else the folder's
+    sentence-transformers marker; --embedding_pooling / --embedding_normalize override the folder's."""
+    from jaxswift.infer.embedding import EmbeddingSpec, read_embedding_spec
+
+    marked = read_embedding_spec(args.model)
+    task = args.task_type or ("embedding" if marked is not None else "causal_lm")
+    if task != "embedding":
+        given = [n for n in ("embedding_pooling", "embedding_normalize") if getattr(args, n) is not None]
+        if given:
+            raise ConfigError(f"--{given[0]}: needs an embedding model (--task_type embedding)")
+        return None
+    for name, default in ENGINE_ONLY.items():
+        if getattr(args, name) != default:
+            raise ConfigError(f"--{name} is a generation-engine flag; an embedding model does not use it")
+    base = marked or EmbeddingSpec()
+    return EmbeddingSpec(args.embedding_pooling or base.pooling,
+                         base.normalize if args.embedding_normalize is None else args.embedding_normalize)
+
+
+def build_embedding_server(args: ServeArguments, spec):
+    """The /v1/embeddings app: --max_num_seqs inputs per forward, inputs of at most --max_model_len tokens."""
+    from jaxswift.infer.embedding import Embedder
+    from jaxswift.serve.openai import build_embedding_app
+
+    model = load_for_inference(args.model, args.dtype, args.quant_method)
+    embedder = Embedder(model, spec, max_length=args.max_model_len, max_batch=args.max_num_seqs)
+    if args.warmup:
+        started = time.perf_counter()
+        embedder.warmup()
+        log.info("warmup: compiled %d embedding shapes in %.1f s", len(embedder.shapes()),
+                 time.perf_counter() - started)
+    return build_embedding_app(embedder, model_name=args.served_model_name or args.model, api_keys=args.api_key,
+                               rate_limit=args.rate_limit, max_concurrency=args.max_concurrency)
+
+
 def main(argv: list[str]) -> int:
     import uvicorn
 
@@ -163,7 +218,8 @@ def main(argv: list[str]) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
-        orchestrator.shutdown()
+        if orchestrator is not None:
+            orchestrator.shutdown()
     return 0
 
 

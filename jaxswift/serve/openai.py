@@ -25,6 +25,11 @@ strictly (no type coercion, unknown fields refused) so that nothing a client sen
 (OpenAI's end-user id) gives each end user of a client its own share of the per-client limits (`--rate_limit`,
 `--max_concurrency`).
 
+Embedding models (`jaxswift sft --task_type embedding` folders, Qwen3-Embedding-style folders with
+sentence-transformers' modules.json) get their own app, `build_embedding_app`: /v1/embeddings (texts or token ids,
+`encoding_format` float | base64, `dimensions` cut Matryoshka-style and renormalised), /v1/models and /health;
+chat and completion requests to it are 400s naming the task, as /v1/embeddings is on a generative server.
+
     app = build_app(orchestrator, model_name="smollm2-135m-instruct", api_keys=["secret"])
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
@@ -807,7 +812,16 @@ def build_app(orchestrator: Orchestrator, *, model_name: str, adapter_names: Seq
     client = _client_dependency(server)
     _add_generation_routes(app, server, client)
     _add_utility_routes(app, server, client)
+    _refuse_embeddings(app, server, client)
     return app
+
+
+def _refuse_embeddings(app: FastAPI, server: OpenAIServer, client):
+    @app.post("/v1/embeddings")
+    async def embeddings(_: Request, __: str = Depends(client)):
+        raise APIError(400, f"model {server.config.model_name!r} is a generative model; /v1/embeddings needs an "
+                            "embedding model (jaxswift deploy --task_type embedding, or a folder with "
+                            "sentence-transformers' modules.json)")
 
 
 def _client_dependency(server: OpenAIServer):
@@ -923,3 +937,142 @@ def _add_utility_routes(app: FastAPI, server: OpenAIServer, client):
         server.adapter_for(body.model)
         server.check_token_ids(body.tokens, "tokens")
         return {"prompt": server.tokenizer.decode(body.tokens)}
+
+
+# ---------------------------------------------------------------- embeddings
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's bound on one request's inputs
+
+
+class EmbeddingBody(_Strict):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = Field(None, min_length=1, max_length=256)
+
+
+class EmbeddingServer:
+    """What the embedding handlers share: the Embedder (infer/embedding.py), the model name, limits, auth."""
+
+    def __init__(self, embedder, config: ServerConfig):
+        import threading
+
+        self.embedder, self.config = embedder, config
+        self.tokenizer = embedder.tokenizer
+        self.limits = ClientLimits(config.rate_limit, config.max_concurrency)
+        self.created = int(time.time())
+        self.lock = threading.Lock()  # one forward at a time: requests queue here instead of racing for memory
+
+    def check_model(self, name: str | None):
+        if name is not None and name != self.config.model_name:
+            raise APIError(404, f"model {name!r} does not exist (served: {self.config.model_name})",
+                           "not_found_error", "model")
+
+    def inputs(self, given) -> list[list[int]]:
+        """Each input's ids (texts encoded as training encodes them); a 400 names the input at fault."""
+        embedder = self.embedder
+        if isinstance(given, str) or (given and all(isinstance(t, int) for t in given)):
+            given = [given]
+        if not 1 <= len(given) <= MAX_EMBEDDING_INPUTS:
+            raise APIError(400, f"input: expected 1 to {MAX_EMBEDDING_INPUTS} inputs, got {len(given)}",
+                           param="input")
+        out = []
+        for i, item in enumerate(given):
+            where = f"input[{i}]" if len(given) > 1 else "input"
+            if isinstance(item, str):
+                if not item.strip():
+                    raise APIError(400, f"{where}: empty text (nothing to embed)", param="input")
+                ids = embedder.encode(item)
+            else:
+                ids = list(item)
+                if not ids:
+                    raise APIError(400, f"{where}: empty token list (nothing to embed)", param="input")
+                bad = [t for t in ids if not 0 <= t < embedder.vocab_size]
+                if bad:
+                    raise APIError(400, f"{where}: token id {bad[0]} is outside the vocabulary [0, "
+                                        f"{embedder.vocab_size})", param="input")
+            if len(ids) > embedder.max_length:
+                raise APIError(400, f"{where}: {len(ids)} tokens, over this server's limit of {embedder.max_length} "
+                                    "(--max_model_len)", param="input")
+            out.append(ids)
+        return out
+
+    def run(self, ids: list[list[int]]):
+        with self.lock:
+            return self.embedder.embed(ids)
+
+
+def shorten(vectors, dimensions: int | None, normalized: bool, full: int):
+    """Matryoshka: the first `dimensions` components, L2-normalised again when the model normalises its vectors."""
+    import numpy as np
+
+    if dimensions is None:
+        return vectors
+    if dimensions > full:
+        raise APIError(400, f"dimensions: {dimensions} is more than the model's {full}", param="dimensions")
+    cut = vectors[:, :dimensions]
+    if normalized:
+        cut = cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+    return cut
+
+
+def _embedding_item(index: int, vector, encoding_format: str) -> dict:
+    import base64
+
+    import numpy as np
+
+    value = (base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii") if encoding_format == "base64"
+             else [float(x) for x in vector])
+    return {"object": "embedding", "index": index, "embedding": value}
+
+
+def build_embedding_app(embedder, *, model_name: str, api_keys: Sequence[str] = (), rate_limit: str | None = None,
+                        max_concurrency: int | None = None) -> FastAPI:
+    """OpenAI's /v1/embeddings (and /v1/models, /health) over an embedding model; chat and completion
+    requests get a 400 that says the model embeds."""
+    server = EmbeddingServer(embedder, ServerConfig(model_name, (), tuple(api_keys), rate_limit, max_concurrency))
+    app = FastAPI(title="jaxswift", description="OpenAI-compatible embeddings served by jaxswift")
+    app.state.server = server
+    _install_error_handlers(app)
+    client = _client_dependency(server)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingBody, who: str = Depends(client)):
+        server.check_model(body.model)
+        ids = server.inputs(body.input)
+        try:
+            release = server.limits.admit(who if body.user is None else f"{who}|user:{body.user}")
+        except TooManyRequests as e:
+            raise _orchestrator_error(e) from None
+        try:
+            vectors = await asyncio.to_thread(server.run, ids)
+        finally:
+            release()
+        vectors = shorten(vectors, body.dimensions, embedder.spec.normalize, embedder.dimensions)
+        tokens = sum(map(len, ids))
+        return {"object": "list", "model": body.model or model_name,
+                "data": [_embedding_item(i, v, body.encoding_format) for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def refuse(endpoint: str):
+        async def handler(_: Request, __: str = Depends(client)):
+            raise APIError(400, f"model {model_name!r} is an embedding model (--task_type embedding): it serves "
+                                f"/v1/embeddings, not {endpoint}")
+        return handler
+
+    for endpoint in ("/v1/chat/completions", "/v1/completions"):
+        app.post(endpoint)(refuse(endpoint))
+
+    @app.get("/v1/models")
+    async def models(_: str = Depends(client)):
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
+                                            "owned_by": "jaxswift", "root": model_name, "parent": None,
+                                            "max_model_len": embedder.max_length, "task": "embedding",
+                                            "dimensions": embedder.dimensions}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    return app

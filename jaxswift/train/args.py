@@ -53,6 +53,30 @@ class SftArguments:
                 "regression for 1 label, else single_label_classification, as transformers infers it)"})
     loss_type: Optional[str] = field(default=None, metadata={
         "help": "embedding / reranker losses by ms-swift's names (causal_lm and seq_cls: unused)"})
+    # --task_type embedding (train/embedding.py checks them; other task types refuse them); unset: ms-swift's
+    # environment variables, then ms-swift's defaults
+    embedding_pooling: Optional[str] = field(default=None, metadata={
+        "help": "embedding: last | mean (default last: the EOS token's hidden state, as Qwen3-Embedding)"})
+    embedding_normalize: Optional[bool] = field(default=None, metadata={
+        "help": "embedding: L2-normalise the pooled vectors (default true)"})
+    infonce_temperature: Optional[float] = field(default=None, metadata={
+        "help": "embedding, infonce: similarity / temperature (default $INFONCE_TEMPERATURE, else 0.1)"})
+    infonce_use_batch: Optional[bool] = field(default=None, metadata={
+        "help": "embedding, infonce: other rows' documents as negatives too (default $INFONCE_USE_BATCH, else true)"})
+    infonce_hard_negatives: Optional[int] = field(default=None, metadata={
+        "help": "embedding, infonce: hard negatives per row, cut or resampled to this count (default "
+                "$INFONCE_HARD_NEGATIVES, else each row's own, padded and masked)"})
+    infonce_mask_fake_negative: Optional[bool] = field(default=None, metadata={
+        "help": "embedding, infonce in-batch: drop negatives scoring above the positive + --infonce_fake_neg_margin "
+                "(default $INFONCE_MASK_FAKE_NEGATIVE, else false)"})
+    infonce_fake_neg_margin: Optional[float] = field(default=None, metadata={
+        "help": "embedding, infonce: the fake-negative margin (default $INFONCE_FAKE_NEG_MARGIN, else 0.1)"})
+    infonce_include_qq: Optional[bool] = field(default=None, metadata={
+        "help": "embedding, infonce in-batch: the other anchors as negatives too (default $INFONCE_INCLUDE_QQ, else "
+                "false)"})
+    infonce_include_dd: Optional[bool] = field(default=None, metadata={
+        "help": "embedding, infonce in-batch: the documents against the positive as negatives too (default "
+                "$INFONCE_INCLUDE_DD, else false)"})
     # tuner
     tuner_type: str = field(default="lora", metadata={"help": "lora | full"})
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
@@ -276,4 +300,7 @@ def parse_args(cls, argv: list[str] | None):
 
 # The task-type flags, for the trainers that train a causal LM only (RLHF, GRPO).
 TASK_FLAGS_UNUSED = {name: "preference and RL training train a causal LM (--task_type is an SFT flag)"
-                     for name in ("task_type", "num_labels", "problem_type")}
+                     for name in ("task_type", "num_labels", "problem_type", "embedding_pooling",
+                                  "embedding_normalize", "infonce_temperature", "infonce_use_batch",
+                                  "infonce_hard_negatives", "infonce_mask_fake_negative", "infonce_fake_neg_margin",
+                                  "infonce_include_qq", "infonce_include_dd")}

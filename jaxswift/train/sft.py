@@ -16,6 +16,7 @@ from jaxswift.errors import ConfigError, DataError
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.ring_attention import balanced_step
 from jaxswift.train.args import SftArguments
+from jaxswift.train.embedding import check_embedding_flags, run_embedding
 from jaxswift.train.loop import (Feed, RunContext, compile_eval, compile_step, demo_answer, export_model,
                                  host_params, init_state, plot_run, start_run, total_steps_of, train_loop,
                                  TaskScorer, with_task_scores)
@@ -117,6 +118,9 @@ def grain_batches(ctx: RunContext, plan: StepPlan, source, total_steps: int, ass
 
 def check_task_type(args: SftArguments):
     """Only causal-LM SFT reads --loss_type's absence as "the LM loss"; the other task types are issue 21's."""
+    check_embedding_flags(args)  # refused with any other task type
+    if args.task_type == "embedding":
+        return
     if args.task_type != "causal_lm" or args.num_labels is not None or args.problem_type is not None:
         raise ConfigError(f"--task_type {args.task_type}: not available yet (causal_lm only, without --num_labels "
                           "or --problem_type)")
@@ -127,6 +131,8 @@ def check_task_type(args: SftArguments):
 
 def run_sft(args: SftArguments, *, progress: bool = True, task_scorer: TaskScorer | None = None) -> TrainResult:
     check_task_type(args)
+    if args.task_type == "embedding":
+        return run_embedding(args, progress=progress)
     ctx = start_run(args)
     model, cfg = ctx.model, ctx.cfg
     messages: list[str] = []
