@@ -166,7 +166,7 @@ def build_server(args: ServeArguments):
 # Generation-engine flags an embedding server has no use for (flag -> its default): refused when given.
 ENGINE_ONLY = {"adapters": [], "num_pages": None, "max_num_batched_tokens": None, "page_size": 16,
                "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS, "max_queue": 256, "enable_prefix_caching": True,
-               "request_timeout": 600.0}
+               "request_timeout": 600.0, "mesh": None}  # mesh: the embedding server runs on one device so far
 
 
 def embedding_spec(args: ServeArguments):
