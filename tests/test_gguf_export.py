@@ -25,6 +25,7 @@ from jaxswift.errors import ConfigError
 from jaxswift.models.config import RopeConfig
 from jaxswift.models.transformer import forward
 from jaxswift.recipes.export import main as export_main
+from peft_fixtures import randomize_lora_b
 
 TOKENS = np.random.RandomState(3).randint(0, 300, (2, 11))  # inside every test vocabulary
 CHAT = [{"role": "system", "content": "Be brief. 日本"}, {"role": "user", "content": "What is 2+2?"},
@@ -257,11 +258,7 @@ def test_adapters_are_merged_first(tmp_path, tiny_models):
     folder = tiny_models["llama"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    randomize_lora_b(peft_model, seed=2, std=0.05)
     peft_model.save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         merged = peft_model.merge_and_unload().eval()(torch.as_tensor(TOKENS)).logits.numpy()

@@ -23,7 +23,10 @@ TRAIN_COMMON = ("model", "dataset", "tuner_type", "lora_rank", "lora_alpha", "le
 
 RECIPES: tuple[RecipeSpec, ...] = (
     RecipeSpec("sft", "sft", "jaxswift.recipes.sft", "jaxswift.train.args:SftArguments",
-               common=TRAIN_COMMON + ("packing", "mesh"), choices=TRAIN_CHOICES, paths=TRAIN_PATHS),
+               common=TRAIN_COMMON + ("packing", "mesh"), paths=TRAIN_PATHS,
+               # SFT also weighs agent (tool-call) rows; preference training takes 0/1 masks only
+               choices={**TRAIN_CHOICES, "loss_scale": TRAIN_CHOICES["loss_scale"] + (
+                   "hermes", "last_round+hermes", "react", "ignore_empty_think")}),
     RecipeSpec("rlhf", "rlhf", "jaxswift.recipes.rlhf", "jaxswift.train.rlhf_args:RlhfArguments",
                common=("rlhf_type", "beta", "loss_type") + TRAIN_COMMON,
                choices={**TRAIN_CHOICES, "rlhf_type": ("dpo", "kto", "cpo", "simpo", "orpo", "rm")},
