@@ -87,7 +87,7 @@ def prepare_tuner(params, args, cfg) -> TunedParams:
     check_vlm_flags(args, cfg)
     if isinstance(cfg, VLMConfig):
         return prepare_vlm_tuner(params, args, cfg)
-    if getattr(args, "modules_to_save", None):
+    if "modules_to_save" not in getattr(args, "UNUSED", {}) and getattr(args, "modules_to_save", None):
         raise ConfigError(f"--modules_to_save {' '.join(args.modules_to_save)}: names parts of a vision-language "
                           f"model (vision, aligner); {getattr(args, 'model', 'the model')} is a text-only model")
     if args.tuner_type == "full":
