@@ -224,3 +224,19 @@ def load_peft_adapter(params, cfg: ModelConfig, adapter_dir: str | Path) -> tupl
     for name in targets:
         layers[name] = layers[name].replace(**grouped[name])
     return {**params, "layers": layers}, lora_cfg
+
+
+def save_seq_cls_adapter(params, cfg: ModelConfig, lora_cfg: LoraConfig, out_dir: str | Path,
+                         base_model_name_or_path: str | None = None) -> Path:
+    """A PEFT adapter of a sequence classifier, as peft's task_type SEQ_CLS writes it: the LoRA weights plus the
+    whole `score` head (modules_to_save), so `PeftModel.from_pretrained(AutoModelForSequenceClassification..., dir)`
+    restores both. params: the decoder with its adapters and params["score"] [D, C]."""
+    body = {k: v for k, v in params.items() if k != "score"}
+    out = save_peft_adapter(body, cfg, lora_cfg, out_dir, base_model_name_or_path)
+    tensors = adapter_tensors(body, cfg)
+    tensors["base_model.model.score.weight"] = np.ascontiguousarray(np.asarray(jax.device_get(params["score"])).T)
+    write_safetensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config.update(task_type="SEQ_CLS", modules_to_save=["score"])
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return out

@@ -16,6 +16,7 @@ from jaxswift.errors import ConfigError, DataError
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.ring_attention import balanced_step
 from jaxswift.train.args import SftArguments
+from jaxswift.train.classify import run_classify
 from jaxswift.train.loop import (Feed, RunContext, compile_eval, compile_step, demo_answer, export_model,
                                  host_params, init_state, plot_run, start_run, total_steps_of, train_loop,
                                  TaskScorer, with_task_scores)
@@ -124,7 +125,13 @@ def check_task_type(args: SftArguments):
                           "--loss_type names embedding and reranker losses")
 
 
+# The task types trained by train/classify.py (a score head or the LM's yes / no logits over each sequence).
+CLASSIFY_TASK_TYPES = ("seq_cls", "reranker", "generative_reranker")
+
+
 def run_sft(args: SftArguments, *, progress: bool = True, task_scorer: TaskScorer | None = None) -> TrainResult:
+    if args.task_type in CLASSIFY_TASK_TYPES:
+        return run_classify(args, progress=progress)
     check_task_type(args)
     ctx = start_run(args)
     model, cfg = ctx.model, ctx.cfg
