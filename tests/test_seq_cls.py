@@ -264,3 +264,55 @@ def test_bad_flags(tiny_chat_model, color_data, tmp_path):
     with pytest.raises(JaxswiftError, match="--task_type embedding"):
         run_sft(cls_args(tiny_chat_model, tmp_path, color_data, task_type="embedding", num_labels=None),
                 progress=False)
+
+
+def test_labels_of_every_problem_type():
+    from jaxswift.data.classify import parse_label
+
+    np.testing.assert_array_equal(parse_label(2, "f:1", 3, "single_label_classification"), [0, 0, 1])
+    np.testing.assert_array_equal(parse_label([0, 2], "f:1", 3, "multi_label_classification"), [1, 0, 1])
+    np.testing.assert_array_equal(parse_label(0.25, "f:1", 1, "regression"), [0.25])
+    np.testing.assert_array_equal(parse_label([0.5, -1], "f:1", 2, "regression"), [0.5, -1])
+    with pytest.raises(DataError, match=r"f:1: field 'label': class 5 is outside --num_labels 3"):
+        parse_label([0, 5], "f:1", 3, "multi_label_classification")
+    with pytest.raises(DataError, match=r"f:1: field 'label': regression with --num_labels 2 expects a list of 2"):
+        parse_label(0.5, "f:1", 2, "regression")
+    with pytest.raises(DataError, match=r"f:1: field 'label': expected an integer class index"):
+        parse_label(True, "f:1", 3, "single_label_classification")
+
+
+# ----------------------------------------------------------------------------------------------- the server
+
+
+def test_classify_endpoint(full_run, smol_tokenizer):
+    import httpx
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from jaxswift.data.classify import encode_messages
+    from jaxswift.recipes.serve import ServeArguments, build_server
+    from server_fixtures import running
+
+    app, _ = build_server(ServeArguments(model=str(full_run.export_dir), served_model_name="colors"))
+    model = AutoModelForSequenceClassification.from_pretrained(full_run.export_dir).eval()
+    texts = ["Which family is the color red?", "Which family is the color navy?"]
+    expected = []
+    for t in texts:
+        ids = encode_messages(smol_tokenizer, [{"role": "user", "content": t}])
+        with torch.no_grad():
+            expected.append(torch.softmax(model(input_ids=torch.tensor(ids)[None].long()).logits[0], -1).numpy())
+    with running(app) as url:
+        reply = httpx.post(f"{url}/v1/classify", json={"model": "colors", "input": texts})
+        assert reply.status_code == 200, reply.text
+        data = reply.json()["data"]
+        np.testing.assert_allclose([d["probs"] for d in data], expected, atol=1e-5)
+        assert [d["label"] for d in data] == [f"LABEL_{int(np.argmax(p))}" for p in expected]
+        assert data[0]["num_classes"] == 3
+        one = httpx.post(f"{url}/v1/classify", json={"input": texts[0]}).json()["data"]
+        np.testing.assert_allclose(one[0]["probs"], expected[0], atol=1e-5)
+        rerank = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["d"]})
+        assert rerank.status_code == 400 and "3 labels" in rerank.json()["error"]["message"]
+        chat = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"})
+        assert chat.status_code == 400 and "sequence classifier" in chat.json()["error"]["message"]
+        empty = httpx.post(f"{url}/v1/classify", json={"input": []})
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "input"
