@@ -316,3 +316,15 @@ def test_classify_endpoint(full_run, smol_tokenizer):
         assert chat.status_code == 400 and "sequence classifier" in chat.json()["error"]["message"]
         empty = httpx.post(f"{url}/v1/classify", json={"input": []})
         assert empty.status_code == 400 and empty.json()["error"]["param"] == "input"
+
+
+def test_data_parallel_run_equals_one_device(tiny_chat_model, color_data, tmp_path):
+    """The same 4 rows per step split over data=2 (2 per device) give the same losses and evaluation."""
+    common = dict(tuner_type="full", max_steps=2, per_device_eval_batch_size=2)
+    one = run_sft(cls_args(tiny_chat_model, tmp_path / "one", color_data, per_device_train_batch_size=4, mesh="1",
+                           **common), progress=False)
+    two = run_sft(cls_args(tiny_chat_model, tmp_path / "two", color_data, per_device_train_batch_size=2,
+                           mesh="data=2", **common), progress=False)
+    for step in (1, 2):
+        assert abs(one.losses[step] - two.losses[step]) < 1e-5
+    assert abs(one.eval_metrics[2]["loss"] - two.eval_metrics[2]["loss"]) < 1e-5
