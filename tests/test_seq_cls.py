@@ -220,6 +220,14 @@ def test_lora_adapter_loads_in_peft_with_the_same_scores(tiny_chat_model, color_
     model = PeftModel.from_pretrained(base, result.export_dir).eval()
     ref = transformers_val_loss(model, smol_tokenizer, color_data[1], smol_tokenizer.pad_token_id)
     assert abs(ref - result.eval_metrics[3]["loss"]) < 1e-4
+    # `jaxswift export --adapters DIR` merges it into a classifier folder (served by `jaxswift deploy`)
+    from jaxswift.recipes.export import main as export_main
+
+    assert export_main(["--adapters", str(result.export_dir), "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.num_labels == 3 and merged.config.architectures == ["LlamaForSequenceClassification"]
+    ref = transformers_val_loss(merged, smol_tokenizer, color_data[1], smol_tokenizer.pad_token_id)
+    assert abs(ref - result.eval_metrics[3]["loss"]) < 1e-4
 
 
 def test_training_continues_from_an_exported_classifier(full_run, color_data, smol_tokenizer, tmp_path):

@@ -112,10 +112,12 @@ def _rows(specs: list[str], seed: int) -> Iterator[tuple[str, dict]]:
                 yield where, row
 
 
-def _stats(n_rows: int, examples: list, tally: collections.Counter, what: str = "sequences") -> DatasetStats:
-    tokens = sum(sum(len(s) for s in e.sequences) if isinstance(e, RerankGroup) else len(e) for e in examples)
+def _stats(n_rows: int, examples: list, tally: collections.Counter) -> DatasetStats:
+    seqs = [e.sequences if isinstance(e, RerankGroup) else (e.input_ids,) for e in examples]
     skipped = tuple((reason, n) for reason, n in tally.items() if reason != "truncated")
-    return DatasetStats(rows=n_rows, examples=len(examples), tokens=tokens, loss_tokens=0,
+    # the loss reads one token per sequence (its last)
+    return DatasetStats(rows=n_rows, examples=len(examples), tokens=sum(len(s) for g in seqs for s in g),
+                        loss_tokens=sum(len(g) for g in seqs),
                         truncated=tally["truncated"], skipped=skipped)
 
 

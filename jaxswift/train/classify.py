@@ -440,7 +440,7 @@ def export_classifier(ctx: RunContext, params, head: ClassifierHead | None, lora
     tokenizer = ctx.model.tokenizer
     if lora_cfg is None:
         return save_seq_cls(params, ctx.cfg.replace(remat="none"), head, path, tokenizer=tokenizer)
-    save_seq_cls_adapter(params, ctx.cfg, lora_cfg, path, base_model_name_or_path=ctx.args.model)
+    save_seq_cls_adapter(params, ctx.cfg, lora_cfg, head, path, base_model_name_or_path=ctx.args.model)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
