@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxswift.errors import ConfigError, DataError, JaxswiftError
+from jaxswift.errors import ConfigError, DataError
 from jaxswift.train.args import SftArguments
 from jaxswift.train.sft import run_sft
 
@@ -269,9 +269,6 @@ def test_bad_flags(tiny_chat_model, color_data, tmp_path):
     with pytest.raises(ConfigError, match="--task_type reranker trains with pointwise_reranker"):
         run_sft(cls_args(tiny_chat_model, tmp_path, color_data, task_type="reranker", num_labels=None,
                          loss_type="cosine_similarity"), progress=False)
-    with pytest.raises(JaxswiftError, match="--task_type embedding"):
-        run_sft(cls_args(tiny_chat_model, tmp_path, color_data, task_type="embedding", num_labels=None),
-                progress=False)
 
 
 def test_labels_of_every_problem_type():
@@ -336,3 +333,26 @@ def test_data_parallel_run_equals_one_device(tiny_chat_model, color_data, tmp_pa
     for step in (1, 2):
         assert abs(one.losses[step] - two.losses[step]) < 1e-5
     assert abs(one.eval_metrics[2]["loss"] - two.eval_metrics[2]["loss"]) < 1e-5
+
+
+def test_regression_scores_like_transformers(tiny_chat_model, tmp_path, smol_tokenizer):
+    """--num_labels 1 trains a regression head; transformers' MSE of the exported folder equals the final eval."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from jaxswift.data.classify import encode_messages
+
+    rows = [{"messages": r["messages"], "label": 0.5 * r["label"] - 0.25} for r in color_rows()]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", rows[2:6])
+    result = run_sft(cls_args(tiny_chat_model, tmp_path / "out", (train, val), num_labels=1, tuner_type="full",
+                              max_steps=1), progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(result.export_dir).eval()
+    assert model.config.problem_type == "regression" and model.config.num_labels == 1
+    losses = []
+    for row in rows[2:6]:
+        ids = torch.tensor(encode_messages(smol_tokenizer, row["messages"]))[None].long()
+        with torch.no_grad():
+            losses.append(float(model(input_ids=ids, labels=torch.tensor([row["label"]])).loss))
+    assert set(result.eval_metrics[1]) == {"loss", "mse"}
+    assert abs(np.mean(losses) - result.eval_metrics[1]["loss"]) < 1e-5
