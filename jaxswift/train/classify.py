@@ -109,8 +109,6 @@ def check_args(args) -> None:
             raise ConfigError(f"--loss_type {args.loss_type}: seq_cls takes its loss from --problem_type "
                               "(regression: MSE, single_label_classification: cross-entropy, "
                               "multi_label_classification: BCE)")
-        if args.problem_type == "regression" and args.num_labels is None:
-            raise ConfigError("--problem_type regression needs --num_labels (1 for one score)")
     elif args.loss_type is not None and args.loss_type not in RERANKER_LOSSES:
         raise ConfigError(f"--loss_type {args.loss_type!r}: --task_type {args.task_type} trains with "
                           f"{' | '.join(RERANKER_LOSSES)}")
@@ -173,8 +171,9 @@ def answer_token_ids(tokenizer) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------- batches
 
 
-def _sequences(items) -> list[tuple[np.ndarray, ...]]:
-    return [tuple(i.sequences) if hasattr(i, "sequences") else (i.input_ids,) for i in items]
+def sequences_of(item) -> tuple[np.ndarray, ...]:
+    """A reranker group's sequences (positive first), or a labelled sequence's one."""
+    return tuple(item.sequences) if hasattr(item, "sequences") else (item.input_ids,)
 
 
 def assemble(items, picks, task: Task, num_labels: int, length: int) -> dict:
@@ -189,7 +188,7 @@ def assemble(items, picks, task: Task, num_labels: int, length: int) -> dict:
         if i < 0:
             continue
         item = items[i]
-        for j, seq in enumerate(_sequences([item])[0][:G]):
+        for j, seq in enumerate(sequences_of(item)[:G]):
             r = k * G + j
             tokens[r, :len(seq)] = seq
             segment_ids[r, :len(seq)] = 1
@@ -200,7 +199,7 @@ def assemble(items, picks, task: Task, num_labels: int, length: int) -> dict:
 
 
 def longest(items, picks) -> int:
-    return max((max(len(s) for s in _sequences([items[i]])[0]) for i in picks if i >= 0), default=1)
+    return max((max(len(s) for s in sequences_of(items[i])) for i in picks if i >= 0), default=1)
 
 
 def step_batches(ctx: RunContext, items, task: Task, num_labels: int, items_per_step: int, micro: int,
