@@ -9,6 +9,7 @@ from jaxswift.recipes.common import run_main
 
 COMMANDS = {
     "sft": "jaxswift.recipes.sft",
+    "vlm-demo": "jaxswift.recipes.vlm_demo",
     "rlhf": "jaxswift.recipes.rlhf",
     "grpo": "jaxswift.recipes.grpo",
     "infer": "jaxswift.recipes.infer",

@@ -22,6 +22,7 @@ from jaxswift.models.transformer import forward
 from jaxswift.tuners.lora import (LoraConfig, add_lora, combine, is_lora, load_lora_state, lora_disabled,
                                   lora_logical_axes, lora_state, merge_lora, partition, resolve_targets,
                                   trainable_mask, with_dropout)
+from peft_fixtures import randomize_lora_b
 
 TOKENS = np.random.RandomState(7).randint(0, BASE["vocab_size"], (2, 12))
 ATOL = 1e-4
@@ -158,11 +159,7 @@ def test_peft_created_adapter_loads(tmp_path):
     hf, model = base_model(tmp_path, "llama")
     peft_model = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"],
                                                    use_dora=True))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    randomize_lora_b(peft_model, seed=3, std=0.1)
     peft_model.save_pretrained(tmp_path / "adapter")
     expected = hf_logits(peft_model.eval(), TOKENS)
     params, lora_cfg = load_peft_adapter(model.params, model.config, tmp_path / "adapter")

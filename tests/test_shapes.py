@@ -43,6 +43,18 @@ def test_rows_follow_the_seed_and_the_answers_match_the_pictures():
         assert row["messages"][0]["content"].startswith("<image>")
 
 
+def test_rows_with_three_questions_show_the_picture_once():
+    one, three = shapes.shapes_rows(4, seed=5), shapes.shapes_rows(4, seed=5, questions=3)
+    for single, multi in zip(one, three):
+        assert multi["images"] == single["images"] and multi["messages"][:2] == single["messages"]
+        users = [m["content"] for m in multi["messages"][::2]]
+        assert [u.count("<image>") for u in users] == [1, 0, 0]
+        asked = {u.removeprefix("<image>") for u in users}
+        assert asked == set(shapes.QUESTIONS.values())  # each kind once
+    with pytest.raises(ValueError, match="questions must be 1 to 3"):
+        shapes.shapes_rows(1, seed=0, questions=4)
+
+
 def test_cli_writes_train_and_held_out_sets(tmp_path, capsys):
     shapes.main(["--out", str(tmp_path), "--train", "4", "--test", "2"])
     train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]

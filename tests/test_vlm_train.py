@@ -244,16 +244,11 @@ def test_packed_loss_and_gradients_equal_unpacked(vlm):
 def test_lora_adapter_trained_by_sft_loads_with_peft_and_back_into_jaxswift(vlm, tmp_path):
     """The adapter `jaxswift sft` writes (tower + aligner + LLM) loads onto the transformers model with peft, and back
     into jaxswift (`jaxswift infer --adapters`): the same logits on a prompt with an image (1e-4)."""
-    import copy
-
-    from peft import PeftModel
-
     from jaxswift.checkpoints.vlm_peft import load_vlm_peft_adapter
-    from jaxswift.models.vision import vlm_forward
     from jaxswift.errors import CheckpointError
     from jaxswift.recipes.infer import InferArguments, _load
 
-    hf_model, model, folder = vlm[0], vlm[1], vlm[2]
+    model, folder = vlm[1], vlm[2]
     result = run_sft(vlm_args(vlm, tmp_path / "lora", tuner_type="lora", freeze_vit=False, freeze_aligner=False,
                               max_steps=2, learning_rate=5e-2), progress=False)
     adapter = result.export_dir
@@ -262,22 +257,8 @@ def test_lora_adapter_trained_by_sft_loads_with_peft_and_back_into_jaxswift(vlm,
             if any(is_lora(x) for x in jax.tree.leaves(params[p], is_leaf=is_lora))} == {"vision", "aligner", "llm"}
     assert is_lora(_load(InferArguments(model=str(folder), adapters=str(adapter))).params["vision"]["layers"]["wqkv"])
 
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), adapter).eval()
-    image = random_image(56, 42, seed=7)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "the"}]}]
-    processor = model.processor
-    prompt = processor.encode_chat(messages)
-    tokens, vision = jnp.asarray([prompt.ids]), processor.batch_vision([prompt])
-    rope = jnp.asarray(prompt.rope_positions[:, None])
-    ours = np.asarray(vlm_forward(params, tokens, model.config, vision, rope_positions=rope))
-    base = np.asarray(vlm_forward(model.params, tokens, model.config, vision, rope_positions=rope))
+    ours, base, expected = adapted_logits(vlm, params, adapter)
     assert np.abs(ours - base).max() > 1e-3  # two steps at lr 5e-2 moved the adapters
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    pixels = Qwen2VLImageProcessorPil.from_pretrained(str(folder))(images=[image], return_tensors="pt")
-    mm = torch.from_numpy(np.isin(prompt.ids, model.config.placeholder_ids)[None].astype(np.int64))
-    with torch.no_grad():
-        expected = peft_model(input_ids=torch.tensor([prompt.ids]), mm_token_type_ids=mm, **pixels).logits.numpy()
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 
     stray = tmp_path / "stray"  # an adapter of some other model: refused, naming a tensor it cannot place
@@ -289,6 +270,74 @@ def test_lora_adapter_trained_by_sft_loads_with_peft_and_back_into_jaxswift(vlm,
                       {"base_model.model.model.other.q_proj.lora_A.weight": np.zeros((4, 8), np.float32)})
     with pytest.raises(CheckpointError, match="no module for"):
         load_vlm_peft_adapter(model.params, model.config, stray)
+
+
+def adapted_logits(vlm, params, adapter):
+    """(jaxswift's logits under `params`, the base model's, peft's with `adapter` on the transformers model) on a
+    prompt with an image."""
+    import copy
+
+    from peft import PeftModel
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from jaxswift.models.vision import vlm_forward
+
+    hf_model, model, folder = vlm[0], vlm[1], vlm[2]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_model), adapter).eval()
+    image = random_image(56, 42, seed=7)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "the"}]}]
+    prompt = model.processor.encode_chat(messages)
+    tokens, vision = jnp.asarray([prompt.ids]), model.processor.batch_vision([prompt])
+    rope = jnp.asarray(prompt.rope_positions[:, None])
+    ours = np.asarray(vlm_forward(params, tokens, model.config, vision, rope_positions=rope))
+    base = np.asarray(vlm_forward(model.params, tokens, model.config, vision, rope_positions=rope))
+    pixels = Qwen2VLImageProcessorPil.from_pretrained(str(folder))(images=[image], return_tensors="pt")
+    mm = torch.from_numpy(np.isin(prompt.ids, model.config.placeholder_ids)[None].astype(np.int64))
+    with torch.no_grad():
+        expected = peft_model(input_ids=torch.tensor([prompt.ids]), mm_token_type_ids=mm, **pixels).logits.numpy()
+    return ours, base, expected
+
+
+def test_lora_llm_with_tower_and_aligner_trained_whole(vlm, tmp_path):
+    """--modules_to_save vision aligner: the tower and the aligner train in full (over the default freeze_vit),
+    the LLM through LoRA; the adapter holds them whole as PEFT's modules_to_save, loads onto the transformers model
+    with peft and back into jaxswift with the same logits (1e-4)."""
+    import json as json_lib
+
+    from jaxswift.checkpoints.vlm_peft import load_vlm_peft_adapter
+
+    model = vlm[1]
+    result = run_sft(vlm_args(vlm, tmp_path / "run", tuner_type="lora", freeze_aligner=None, max_steps=2,
+                              learning_rate=5e-2, vit_lr=1e-2, aligner_lr=1e-2,
+                              modules_to_save=["vision", "aligner"]), progress=False)
+    adapter = result.export_dir
+    config = json_lib.loads((adapter / "adapter_config.json").read_text())
+    assert "model.visual.blocks.1.attn.qkv" in config["modules_to_save"]
+    assert "model.visual.merger.mlp.0" in config["modules_to_save"]
+    params, _ = load_vlm_peft_adapter(model.params, model.config, adapter)
+    assert not any(is_lora(x) for part in ("vision", "aligner")
+                   for x in jax.tree.leaves(params[part], is_leaf=is_lora))
+    assert is_lora(params["llm"]["layers"]["wq"])
+    for part in ("vision", "aligner"):  # trained whole: every leaf moved
+        for new, old in zip(jax.tree.leaves(params[part]), jax.tree.leaves(model.params[part])):
+            assert not np.array_equal(np.asarray(new), np.asarray(old)), part
+    ours, base, expected = adapted_logits(vlm, params, adapter)
+    assert np.abs(ours - base).max() > 1e-3
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_modules_to_save_bad_values(vlm, tiny_chat_model, tmp_path):
+    model = vlm[1]
+    cases = [(dict(modules_to_save=["llm"]), "expected vision or aligner"),
+             (dict(modules_to_save=["vision"], freeze_vit=True), "--freeze_vit true freezes"),
+             (dict(modules_to_save=["aligner"], target_modules=["mlp.0"]), "a part is one or the other"),
+             (dict(modules_to_save=["vision"], tuner_type="full"), "already trains every part")]
+    for flags, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            prepare_tuner(model.params, vlm_args(vlm, tmp_path, **{"tuner_type": "lora", **flags}), model.config)
+    text = jaxswift.load_model(str(tiny_chat_model))
+    with pytest.raises(ConfigError, match="text-only model"):
+        prepare_tuner(text.params, SftArguments(model=str(tiny_chat_model), modules_to_save=["vision"]), text.config)
 
 
 def test_families_that_do_not_train_yet_are_refused_by_name(tmp_path, vlm):

@@ -116,7 +116,9 @@ def merge_and_save(model, out_dir: str | Path) -> Path:
 # --- import -------------------------------------------------------------------------------------------------------
 
 
-def _read_config(folder: Path, modules_to_save: tuple[str, ...] = ()) -> tuple[dict, Path]:
+def _read_config(folder: Path, *, modules_to_save: bool = False) -> tuple[dict, Path]:
+    """adapter_config.json, refusing the fields this loader cannot honour (modules_to_save: only where the caller
+    loads those tensors, the VLM loader)."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
@@ -126,10 +128,8 @@ def _read_config(folder: Path, modules_to_save: tuple[str, ...] = ()) -> tuple[d
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
-    for field in ("bias", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                  "fan_in_fan_out", "lora_bias"):
-        if field == "modules_to_save" and set(raw.get(field) or ()) <= set(modules_to_save):
-            continue  # whole modules the caller reads itself (a classifier's score head)
+    for field in ("bias", *(() if modules_to_save else ("modules_to_save",)), "rank_pattern", "alpha_pattern",
+                  "layers_to_transform", "fan_in_fan_out", "lora_bias"):
         if raw.get(field) not in (None, "none", False, [], {}):
             raise CheckpointError(f"{path}: {field}={raw[field]!r} is not supported")
     return raw, path
@@ -199,7 +199,11 @@ def load_peft_adapter(params, cfg: ModelConfig, adapter_dir: str | Path, *,
     """(params with LoraWeights holding the adapter, its LoraConfig); params must be the plain base.
     modules_to_save: whole modules the adapter may carry (`base_model.model.NAME.weight`), left to the caller."""
     folder = Path(adapter_dir)
-    raw, config_path = _read_config(folder, modules_to_save)
+    raw, config_path = _read_config(folder, modules_to_save=bool(modules_to_save))
+    extra = sorted(set(raw.get("modules_to_save") or ()) - set(modules_to_save))
+    if extra:
+        raise CheckpointError(f"{config_path}: modules_to_save={extra!r} is not supported (only "
+                              f"{list(modules_to_save)} here)")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         hint = " (pickled adapter_model.bin is not loaded: save with safetensors)" if (

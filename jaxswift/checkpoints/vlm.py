@@ -76,13 +76,25 @@ def vlm_hf_tensors(params: dict, cfg: VLMConfig) -> dict[str, np.ndarray]:
     prefix = vlm_text_prefix(cfg)
     out = {(prefix + n[len("model."):] if n.startswith("model.") else n): a
            for n, a in hf_tensors(params["llm"], cfg.text).items()}
+    return out | part_hf_tensors(params, cfg, ("vision", "aligner"))
+
+
+def part_hf_tensors(params: dict, cfg: VLMConfig, parts: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """{HF name: torch-layout array} of the tower's / the aligner's tensors (`parts` of "vision", "aligner")."""
+    out = {}
     for name, (m, i) in _vision_names(cfg).items():
-        node = params
-        for key in m.path:
-            node = node[key]
-        array = np.asarray(jax.device_get(node))
-        out[name] = np.ascontiguousarray(m.to_hf(array if i is None else array[i]))
+        if m.path[0] in parts:
+            node = params
+            for key in m.path:
+                node = node[key]
+            array = np.asarray(jax.device_get(node))
+            out[name] = np.ascontiguousarray(m.to_hf(array if i is None else array[i]))
     return out
+
+
+def vision_weight_of(name: str, cfg: VLMConfig):
+    """(WeightMap, layer index or None) of a tower / aligner tensor's HF name; None for any other name."""
+    return _vision_names(cfg).get(canonical_name(name, cfg.family))
 
 
 def save_vlm(params: dict, cfg: VLMConfig, out_dir: str | Path, *, source: str | Path | None = None) -> Path:

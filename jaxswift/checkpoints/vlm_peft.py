@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxswift.checkpoints.peft import WEIGHTS_NAME, _read_config
 from jaxswift.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from jaxswift.checkpoints.vlm import part_hf_tensors, vision_weight_of
 from jaxswift.errors import CheckpointError, ConfigError
 from jaxswift.models.families import HF_MODULE_NAMES
 from jaxswift.models.vision import VLMConfig
@@ -68,12 +69,21 @@ def vlm_adapter_tensors(params: dict, cfg: VLMConfig) -> tuple[dict[str, np.ndar
 
 
 def save_vlm_peft_adapter(params: dict, cfg: VLMConfig, lora_cfg: LoraConfig, out_dir: str | Path,
-                          base_model_name_or_path: str | None = None) -> Path:
+                          base_model_name_or_path: str | None = None, full_parts: tuple[str, ...] = ()) -> Path:
     """A folder that `peft.PeftModel.from_pretrained(transformers_model, out_dir)` loads; target_modules is a
-    regex of exactly the adapted modules (a plain name such as `gate_proj` would also reach the other part)."""
+    regex of exactly the adapted modules (a plain name such as `gate_proj` would also reach the other part).
+    `full_parts` ("vision", "aligner"), trained in full, are saved whole as PEFT's modules_to_save: one entry per
+    module owning a tensor (a ModuleList such as the tower's blocks cannot be wrapped), its tensors under the
+    module's own name, as peft writes them."""
     tensors, modules = vlm_adapter_tensors(params, cfg)
     if not tensors:
         raise ConfigError("save_vlm_peft_adapter: the params carry no LoRA adapter (call add_vlm_lora first)")
+    adapted = [p for p in full_parts if any(is_lora(x) for x in jax.tree.leaves(params[p], is_leaf=is_lora))]
+    if adapted:
+        raise ConfigError(f"save_vlm_peft_adapter: the {', '.join(adapted)} part carries LoRA adapters; a part is "
+                          "adapted or saved whole, not both")
+    whole = part_hf_tensors(params, cfg, tuple(full_parts))
+    tensors |= {PEFT_PREFIX + name: np.asarray(a, np.float32) for name, a in whole.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
@@ -82,7 +92,8 @@ def save_vlm_peft_adapter(params: dict, cfg: VLMConfig, lora_cfg: LoraConfig, ou
               "r": lora_cfg.rank, "lora_alpha": alpha, "lora_dropout": lora_cfg.dropout,
               "target_modules": "(" + "|".join(modules) + ")", "use_rslora": lora_cfg.use_rslora,
               "use_dora": False, "bias": "none", "init_lora_weights": True, "fan_in_fan_out": False,
-              "modules_to_save": None, "inference_mode": True}
+              "modules_to_save": sorted({name.rsplit(".", 1)[0] for name in whole}) or None,
+              "inference_mode": True}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
 
@@ -110,7 +121,7 @@ def load_vlm_peft_adapter(params: dict, cfg: VLMConfig, adapter_dir: str | Path)
     """(params with LoraWeights holding the adapter, its LoraConfig): the inverse of `save_vlm_peft_adapter`, and
     any PEFT LoRA adapter of the transformers model over the tower's, the aligner's and the LLM's linears."""
     folder = Path(adapter_dir)
-    raw, config_path = _read_config(folder)
+    raw, config_path = _read_config(folder, modules_to_save=True)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}")
@@ -127,13 +138,15 @@ def load_vlm_peft_adapter(params: dict, cfg: VLMConfig, adapter_dir: str | Path)
     present = {path: t for path, t in templates.items() if key(t, 0, "A") in names}
     known = {key(t, i, ab) for t in present.values() for i in range(max(cfg.vision.depth, cfg.text.num_layers))
              for ab in "AB"}
-    unknown = sorted(names - known)
+    whole = {n for n in names - known if n.startswith(PEFT_PREFIX) and vision_weight_of(n[len(PEFT_PREFIX):], cfg)}
+    unknown = sorted(names - known - whole)
     if unknown or not present:
         raise CheckpointError(f"{weights}: " + (f"tensors this model has no module for: {unknown[:3]}" if unknown
                                                 else "no LoRA tensors of this model's modules"))
     llm_names = tuple(HF_MODULE_NAMES[path[-1]] for path in present if path[0] == "llm")
     lora_cfg = LoraConfig(rank=rank, alpha=alpha, dropout=float(raw.get("lora_dropout", 0.0)),
                           target_modules=llm_names or ("q_proj",), use_rslora=bool(raw.get("use_rslora", False)))
+    params = _with_saved_modules(params, cfg, st, sorted(whole), weights)
     parts = tuple(dict.fromkeys(path[0] for path in present))
     modules = {part: tuple(path[-1] for path in present if path[0] == part) for part in ("vision", "aligner")}
     adapted = add_vlm_lora(params, cfg, lora_cfg, jax.random.key(0), parts=parts, modules=modules)
@@ -150,6 +163,29 @@ def load_vlm_peft_adapter(params: dict, cfg: VLMConfig, adapter_dir: str | Path)
         a, b = (np.stack(x) for x in zip(*pairs)) if layers != [None] else pairs[0]
         adapted = _set(adapted, path, like.replace(a=jnp.asarray(a), b=jnp.asarray(b)))
     return adapted, lora_cfg
+
+
+def _with_saved_modules(params: dict, cfg: VLMConfig, st: SafetensorsFile, names: list[str], weights: Path) -> dict:
+    """params with the tower / aligner tensors an adapter saved whole (modules_to_save) in place of the base's."""
+    leaves: dict[tuple[str, ...], tuple] = {}
+    for name in names:
+        m, i = vision_weight_of(name[len(PEFT_PREFIX):], cfg)
+        leaves.setdefault(m.path, (m, {}))[1][i] = m.to_ours(st.get(name).astype(np.float32))
+    for path, (m, layers) in leaves.items():
+        like = _get(params, path)
+        if None in layers:
+            value = layers[None]
+        else:
+            missing = sorted(set(range(like.shape[0])) - set(layers))
+            if missing:
+                raise CheckpointError(f"{weights}: the saved module {m.hf_name} lacks layers {missing} (a module "
+                                      "saved whole must cover every layer)")
+            value = np.stack([layers[i] for i in range(like.shape[0])])
+        if value.shape != like.shape:
+            raise CheckpointError(f"{weights}: {m.hf_name} has shape {value.shape} in the adapter, {like.shape} in "
+                                  "this model")
+        params = _set(params, path, jnp.asarray(value, like.dtype))
+    return params
 
 
 def _get(tree: dict, path: tuple[str, ...]):

@@ -21,10 +21,11 @@ from jaxswift.data.images import image_to_data_url
 COLOURS = {"red": (215, 40, 40), "green": (35, 160, 60), "blue": (40, 80, 215), "yellow": (225, 195, 30)}
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three")
+# short: every question token is paid for in each training step (the one-word answers are taught by the rows)
 QUESTIONS = {
-    "colour": "What colour are the shapes in the picture? Answer with one word.",
-    "shape": "Which shape is drawn in the picture? Answer with one word.",
-    "count": "How many shapes are in the picture? Answer with one word.",
+    "colour": "What colour are the shapes?",
+    "shape": "Which shape is drawn?",
+    "count": "How many shapes are there?",
 }
 
 
@@ -79,19 +80,23 @@ def answer(scene: Scene, kind: str) -> str:
     return {"colour": scene.colour, "shape": scene.shape, "count": COUNTS[scene.count - 1]}[kind]
 
 
-def shapes_rows(n: int, *, seed: int, size: int = 64) -> list[dict]:
-    """n rows, the question kinds in turn (colour, shape, count, colour, ...), each with its own picture."""
+def shapes_rows(n: int, *, seed: int, size: int = 64, questions: int = 1) -> list[dict]:
+    """n rows, each with its own picture. One question per row: the kinds in turn (colour, shape, count, colour,
+    ...). More (up to three): a conversation asking that many kinds, starting where the one-question rows would, the
+    picture shown once in the first turn (its tokens then serve every answer)."""
+    if not 1 <= questions <= len(QUESTIONS):
+        raise ValueError(f"questions must be 1 to {len(QUESTIONS)}, got {questions}")
     rng = random.Random(seed)
+    kinds = tuple(QUESTIONS)
     rows = []
     for i in range(n):
-        kind = tuple(QUESTIONS)[i % len(QUESTIONS)]
         scene = random_scene(rng, size)
-        rows.append({
-            "messages": [{"role": "user", "content": "<image>" + QUESTIONS[kind]},
-                         {"role": "assistant", "content": answer(scene, kind)}],
-            "images": [image_to_data_url(draw(scene, size))],
-            "kind": kind,
-        })
+        asked = [kinds[(i + j) % len(kinds)] for j in range(questions)]
+        messages = []
+        for j, kind in enumerate(asked):
+            messages += [{"role": "user", "content": ("<image>" if j == 0 else "") + QUESTIONS[kind]},
+                         {"role": "assistant", "content": answer(scene, kind)}]
+        rows.append({"messages": messages, "images": [image_to_data_url(draw(scene, size))], "kind": asked[0]})
     return rows
 
 

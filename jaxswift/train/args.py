@@ -68,6 +68,9 @@ class SftArguments:
     freeze_aligner: Optional[bool] = field(default=None, metadata={
         "help": "VLM: freeze the aligner (Qwen2-VL's patch merger; default true)"})
     freeze_llm: Optional[bool] = field(default=None, metadata={"help": "VLM: freeze the language model (default false)"})
+    modules_to_save: list[str] = field(default_factory=list, metadata={
+        "help": "VLM LoRA: parts trained in full next to the adapters and saved with them as PEFT's modules_to_save "
+                "(vision | aligner): a tower trained from scratch, with LoRA on the LLM"})
     vit_lr: Optional[float] = field(default=None, metadata={"help": "VLM: the vision tower's learning rate "
                                                                     "(default --learning_rate; same schedule)"})
     aligner_lr: Optional[float] = field(default=None, metadata={"help": "VLM: the aligner's learning rate "
@@ -230,7 +233,7 @@ class SftArguments:
 
 # ms-swift's vision-language flags, for the trainers that do not take image rows yet (RLHF, GRPO).
 VLM_FLAGS_UNUSED = {name: "image rows train with `jaxswift sft` only so far (DPO / GRPO with images: issue 15)"
-                    for name in ("freeze_vit", "freeze_aligner", "freeze_llm", "vit_lr", "aligner_lr")}
+                    for name in ("freeze_vit", "freeze_aligner", "freeze_llm", "vit_lr", "aligner_lr", "modules_to_save")}
 
 
 def _read_yaml(path: str, fields: set[str]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from jaxswift.parallel.strategies import ParallelOptions
 from jaxswift.train.logging import RunLogger, plot_loss
 from jaxswift.train.shardings import shard_params, tree_shardings
 from jaxswift.train.state import init_train_state
-from jaxswift.train.tuning import TunedParams, moe_overrides
+from jaxswift.train.tuning import TunedParams, modules_to_save, moe_overrides
 
 
 class TrainingStopped(JaxswiftError):
@@ -362,11 +362,12 @@ def export_model(ctx: RunContext, params, lora_cfg) -> Path:
 
 def _export_vlm(ctx: RunContext, params, lora_cfg, path: Path) -> Path:
     """A vision-language model: the HF folder (processor and tokenizer files copied from --model), or a PEFT
-    adapter over the tower / aligner / LLM modules it adapts."""
+    adapter over the tower / aligner / LLM modules it adapts (and the parts of --modules_to_save, whole)."""
     cfg = dataclasses.replace(ctx.cfg, text=ctx.cfg.text.replace(remat="none"))
     if lora_cfg is None:
         return save_vlm(params, cfg, path, source=ctx.args.model)
-    save_vlm_peft_adapter(params, cfg, lora_cfg, path, base_model_name_or_path=ctx.args.model)
+    save_vlm_peft_adapter(params, cfg, lora_cfg, path, base_model_name_or_path=ctx.args.model,
+                          full_parts=modules_to_save(ctx.args))
     if ctx.model.tokenizer is not None:
         ctx.model.tokenizer.save_pretrained(str(path))
     return path

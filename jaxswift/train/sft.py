@@ -34,6 +34,7 @@ class TrainResult:
     demo_after: str | None
     skipped_steps: int
     first_step_seconds: float
+    eval_metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # step -> every metric
 
 
 def load_sft_data(args: SftArguments, tokenizer, log_fn, cache_dir: Path):
@@ -169,7 +170,7 @@ def run_sft(args: SftArguments, *, progress: bool = True, task_scorer: TaskScore
     demo_after = demo_answer(model, final_params, cfg, args.demo_question, args.demo_max_new_tokens)
     eval_losses = {step: m["loss"] for step, m in loop.eval_metrics.items() if "loss" in m}
     return TrainResult(loop.losses, eval_losses, ctx.out_dir, export_dir, demo_before, demo_after,
-                       int(jax.device_get(loop.state.skipped_steps)), loop.first_step_seconds)
+                       int(jax.device_get(loop.state.skipped_steps)), loop.first_step_seconds, loop.eval_metrics)
 
 
 def eval_batches(examples, batch_rows: int, max_length: int, assemble_fn=assemble):

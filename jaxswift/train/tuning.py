@@ -87,6 +87,9 @@ def prepare_tuner(params, args, cfg) -> TunedParams:
     check_vlm_flags(args, cfg)
     if isinstance(cfg, VLMConfig):
         return prepare_vlm_tuner(params, args, cfg)
+    if getattr(args, "modules_to_save", None):
+        raise ConfigError(f"--modules_to_save {' '.join(args.modules_to_save)}: names parts of a vision-language "
+                          f"model (vision, aligner); {getattr(args, 'model', 'the model')} is a text-only model")
     if args.tuner_type == "full":
         return _full_tuning(params, args, cfg)
     from jaxswift.tuners import lora
@@ -219,6 +222,9 @@ def prepare_vlm_tuner(params, args, cfg: VLMConfig) -> TunedParams:
         if value:
             raise ConfigError(f"--{flag} is not supported on vision-language models yet")
     if args.tuner_type == "full":
+        if args.modules_to_save:
+            raise ConfigError("--modules_to_save names the parts LoRA training updates in full; --tuner_type full "
+                              "already trains every part that is not frozen")
         mask = _vlm_full_mask(params, args)
         if not any(jax.tree.leaves(mask)):
             raise ConfigError(f"nothing to train: {', '.join('--' + VLM_PART_FLAGS[p] for p in frozen_parts(args))} "
@@ -226,27 +232,47 @@ def prepare_vlm_tuner(params, args, cfg: VLMConfig) -> TunedParams:
         return TunedParams(params, mask, None, None)
     if args.freeze_parameters or args.trainable_parameters:
         raise ConfigError("--freeze_parameters / --trainable_parameters apply to full tuning (--tuner_type full); "
-                          "with LoRA only the adapters train")
+                          "with LoRA only the adapters train (and the parts of --modules_to_save)")
     from jaxswift.tuners import lora
     from jaxswift.tuners.vlm_lora import add_vlm_lora, resolve_vlm_targets
 
+    saved = modules_to_save(args)
     targets = target_modules(args.target_modules)
     if targets == "all-linear":
-        parts = tuple(p for p in VLM_PART_FLAGS if p not in frozen_parts(args))
+        parts = tuple(p for p in VLM_PART_FLAGS if p not in frozen_parts(args) and p not in saved)
         modules, llm_targets = None, "all-linear"
         if not parts:
             raise ConfigError("--target_modules all-linear with --freeze_vit, --freeze_aligner and --freeze_llm all "
                               "true adapts nothing: unfreeze a part or name the modules")
     else:
         modules = resolve_vlm_targets(cfg, targets)
+        both = [p for p in saved if modules.get(p)]
+        if both:
+            raise ConfigError(f"--target_modules adapts the {' and '.join(both)} part, which --modules_to_save "
+                              "trains in full: a part is one or the other")
         # the LLM's targets are read only when "llm" is among the parts; LoraConfig wants a non-empty value
         parts, llm_targets = tuple(modules), modules.get("llm") or "all-linear"
     lora_cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                target_modules=llm_targets, use_rslora=args.use_rslora, use_dora=args.use_dora,
                                init=args.init_weights)
     params = add_vlm_lora(params, cfg, lora_cfg, jax.random.key(args.seed), parts=parts, modules=modules)
-    return TunedParams(params, lora.trainable_mask(params), lora_cfg,
-                       lora.with_dropout if args.lora_dropout > 0 else None)
+    mask = {part: jax.tree.map(lambda _: True, tree) if part in saved else tree
+            for part, tree in lora.trainable_mask(params).items()}
+    return TunedParams(params, mask, lora_cfg, lora.with_dropout if args.lora_dropout > 0 else None)
+
+
+def modules_to_save(args) -> tuple[str, ...]:
+    """--modules_to_save: the VLM parts (vision, aligner) LoRA training updates in full, as PEFT's modules_to_save
+    does (ms-swift's "LoRA on the LLM, full ViT" recipe). A part its --freeze_* flag freezes explicitly is a
+    contradiction; an unset flag's default (frozen tower) gives way."""
+    parts = tuple(dict.fromkeys(getattr(args, "modules_to_save", None) or ()))
+    for part in parts:
+        if part not in ("vision", "aligner"):
+            raise ConfigError(f"--modules_to_save {part!r}: expected vision or aligner (the LLM trains through "
+                              "its adapters, or in full with --tuner_type full)")
+        if getattr(args, VLM_PART_FLAGS[part]) is True:
+            raise ConfigError(f"--modules_to_save {part} trains the part that --{VLM_PART_FLAGS[part]} true freezes")
+    return parts
 
 
 def part_learning_rates(optimizer, args):
