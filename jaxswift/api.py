@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxswift.checkpoints.hf import load_hf_params, params_from_tensors, read_hf_config, save_hf
+from jaxswift.checkpoints.hf import (classifier_head_from_hf, is_seq_cls_config, load_hf_params, load_seq_cls_params,
+                                     params_from_tensors, read_hf_config, save_hf, save_seq_cls)
 from jaxswift.errors import ConfigError
 from jaxswift.infer.generate import generate_tokens, left_pad, stop_token_ids
 from jaxswift.infer.sampling import SamplingParams
@@ -28,6 +29,7 @@ class Model:
     tokenizer: Any = None
     source: str = ""
     processor: Any = None  # VLMs: data/multimodal.VLMProcessor (tokenizer + image preprocessing)
+    head: Any = None  # sequence classifiers: models/heads.ClassifierHead (params["score"] holds its weight)
 
     @property
     def is_vlm(self) -> bool:
@@ -76,12 +78,19 @@ def load_model(name_or_path: str, dtype: str | None = None, *, shardings=None, l
         tokenizer = ckpt.tokenizer() if load_tokenizer else None
     else:
         config, raw = read_hf_config(path, dtype=dtype)
-        if "quantization_config" in raw:  # GPTQ / AWQ / FP8 / int8: leaves that dequantize inside the matmul
+        head = None
+        if is_seq_cls_config(raw):  # XxxForSequenceClassification: the decoder plus params["score"]
+            if "quantization_config" in raw:
+                raise ConfigError(f"{path}: quantized sequence-classification folders are not supported")
+            head = classifier_head_from_hf(raw, str(path / "config.json"))
+            params = load_seq_cls_params(path, config, head, shardings)
+        elif "quantization_config" in raw:  # GPTQ / AWQ / FP8 / int8: leaves that dequantize inside the matmul
             from jaxswift.quant.load import load_quantized_params
             params = load_quantized_params(path, config, raw["quantization_config"], shardings)
         else:
             params = load_hf_params(path, config, shardings)
         tokenizer = _load_tokenizer(path) if load_tokenizer else None
+        return Model(config, params, tokenizer, str(path), head=head)
     return Model(config, params, tokenizer, str(path))
 
 
@@ -107,6 +116,8 @@ def save_model(model: Model, out_dir: str | Path) -> Path:
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(out))
         return out
+    if model.head is not None:
+        return save_seq_cls(model.params, model.config, model.head, out_dir, tokenizer=model.tokenizer)
     return save_hf(model.params, model.config, out_dir, tokenizer=model.tokenizer)
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxswift.checkpoints.hf import save_hf
+from jaxswift.checkpoints.hf import classifier_config, classifier_head_from_hf, save_hf, seq_cls_body
 from jaxswift.checkpoints.registry import portable_model_name
 from jaxswift.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from jaxswift.errors import CheckpointError, ConfigError
@@ -145,11 +145,13 @@ def _init_of(raw: dict, path: Path) -> str:
                           "reproduce (supported: true, gaussian, pissa)")
 
 
-def _group_tensors(st: SafetensorsFile, cfg: ModelConfig) -> dict[str, dict]:
-    """{our name: {(layer, kind): array}}, checking that every key is a LoRA tensor of a known module."""
+def _group_tensors(st: SafetensorsFile, cfg: ModelConfig, skip: frozenset = frozenset()) -> dict[str, dict]:
+    """{our name: {(layer, kind): array}}, checking that every key (but `skip`) is a LoRA tensor of a known module."""
     modules = module_names(cfg)
     grouped: dict[str, dict] = {}
     for key in st.keys():
+        if key in skip:
+            continue
         match = _KEY.match(key)
         name = OURS.get(match.group(2)) if match else None
         if name is None or name not in modules or not key.startswith(
@@ -192,10 +194,16 @@ def _stack(tensors, name, cfg, r, use_dora, st, w) -> dict:
     return out
 
 
-def load_peft_adapter(params, cfg: ModelConfig, adapter_dir: str | Path) -> tuple[dict, LoraConfig]:
-    """(params with LoraWeights holding the adapter, its LoraConfig); params must be the plain base."""
+def load_peft_adapter(params, cfg: ModelConfig, adapter_dir: str | Path, *,
+                      modules_to_save: tuple[str, ...] = ()) -> tuple[dict, LoraConfig]:
+    """(params with LoraWeights holding the adapter, its LoraConfig); params must be the plain base.
+    modules_to_save: whole modules the adapter may carry (`base_model.model.NAME.weight`), left to the caller."""
     folder = Path(adapter_dir)
-    raw, config_path = _read_config(folder)
+    raw, config_path = _read_config(folder, modules_to_save=bool(modules_to_save))
+    extra = sorted(set(raw.get("modules_to_save") or ()) - set(modules_to_save))
+    if extra:
+        raise CheckpointError(f"{config_path}: modules_to_save={extra!r} is not supported (only "
+                              f"{list(modules_to_save)} here)")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         hint = " (pickled adapter_model.bin is not loaded: save with safetensors)" if (
@@ -208,7 +216,7 @@ def load_peft_adapter(params, cfg: ModelConfig, adapter_dir: str | Path) -> tupl
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path}: r and lora_alpha must be numbers ({e!r})") from None
     st = SafetensorsFile(weights)
-    grouped = _group_tensors(st, cfg)
+    grouped = _group_tensors(st, cfg, frozenset(f"{PREFIX}{name}.weight" for name in modules_to_save))
     if not grouped:
         raise CheckpointError(f"{weights}: no LoRA tensors")
     targets = [n for n in module_names(cfg) if n in grouped]
@@ -226,3 +234,56 @@ def load_peft_adapter(params, cfg: ModelConfig, adapter_dir: str | Path) -> tupl
     for name in targets:
         layers[name] = layers[name].replace(**grouped[name])
     return {**params, "layers": layers}, lora_cfg
+
+
+SCORE_KEY = PREFIX + "score.weight"
+HEAD_FILE = "classifier_head.json"  # beside the adapter: what config.json says of a classifier folder's head
+
+
+def save_seq_cls_adapter(params, cfg: ModelConfig, lora_cfg: LoraConfig, head, out_dir: str | Path,
+                         base_model_name_or_path: str | None = None) -> Path:
+    """A PEFT adapter of a sequence classifier, as peft's task_type SEQ_CLS writes it: the LoRA weights plus the
+    whole `score` head (modules_to_save), so `PeftModel.from_pretrained(AutoModelForSequenceClassification..., dir)`
+    restores both; the head's labels, problem type and pad id go to classifier_head.json (peft ignores it).
+    params: the decoder with its adapters and params["score"] [D, C]; head: models/heads.ClassifierHead."""
+    body = {k: v for k, v in params.items() if k != "score"}
+    out = save_peft_adapter(body, cfg, lora_cfg, out_dir, base_model_name_or_path)
+    tensors = adapter_tensors(body, cfg)
+    tensors[SCORE_KEY] = np.ascontiguousarray(np.asarray(jax.device_get(params["score"]), np.float32).T)
+    write_safetensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config.update(task_type="SEQ_CLS", modules_to_save=["score"])
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    (out / HEAD_FILE).write_text(json.dumps(classifier_config(cfg, head), indent=2))
+    return out
+
+
+def is_seq_cls_adapter(adapter_dir: str | Path) -> bool:
+    path = Path(adapter_dir) / CONFIG_NAME
+    return path.is_file() and json.loads(path.read_text()).get("task_type") == "SEQ_CLS"
+
+
+def load_seq_cls_adapter(params, cfg: ModelConfig, adapter_dir: str | Path):
+    """(params with LoRA and params["score"], LoraConfig, ClassifierHead) of a SEQ_CLS adapter over the decoder
+    `params` (a causal LM's: its lm_head is dropped). The head comes from classifier_head.json when the adapter
+    has one (jaxswift's), else from the score's shape with transformers' defaults and the base's pad id."""
+    folder = Path(adapter_dir)
+    st = SafetensorsFile(folder / WEIGHTS_NAME) if (folder / WEIGHTS_NAME).is_file() else None
+    if st is None or SCORE_KEY not in st.keys():
+        raise CheckpointError(f"{folder}: a SEQ_CLS adapter needs {SCORE_KEY!r} in {WEIGHTS_NAME} (peft saves the "
+                              "score head with modules_to_save)")
+    score_CD = np.asarray(st.get(SCORE_KEY), np.float32)
+    if score_CD.ndim != 2 or score_CD.shape[1] != cfg.hidden_size:
+        raise CheckpointError(f"{folder}: {SCORE_KEY} has shape {score_CD.shape}, expected (num_labels, "
+                              f"{cfg.hidden_size})")
+    body_cfg = seq_cls_body(cfg)
+    body = {k: v for k, v in params.items() if k not in ("lm_head", "score")}
+    body, lora_cfg = load_peft_adapter(body, body_cfg, folder, modules_to_save=("score", "classifier"))
+    head_file = folder / HEAD_FILE
+    raw = json.loads(head_file.read_text()) if head_file.is_file() else {
+        "num_labels": score_CD.shape[0], "pad_token_id": cfg.pad_token_id}
+    head = classifier_head_from_hf(raw, str(head_file))
+    if head.num_labels != score_CD.shape[0]:
+        raise CheckpointError(f"{head_file}: num_labels {head.num_labels}, but the score head has "
+                              f"{score_CD.shape[0]} rows")
+    return {**body, "score": jnp.asarray(score_CD.T, cfg.weight_dtype)}, lora_cfg, head

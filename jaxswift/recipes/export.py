@@ -72,8 +72,12 @@ def _merged(model, adapters: str):
 
         params, _ = load_vlm_peft_adapter(model.params, model.config, adapters)
     else:
-        from jaxswift.checkpoints.peft import load_peft_adapter
+        from jaxswift.checkpoints.hf import seq_cls_body
+        from jaxswift.checkpoints.peft import is_seq_cls_adapter, load_peft_adapter, load_seq_cls_adapter
 
+        if is_seq_cls_adapter(adapters):  # a classifier's adapter: merged into an XxxForSequenceClassification folder
+            params, _, head = load_seq_cls_adapter(model.params, model.config, adapters)
+            return dataclasses.replace(model, params=merge_lora(params), head=head, config=seq_cls_body(model.config))
         params, _ = load_peft_adapter(model.params, model.config, adapters)
     return dataclasses.replace(model, params=merge_lora(params))
 

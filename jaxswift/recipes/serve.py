@@ -146,6 +146,8 @@ def build_server(args: ServeArguments):
     model = load_for_inference(args.model, args.dtype, args.quant_method)
     if model.tokenizer is None:
         raise ConfigError(f"--model {args.model}: no tokenizer found; the server needs one")
+    if model.head is not None:
+        return build_classifier_server(args, model)
     if args.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS and not model.is_vlm:
         raise ConfigError(f"--max_image_pixels: {args.model} is a text-only model (it takes no images)")
     engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
@@ -203,6 +205,27 @@ def build_embedding_server(args: ServeArguments, spec):
                  time.perf_counter() - started)
     return build_embedding_app(embedder, model_name=args.served_model_name or args.model, api_keys=args.api_key,
                                rate_limit=args.rate_limit, max_concurrency=args.max_concurrency)
+
+
+# What a sequence classifier's server reads of the flags; the generation engine's flags are refused for it.
+CLASSIFIER_FLAGS = ("model", "served_model_name", "host", "port", "max_model_len", "dtype", "api_key", "log_level",
+                    "config")
+
+
+def build_classifier_server(args: ServeArguments, model):
+    """(app, scorer) of a sequence classifier / reranker folder: /v1/classify, /v1/rerank, /v1/score."""
+    from jaxswift.infer.classify import SequenceScorer
+    from jaxswift.serve.openai import build_classifier_app
+
+    defaults = ServeArguments()
+    given = [f"--{f.name}" for f in dataclasses.fields(args)
+             if f.name not in CLASSIFIER_FLAGS and getattr(args, f.name) != getattr(defaults, f.name)]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: --model {args.model} is a sequence classifier, served without the "
+                          "generation engine these flags configure")
+    scorer = SequenceScorer(model, max_length=args.max_model_len)
+    app = build_classifier_app(scorer, model_name=args.served_model_name or args.model, api_keys=args.api_key)
+    return app, scorer
 
 
 def main(argv: list[str]) -> int:

@@ -46,6 +46,7 @@ import time
 import uuid
 from typing import Any, Literal, Sequence
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -1076,3 +1077,149 @@ def build_embedding_app(embedder, *, model_name: str, api_keys: Sequence[str] = 
         return {"status": "ok"}
 
     return app
+
+
+# ---------------------------------------------------------------- sequence classifiers and rerankers
+# A folder with a score head (XxxForSequenceClassification) is served without the generation engine:
+# POST /v1/classify (vLLM's), /v1/rerank (vLLM / Jina / Cohere) and /v1/score (vLLM's) run the classifier in the
+# request's thread (infer/classify.SequenceScorer); generation routes answer 400 naming the task.
+
+MAX_INPUTS = 256
+
+
+class ClassifyBody(_Strict):
+    model: str | None = None
+    input: str | list[str]
+    user: str | None = None
+
+
+class RerankBody(_Strict):
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool = True
+
+
+class ScoreBody(_Strict):
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+
+
+class ClassifierServer:
+    """What the classifier routes share: the scorer, the model name and the API keys."""
+
+    def __init__(self, scorer, config: ServerConfig):
+        self.scorer, self.config = scorer, config
+        self.created = int(time.time())
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.model_name:
+            raise APIError(404, f"model {name!r} does not exist (served: {self.config.model_name})",
+                           "not_found_error", "model")
+
+    def check_count(self, n: int, param: str) -> None:
+        if n == 0:
+            raise APIError(400, f"{param}: give at least one text", param=param)
+        if n > MAX_INPUTS:
+            raise APIError(400, f"{param}: at most {MAX_INPUTS} texts per request, got {n}", param=param)
+
+    async def logits(self, sequences, param: str):
+        try:
+            return await asyncio.to_thread(self.scorer.logits, sequences)
+        except ConfigError as e:  # too long
+            raise APIError(400, f"{param}: {e}", param=param) from None
+
+    @property
+    def task(self) -> str:
+        head = self.scorer.head
+        return "reranker" if head.num_labels == 1 else f"sequence classifier ({head.num_labels} labels)"
+
+
+def build_classifier_app(scorer, *, model_name: str, api_keys: Sequence[str] = ()) -> FastAPI:
+    """The HTTP API of a sequence classifier (`scorer`: infer/classify.SequenceScorer)."""
+    server = ClassifierServer(scorer, ServerConfig(model_name, (), tuple(api_keys)))
+    app = FastAPI(title="jaxswift", description="sequence classification and reranking served by jaxswift")
+    app.state.server = server
+    _install_error_handlers(app)
+    client = _client_dependency(server)
+    _add_classify_routes(app, server, client)
+    _add_rerank_routes(app, server, client)
+
+    @app.get("/v1/models")
+    async def models(_: str = Depends(client)):
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
+                                            "owned_by": "jaxswift", "root": model_name, "parent": None,
+                                            "max_model_len": scorer.max_length}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    async def no_generation(_: str = Depends(client)):
+        raise APIError(400, f"{model_name} is a {server.task}: it does not generate text; use /v1/classify"
+                       + (", /v1/rerank or /v1/score" if scorer.head.num_labels == 1 else ""))
+
+    for route in ("/v1/chat/completions", "/v1/completions"):
+        app.add_api_route(route, no_generation, methods=["POST"])
+    return app
+
+
+def _add_classify_routes(app: FastAPI, server: ClassifierServer, client):
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyBody, _: str = Depends(client)):
+        server.check_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        server.check_count(len(texts), "input")
+        scorer = server.scorer
+        sequences = [scorer.encode_text(t) for t in texts]
+        probs = scorer.probabilities(await server.logits(sequences, "input"))
+        data = []
+        for i, p in enumerate(probs):
+            label = None if scorer.head.is_regression else scorer.head.labels[int(np.argmax(p))]
+            data.append({"index": i, "label": label, "probs": [float(x) for x in p],
+                         "num_classes": scorer.head.num_labels})
+        tokens = sum(len(s) for s in sequences)
+        return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": body.model or server.config.model_name, "data": data, "usage": _usage(tokens, 0)}
+
+
+def _add_rerank_routes(app: FastAPI, server: ClassifierServer, client):
+    def check_reranker():
+        if server.scorer.head.num_labels != 1:
+            raise APIError(400, f"{server.config.model_name} is a {server.task}; reranking needs a one-label head "
+                           "(a model trained with --task_type reranker)")
+
+    @app.post("/v1/rerank")
+    async def rerank(body: RerankBody, _: str = Depends(client)):
+        server.check_model(body.model)
+        check_reranker()
+        server.check_count(len(body.documents), "documents")
+        scorer = server.scorer
+        sequences = [scorer.encode_pair(body.query, d) for d in body.documents]
+        logits = (await server.logits(sequences, "documents"))[:, 0].astype(np.float64)
+        scores = 1.0 / (1.0 + np.exp(-logits))
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[:body.top_n or len(scores)]
+        results = [{"index": i, "relevance_score": float(scores[i]),
+                    **({"document": {"text": body.documents[i]}} if body.return_documents else {})} for i in order]
+        return {"id": f"rerank-{uuid.uuid4().hex}", "model": body.model or server.config.model_name,
+                "results": results, "usage": {"total_tokens": sum(len(s) for s in sequences)}}
+
+    @app.post("/v1/score")
+    async def score(body: ScoreBody, _: str = Depends(client)):
+        server.check_model(body.model)
+        check_reranker()
+        first = [body.text_1] if isinstance(body.text_1, str) else body.text_1
+        second = [body.text_2] if isinstance(body.text_2, str) else body.text_2
+        if len(first) != 1 and len(first) != len(second):
+            raise APIError(400, f"text_1 has {len(first)} texts and text_2 {len(second)}: give one text_1, or as "
+                           "many as text_2", param="text_1")
+        server.check_count(len(second), "text_2")
+        pairs = list(zip(first * len(second) if len(first) == 1 else first, second))
+        sequences = [server.scorer.encode_pair(q, d) for q, d in pairs]
+        logits = (await server.logits(sequences, "text_2"))[:, 0].astype(np.float64)
+        data = [{"index": i, "object": "score", "score": float(1.0 / (1.0 + np.exp(-x)))} for i, x in enumerate(logits)]
+        return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": body.model or server.config.model_name, "data": data,
+                "usage": _usage(sum(len(s) for s in sequences), 0)}

@@ -16,6 +16,7 @@ from jaxswift.errors import ConfigError, DataError
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.ring_attention import balanced_step
 from jaxswift.train.args import SftArguments
+from jaxswift.train.classify import run_classify
 from jaxswift.train.embedding import check_embedding_flags, run_embedding
 from jaxswift.train.loop import (Feed, RunContext, compile_eval, compile_step, demo_answer, export_model,
                                  host_params, init_state, plot_run, start_run, total_steps_of, train_loop,
@@ -116,14 +117,18 @@ def grain_batches(ctx: RunContext, plan: StepPlan, source, total_steps: int, ass
                                                 assemble_fn=assemble_fn))
 
 
+# The task types trained by train/classify.py (a score head or the LM's yes / no logits over each sequence).
+CLASSIFY_TASK_TYPES = ("seq_cls", "reranker", "generative_reranker")
+
+
 def check_task_type(args: SftArguments):
-    """Only causal-LM SFT reads --loss_type's absence as "the LM loss"; the other task types are issue 21's."""
+    """The embedding flags belong to --task_type embedding; embedding and the classifier tasks check the rest of
+    their flags in their trainers; causal-LM SFT has no labels and no --loss_type."""
     check_embedding_flags(args)  # refused with any other task type
-    if args.task_type == "embedding":
+    if args.task_type == "embedding" or args.task_type in CLASSIFY_TASK_TYPES:
         return
-    if args.task_type != "causal_lm" or args.num_labels is not None or args.problem_type is not None:
-        raise ConfigError(f"--task_type {args.task_type}: not available yet (causal_lm only, without --num_labels "
-                          "or --problem_type)")
+    if args.num_labels is not None or args.problem_type is not None:
+        raise ConfigError("--num_labels / --problem_type: need --task_type seq_cls")
     if args.loss_type is not None:
         raise ConfigError(f"--loss_type {args.loss_type}: --task_type causal_lm trains the language-model loss; "
                           "--loss_type names embedding and reranker losses")
@@ -131,6 +136,8 @@ def check_task_type(args: SftArguments):
 
 def run_sft(args: SftArguments, *, progress: bool = True, task_scorer: TaskScorer | None = None) -> TrainResult:
     check_task_type(args)
+    if args.task_type in CLASSIFY_TASK_TYPES:
+        return run_classify(args, progress=progress)
     if args.task_type == "embedding":
         return run_embedding(args, progress=progress)
     ctx = start_run(args)
