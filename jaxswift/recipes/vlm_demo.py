@@ -48,6 +48,7 @@ class VlmDemoArguments(SftArguments):
     warmup_ratio: float = 0.05
     num_train_epochs: int = 1
     max_length: int = 512
+    gradient_checkpointing: bool = False  # 512-token rows of a 135M model fit without recomputing activations
     system: Optional[str] = field(default="", metadata={"help": "empty: a bare system turn (shorter rows)"})
     logging_steps: int = 5
     eval_steps: int = 40
