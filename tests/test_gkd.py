@@ -248,6 +248,7 @@ def test_training_against_a_teacher_url(tiny_chat_model, teacher_dir, teacher_se
     (dict(beta=-0.1), "--beta -0.1: expected a value in"),
     (dict(temperature=0.0), "--temperature 0.0: must be > 0"),
     (dict(max_completion_length=-3), "--max_completion_length -3"),
+    (dict(max_completion_length=0), "--max_completion_length 0: must be >= 1"),
     (dict(ref_model="x"), "--ref_model is not used by --rlhf_type gkd"),
     (dict(loss_scale="all"), "only last_round"),
     (dict(teacher_top_k=0), "--teacher_top_k 0"),

@@ -120,7 +120,7 @@ class RlhfArguments(SftArguments):
                               "http://host:port/v1 (a server)" + (", not both" if self.teacher_model else ""))
         self.lmbda = 0.5 if self.lmbda is None else self.lmbda
         self.temperature = 0.9 if self.temperature is None else self.temperature
-        self.max_completion_length = self.max_completion_length or 512
+        self.max_completion_length = 512 if self.max_completion_length is None else self.max_completion_length
         for name in ("beta", "lmbda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: expected a value in [0, 1]")
