@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from server_fixtures import running
 
 import jaxswift
 from jaxswift.errors import ConfigError
@@ -20,8 +21,6 @@ from jaxswift.train import gkd
 from jaxswift.train.gkd_teacher import RemoteTeacher
 from jaxswift.train.rlhf import run_rlhf
 from jaxswift.train.rlhf_args import RlhfArguments
-
-from server_fixtures import running
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -140,7 +139,7 @@ def test_held_out_divergence_drops(tiny_chat_model, teacher_dir, tmp_path):
     assert result.divergence_after < 0.8 * result.divergence_before, (result.divergence_before,
                                                                      result.divergence_after)
     assert all(h["source/dataset"] == 1.0 for h in result.history.values())
-    lines = [json.loads(line) for line in open(tmp_path / "out" / "logging.jsonl")]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "logging.jsonl").read_text().splitlines()]
     summary = [line for line in lines if line.get("split") == "summary"]
     assert summary and summary[0]["divergence_after"] == pytest.approx(result.divergence_after)
     assert (result.export_dir / "config.json").is_file()

@@ -38,9 +38,22 @@ from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, logits_from_hidden
 from jaxswift.optim.qgalore import float_view
 from jaxswift.train.gkd_teacher import RemoteTeacher, check_same_vocabulary
-from jaxswift.train.loop import (Feed, compile_eval, compile_step, demo_answer, export_model, host_params,
-                                 init_state, plot_run, refuse_vision_language, start_run, total_steps_of, train_loop,
-                                 TaskScorer, with_task_scores)
+from jaxswift.train.loop import (
+    Feed,
+    TaskScorer,
+    compile_eval,
+    compile_step,
+    demo_answer,
+    export_model,
+    host_params,
+    init_state,
+    plot_run,
+    refuse_vision_language,
+    start_run,
+    total_steps_of,
+    train_loop,
+    with_task_scores,
+)
 from jaxswift.train.shardings import shard_params
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
@@ -162,7 +175,9 @@ def make_gkd_step(cfg: ModelConfig, teacher_cfg: ModelConfig | None, optimizer: 
         (value, grads), _ = jax.lax.scan(accumulate, init, (batch, jax.random.split(rng, A)))
         new_state, grad_norm, finite = guarded_update(state, grads, value, optimizer, jax.random.fold_in(rng, 1 << 30))
         lengths = jnp.sum(batch["completion_mask"], axis=-1)
-        metrics = {"loss": value, "grad_norm": grad_norm, "tokens": jnp.sum(batch["segment_ids"] > 0),
+        P = batch["tokens"].shape[-1] - batch["completion_mask"].shape[-1]
+        real = jnp.sum(batch["segment_ids"][..., :P] > 0) + jnp.sum(batch["completion_mask"] > 0)  # no padding
+        metrics = {"loss": value, "grad_norm": grad_norm, "tokens": real,
                    "loss_tokens": jnp.sum(batch["completion_mask"]), "finite": finite,
                    "bad_streak": new_state.bad_streak, "skipped_steps": new_state.skipped_steps,
                    "completion_length": jnp.mean(lengths),
