@@ -40,7 +40,7 @@ def _print_gkd(result, args) -> int:
     if losses:
         print(f"loss (generalized JSD, beta {args.beta}): first {losses[0]:.4f} -> last {losses[-1]:.4f} over "
               f"{len(losses)} steps")
-    if result.divergence_before is not None:
+    if result.divergence_before is not None and result.divergence_after is not None:
         print(f"held-out divergence: before {result.divergence_before:.4f} -> after {result.divergence_after:.4f}")
     print_outcome(result, args.demo_question)
     return 0
