@@ -279,6 +279,14 @@ def test_bad_flags_outside_gkd_and_for_servers(tmp_path):
         (0.5, 0.5, 0.9, 512, 20)
 
 
+def test_ms_swift_and_trl_flag_names_are_aliases():
+    from jaxswift.train.args import parse_args
+
+    args = parse_args(RlhfArguments, ["--rlhf_type", "gkd", "--teacher_model_server", "http://127.0.0.1:9/v1",
+                                      "--gkd_logits_topk", "5", "--max_new_tokens", "7"])
+    assert (args.teacher_url, args.teacher_top_k, args.max_completion_length) == ("http://127.0.0.1:9/v1", 5, 7)
+
+
 def test_teacher_with_another_vocabulary_is_refused(tiny_chat_model, smol_tokenizer, tmp_path):
     other = save_tiny_llama(tmp_path / "wide", smol_tokenizer, seed=2, vocab_size=len(smol_tokenizer) + 64)
     with pytest.raises(ConfigError, match=r"has a vocabulary of 49216 tokens, --model .* one of 49152.*not supported"):
