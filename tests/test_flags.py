@@ -47,6 +47,9 @@ RUNS = {
              per_device_train_batch_size=2),
         dict(FULL, galore_quantization=True, precompute_ref_log_probs=False, dataset=["builtin:preference_demo#8"],
              packing=False, val_dataset=["builtin:preference_demo#2"]),
+        # GKD (the teacher shares the tiny model's SmolLM2 vocabulary)
+        dict(rlhf_type="gkd", teacher_model="smollm2-135m-instruct", teacher_top_k=5, lmbda=1.0, seq_kd=True,
+             temperature=0.7, max_completion_length=4, dataset=["builtin:preference_demo#4"]),
     ]),
     "grpo": (GrpoArguments, grpo_recipe.train, [
         dict(**TASKS, **EPOCH, dataset=["builtin:arithmetic#4"], num_generations=4, per_device_train_batch_size=8,

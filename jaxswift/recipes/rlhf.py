@@ -1,7 +1,8 @@
-"""Preference alignment: `python -m jaxswift.recipes.rlhf --rlhf_type dpo|kto|cpo|simpo|orpo|rm [--flags ...]`
-(or `jaxswift rlhf ...`).
+"""Preference alignment and distillation: `python -m jaxswift.recipes.rlhf --rlhf_type
+dpo|kto|cpo|simpo|orpo|rm|gkd [--flags ...]` (or `jaxswift rlhf ...`).
 
 With no flags: DPO with LoRA on smollm2-135m-instruct over the built-in preference pairs, a few minutes on a CPU.
+GKD needs a teacher: `--rlhf_type gkd --teacher_model DIR` or `--teacher_url http://host:port/v1`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(RlhfArguments, argv)
     single_process("rlhf", args)  # before JAX creates its CPU client
     result = train(args)
+    if args.rlhf_type == "gkd":
+        return _print_gkd(result, args)
     losses = list(result.losses.values())
     if losses:
         print(f"loss: first {losses[0]:.4f} -> last {losses[-1]:.4f} over {len(losses)} steps")
@@ -32,8 +35,19 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _print_gkd(result, args) -> int:
+    losses = list(result.losses.values())
+    if losses:
+        print(f"loss (generalized JSD, beta {args.beta}): first {losses[0]:.4f} -> last {losses[-1]:.4f} over "
+              f"{len(losses)} steps")
+    if result.divergence_before is not None and result.divergence_after is not None:
+        print(f"held-out divergence: before {result.divergence_before:.4f} -> after {result.divergence_after:.4f}")
+    print_outcome(result, args.demo_question)
+    return 0
+
+
 def train(args, *, progress: bool = True):
-    """A preference run, with the --eval_dataset tasks scored during training."""
+    """A preference (or GKD) run, with the --eval_dataset tasks scored during training."""
     from jaxswift.train.rlhf import run_rlhf
 
     return run_rlhf(args, progress=progress, task_scorer=task_scorer_of(args))

@@ -4,7 +4,8 @@ with `data: [DONE]`), /health, /metrics, /tokenize, /detokenize.
 Evaluators (lm-evaluation-harness's `local-completions`) score prompts through /v1/completions: token-id prompts
 (`list[int]`, `list[list[int]]`), `echo` with `logprobs` returns the prompt's tokens first, each with its log-prob
 given the tokens before it and its top alternatives (the first token's are null), and `max_tokens: 0` scores the
-prompt alone. `echo` is refused with `stream: true`.
+prompt alone. `echo` is refused with `stream: true`. vLLM's `return_tokens_as_token_ids: true` names log-prob
+tokens and top_logprobs keys "token_id:N" instead of their text (distillation teachers map them back to ids).
 
 Structured output: chat `response_format` `{"type": "json_object"}` / `{"type": "json_schema", "json_schema":
 {"schema": ...}}`, and vLLM's `structured_outputs` (`json`, `json_object`, `regex`, `choice`) on both endpoints,
@@ -252,6 +253,9 @@ class _SamplingBody(_Strict):
     user: str | None = Field(None, min_length=1, max_length=256)  # the end user: limits count per (client, user)
     logit_bias: dict[str, float] | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's: log-prob tokens (and top_logprobs keys) as "token_id:123", so clients map them back to ids exactly
+    # (distillation teachers); text keys are ambiguous where two ids decode to the same text
+    return_tokens_as_token_ids: bool = False
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -605,26 +609,33 @@ def check_tools(tools: list[Tool] | None, tool_choice) -> tuple[str, str | None]
 
 # ---------------------------------------------------------------- response shapes
 
-def _chat_logprobs(server: OpenAIServer, items: list[TokenLogprob]) -> dict:
+def _token_name(server: OpenAIServer, token_ids: bool):
+    """token id -> its name in log-prob answers: its text, or "token_id:N" (return_tokens_as_token_ids)."""
+    return (lambda i: f"token_id:{i}") if token_ids else server.token_text
+
+
+def _chat_logprobs(server: OpenAIServer, items: list[TokenLogprob], token_ids: bool = False) -> dict:
+    name = _token_name(server, token_ids)
+
     def entry(token_id: int, logprob: float) -> dict:
         text = server.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": name(token_id), "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, p) for i, p in lp.top]}
                         for lp in items]}
 
 
-def _completion_logprobs(server: OpenAIServer, items: list[TokenLogprob], text_start: int = 0) -> dict:
+def _completion_logprobs(server: OpenAIServer, items: list[TokenLogprob], text_start: int = 0,
+                         token_ids: bool = False) -> dict:
     """OpenAI's legacy completions log-probs; an item whose logprob is None (the first echoed prompt token, which
-    nothing before it predicts) gets null log-prob and null alternatives, as vLLM answers."""
-    tokens = [server.token_text(lp.token_id) for lp in items]
+    nothing before it predicts) gets null log-prob and null alternatives, as vLLM answers. Offsets count text."""
+    name = _token_name(server, token_ids)
     offsets, at = [], text_start
-    for t in tokens:
+    for lp in items:
         offsets.append(at)
-        at += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [None if lp.logprob is None else {server.token_text(i): p for i, p in lp.top}
-                             for lp in items],
+        at += len(server.token_text(lp.token_id))
+    return {"tokens": [name(lp.token_id) for lp in items], "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [None if lp.logprob is None else {name(i): p for i, p in lp.top} for lp in items],
             "text_offset": offsets}
 
 
@@ -646,6 +657,7 @@ class _Shape:
     echo: list[tuple[str, list[int]]] | None = None
     n: int = 1
     tool_names: set[str] | None = None  # chat with tools: the output's <tool_call> blocks become tool_calls
+    token_ids: bool = False  # return_tokens_as_token_ids
 
     @property
     def object(self) -> str:
@@ -667,10 +679,11 @@ class _Shape:
                 message["tool_calls"] = tool_calls
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             out = {"index": index, ("delta" if delta else "message"): message}
-            out["logprobs"] = _chat_logprobs(server, logprobs) if self.logprobs else None
+            out["logprobs"] = _chat_logprobs(server, logprobs, self.token_ids) if self.logprobs else None
         else:
             out = {"index": index, "text": text,
-                   "logprobs": _completion_logprobs(server, logprobs, text_start) if self.logprobs else None}
+                   "logprobs": (_completion_logprobs(server, logprobs, text_start, self.token_ids) if self.logprobs
+                                else None)}
         out["finish_reason"] = finish_reason
         return out
 
@@ -871,7 +884,8 @@ def _add_generation_routes(app: FastAPI, server: OpenAIServer, client):
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         shape = _Shape(True, f"chatcmpl-{uuid.uuid4().hex}", body.model or server.config.model_name,
                        int(time.time()), body.logprobs,
-                       tool_names=None if tool_mode == "none" else {t.function.name for t in body.tools})
+                       tool_names=None if tool_mode == "none" else {t.function.name for t in body.tools},
+                       token_ids=body.return_tokens_as_token_ids)
         constraint = await server.constraint(body, tool_mode, tool_name)
         requests = server.requests(body, [prompt], max_tokens, logprobs, adapter, constraint)
         if images is not None:
@@ -895,7 +909,8 @@ def _add_generation_routes(app: FastAPI, server: OpenAIServer, client):
                      for p, ids in zip([body.prompt] if one else body.prompt, prompts)]
             echo = list(zip(texts, prompts))
         shape = _Shape(False, f"cmpl-{uuid.uuid4().hex}", body.model or server.config.model_name,
-                       int(time.time()), body.logprobs is not None, echo, body.n)
+                       int(time.time()), body.logprobs is not None, echo, body.n,
+                       token_ids=body.return_tokens_as_token_ids)
         constraint = await server.constraint(body)
         if constraint is not None and body.max_tokens == 0:
             raise APIError(400, "structured_outputs needs max_tokens >= 1", param="structured_outputs")

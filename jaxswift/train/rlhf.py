@@ -24,6 +24,7 @@ from jaxswift.data.preference import build_preference_items
 from jaxswift.errors import ConfigError, DataError
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import is_primary
+from jaxswift.train.gkd import run_gkd
 from jaxswift.train.loop import (Feed, RunContext, compile_step, demo_answer, export_model, host_params, init_state,
                                  plot_run, refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
                                  with_task_scores)
@@ -119,6 +120,9 @@ class _Scoring:
 
 
 def run_rlhf(args: RlhfArguments, *, progress: bool = True, task_scorer: TaskScorer | None = None) -> RlhfResult:
+    """A preference run; `--rlhf_type gkd` is distillation, run by train.gkd (its result is a GkdResult)."""
+    if args.rlhf_type == "gkd":
+        return run_gkd(args, progress=progress, task_scorer=task_scorer)
     ctx = start_run(args)
     refuse_vision_language(ctx, "rlhf")
     model, cfg, obj = ctx.model, ctx.cfg, objective_from_args(args)
