@@ -29,7 +29,7 @@ RECIPES: tuple[RecipeSpec, ...] = (
                    "hermes", "last_round+hermes", "react", "ignore_empty_think")}),
     RecipeSpec("rlhf", "rlhf", "jaxswift.recipes.rlhf", "jaxswift.train.rlhf_args:RlhfArguments",
                common=("rlhf_type", "beta", "loss_type") + TRAIN_COMMON,
-               choices={**TRAIN_CHOICES, "rlhf_type": ("dpo", "kto", "cpo", "simpo", "orpo", "rm")},
+               choices={**TRAIN_CHOICES, "rlhf_type": ("dpo", "kto", "cpo", "simpo", "orpo", "rm", "gkd")},
                paths=TRAIN_PATHS),
     RecipeSpec("grpo", "grpo", "jaxswift.recipes.grpo", "jaxswift.train.grpo_args:GrpoArguments",
                common=("loss_type", "reward_funcs", "reward_weights", "num_generations", "max_completion_length",
