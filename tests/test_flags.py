@@ -47,8 +47,8 @@ RUNS = {
              per_device_train_batch_size=2),
         dict(FULL, galore_quantization=True, precompute_ref_log_probs=False, dataset=["builtin:preference_demo#8"],
              packing=False, val_dataset=["builtin:preference_demo#2"]),
-        # GKD (the teacher shares the tiny model's SmolLM2 vocabulary)
-        dict(rlhf_type="gkd", teacher_model="smollm2-135m-instruct", teacher_top_k=5, lmbda=1.0, seq_kd=True,
+        # GKD; the teacher is the tiny model itself ("MODEL": the student's folder, same vocabulary)
+        dict(rlhf_type="gkd", teacher_model="MODEL", teacher_top_k=5, lmbda=1.0, seq_kd=True,
              temperature=0.7, max_completion_length=4, dataset=["builtin:preference_demo#4"]),
     ]),
     "grpo": (GrpoArguments, grpo_recipe.train, [
@@ -98,6 +98,7 @@ def test_every_flag_is_honoured_or_rejected(recipe, tiny_chat_model, tmp_path):
     Tracked = tracking(cls, reads)
     common = {k: v for k, v in COMMON.items() if k not in cls.UNUSED}
     for k, overrides in enumerate(configs):
+        overrides = {key: str(tiny_chat_model) if value == "MODEL" else value for key, value in overrides.items()}
         run(Tracked(**{**common, "model": str(tiny_chat_model), "output_dir": str(tmp_path / str(k)),
                        **overrides}), progress=False)
     fields = {f.name: f for f in dataclasses.fields(cls)}
