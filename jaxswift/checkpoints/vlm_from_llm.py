@@ -23,7 +23,7 @@ import numpy as np
 from jaxswift.checkpoints.vlm import save_vlm
 from jaxswift.errors import ConfigError
 from jaxswift.models.config import ModelConfig, config_to_hf
-from jaxswift.models.vision import VisionConfig, init_vlm_params, vlm_config_from_hf
+from jaxswift.models.vision import init_vlm_params, vlm_config_from_hf
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -143,6 +143,3 @@ def _default_system(tokenizer) -> str:
         return text[len(head):text.index("<|im_end|>")]
     return ""
 
-
-def vision_param_count(params: dict) -> int:
-    return sum(int(np.prod(x.shape)) for part in ("vision", "aligner") for x in jax.tree.leaves(params[part]))

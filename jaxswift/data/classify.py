@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import math
 from typing import Iterator
 
 import numpy as np
 
-from jaxswift.data.formats import (DatasetStats, count_rows, iter_rows, parse_dataset_spec, row_to_messages,
-                                   sample_counts)
+from jaxswift.data.formats import DatasetStats, row_to_messages, sampled_rows
 from jaxswift.data.templates import EncodedChat, render_chat, truncate, with_system
-from jaxswift.errors import ConfigError, DataError
+from jaxswift.errors import DataError
 
 SKIP_TOO_LONG = "longer than max_length (truncation_strategy=delete)"
 SKIP_NO_NEGATIVE = "without a negative (listwise groups need one)"
@@ -102,14 +100,9 @@ def _is_class_index(v) -> bool:
 
 def _rows(specs: list[str], seed: int) -> Iterator[tuple[str, dict]]:
     """(where, row) of every --dataset spec, `path#N` sampled as the SFT reader samples it."""
-    if not specs:
-        raise ConfigError("--dataset: no dataset given")
-    for k, spec in enumerate(specs):
-        path, n = parse_dataset_spec(spec)
-        counts = itertools.repeat(1) if n is None else sample_counts(count_rows(path), n, seed + k)
-        for (where, row), times in zip(iter_rows(path), counts):
-            for _ in range(int(times)):
-                yield where, row
+    for where, row, times in sampled_rows(specs, seed):
+        for _ in range(times):
+            yield where, row
 
 
 def _stats(n_rows: int, examples: list, tally: collections.Counter) -> DatasetStats:

@@ -16,14 +16,12 @@ in training.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Any, Sequence
 
 import numpy as np
 
-from jaxswift.data.formats import (_maybe_json, count_rows, iter_rows, parse_dataset_spec, row_to_messages,
-                                   sample_counts)
+from jaxswift.data.formats import _maybe_json, row_to_messages, sampled_rows
 from jaxswift.errors import ConfigError, DataError
 
 LENGTH_MULTIPLE = 16  # batch lengths are rounded up to this, so few distinct shapes compile
@@ -145,27 +143,20 @@ def load_embedding_rows(specs: list[str], tokenizer, *, loss_type: str, max_leng
                                                                                         EmbeddingStats]:
     """Every `--dataset` spec's rows encoded; a row whose anchor, positive or a negative is over max_length is
     skipped (delete, counted) or cut (left / right)."""
-    if not specs:
-        raise ConfigError("--dataset: no dataset given")
     eos = end_token(tokenizer)
     out: list[EmbeddingRow] = []
     rows = skipped = truncated = 0
-    for k, spec in enumerate(specs):
-        path, n = parse_dataset_spec(spec)
-        counts = itertools.repeat(1) if n is None else sample_counts(count_rows(path), n, seed + k)
-        for (where, row), times in zip(iter_rows(path), counts):
-            if times == 0:
-                continue
-            rows += int(times)
-            anchor, positive, negatives, label = parse_row(row, where, loss_type)
-            full = [encode_text(tokenizer, messages_text(m, where)) for m in (anchor, positive, *negatives)]
-            kept = [fit_length(ids, max_length, truncation_strategy, eos) for ids in full]
-            if any(ids is None for ids in kept):
-                skipped += int(times)
-                continue
-            truncated += int(times) * any(len(a) != len(b) for a, b in zip(kept, full))
-            example = EmbeddingRow(tuple(kept[0]), tuple(kept[1]), tuple(tuple(x) for x in kept[2:]), label, where)
-            out.extend([example] * int(times))
+    for where, row, times in sampled_rows(specs, seed):
+        rows += times
+        anchor, positive, negatives, label = parse_row(row, where, loss_type)
+        full = [encode_text(tokenizer, messages_text(m, where)) for m in (anchor, positive, *negatives)]
+        kept = [fit_length(ids, max_length, truncation_strategy, eos) for ids in full]
+        if any(ids is None for ids in kept):
+            skipped += times
+            continue
+        truncated += times * any(len(a) != len(b) for a, b in zip(kept, full))
+        example = EmbeddingRow(tuple(kept[0]), tuple(kept[1]), tuple(tuple(x) for x in kept[2:]), label, where)
+        out.extend([example] * times)
     return out, EmbeddingStats(rows, len(out), skipped, truncated)
 
 

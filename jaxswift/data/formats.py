@@ -437,24 +437,29 @@ def build_sft_examples(specs: list[str], tokenizer, *, max_length: int, truncati
     return examples, _stats(examples, tally)
 
 
-def iter_sft_examples(specs: list[str], tokenizer, tally: collections.Counter, *, max_length: int,
-                      truncation_strategy: str = "delete", loss_scale: str = "default", system: str | None = None,
-                      seed: int = 42) -> Iterator[EncodedChat]:
-    """Streaming form of `build_sft_examples`: yields examples one at a time, counting outcomes in `tally`."""
+def sampled_rows(specs: list[str], seed: int) -> Iterator[tuple[str, Any, int]]:
+    """(where, row, times) of every --dataset spec's rows, `path#N` sampled (times > 1: the row drawn again, when N
+    exceeds the file; rows not drawn are left out). Unsampled specs stream in one pass; `#N` counts the rows first."""
     if not specs:
         raise ConfigError("--dataset: no dataset given")
     for k, spec in enumerate(specs):
         path, n = parse_dataset_spec(spec)
-        # Unsampled specs stream in one pass; `#N` needs the row count first to choose rows.
         counts = itertools.repeat(1) if n is None else sample_counts(count_rows(path), n, seed + k)
         for (where, row), times in zip(iter_rows(path), counts):
-            if times == 0:
-                continue
-            example, outcome = _row_to_example(row, where, tokenizer, max_length=max_length, system=system,
-                                               truncation_strategy=truncation_strategy, loss_scale=loss_scale)
-            tally[outcome] += int(times)
-            if example is not None:
-                yield from itertools.repeat(example, int(times))
+            if times:
+                yield where, row, int(times)
+
+
+def iter_sft_examples(specs: list[str], tokenizer, tally: collections.Counter, *, max_length: int,
+                      truncation_strategy: str = "delete", loss_scale: str = "default", system: str | None = None,
+                      seed: int = 42) -> Iterator[EncodedChat]:
+    """Streaming form of `build_sft_examples`: yields examples one at a time, counting outcomes in `tally`."""
+    for where, row, times in sampled_rows(specs, seed):
+        example, outcome = _row_to_example(row, where, tokenizer, max_length=max_length, system=system,
+                                           truncation_strategy=truncation_strategy, loss_scale=loss_scale)
+        tally[outcome] += times
+        if example is not None:
+            yield from itertools.repeat(example, times)
 
 
 def _row_to_example(row, where: str, tokenizer, *, max_length, truncation_strategy, loss_scale, system):

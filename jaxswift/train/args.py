@@ -262,7 +262,8 @@ class SftArguments:
 
 # ms-swift's vision-language flags, for the trainers that do not take image rows yet (RLHF, GRPO).
 VLM_FLAGS_UNUSED = {name: "image rows train with `jaxswift sft` only so far (DPO / GRPO with images: issue 15)"
-                    for name in ("freeze_vit", "freeze_aligner", "freeze_llm", "vit_lr", "aligner_lr", "modules_to_save")}
+                    for name in ("freeze_vit", "freeze_aligner", "freeze_llm", "vit_lr", "aligner_lr",
+                                 "modules_to_save")}
 
 
 def _read_yaml(path: str, fields: set[str]) -> dict[str, Any]:

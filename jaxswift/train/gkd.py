@@ -37,9 +37,11 @@ from jaxswift.losses import distill
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, logits_from_hidden
 from jaxswift.optim.qgalore import float_view
+from jaxswift.parallel.params import shard_params
 from jaxswift.train.gkd_teacher import RemoteTeacher, check_same_vocabulary
 from jaxswift.train.loop import (
     Feed,
+    LatestState,
     TaskScorer,
     compile_eval,
     compile_step,
@@ -54,7 +56,6 @@ from jaxswift.train.loop import (
     train_loop,
     with_task_scores,
 )
-from jaxswift.train.shardings import shard_params
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
 from jaxswift.train.tuning import build_optimizer, prepare_tuner
@@ -281,18 +282,7 @@ class BatchMaker:
         return [ids[:n] for ids, n in zip(r.completion_ids, r.lengths)]
 
 
-@dataclasses.dataclass
-class _Holder:
-    """The latest train state, for the next step's on-policy rollouts."""
-    state: Any
-    compiled: Callable
-
-    def step(self, state, batch):
-        self.state, metrics = self.compiled(state, batch)
-        return self.state, metrics
-
-
-def step_batches(maker: BatchMaker, stream: PromptStream, holder: _Holder, rows_per_step: int, total_steps: int):
+def step_batches(maker: BatchMaker, stream: PromptStream, holder: LatestState, rows_per_step: int, total_steps: int):
     """start step -> iterator over the steps' batches (grain reads each step's items)."""
     def batches(start_step: int):
         items = stream.generations(rows_per_step, total_steps, start=start_step)
@@ -385,7 +375,7 @@ def run_gkd(args, *, progress: bool = True, task_scorer: TaskScorer | None = Non
     width = max(len(it.prompt) for it in train_items + val_items)
     maker = BatchMaker(args, cfg, teacher, eos, pad_id, width, args.gradient_accumulation_steps)
     step = make_gkd_step(cfg, teacher.cfg, optimizer, loss, prepare_params=tuned.prepare)
-    holder = _Holder(state, compile_step(ctx, step, state, *teacher.extra))
+    holder = LatestState(state, compile_step(ctx, step, state, *teacher.extra))
     evaluate = make_evaluator(ctx, maker, teacher, loss, jax.tree.map(lambda x: x.sharding, state).params, val_items)
     before = evaluate(state)["loss"] if evaluate is not None else None
     if before is not None:

@@ -29,7 +29,7 @@ from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.train.grpo_args import GrpoArguments
-from jaxswift.train.loop import (Feed, compile_step, demo_answer, export_model, init_state, plot_run,
+from jaxswift.train.loop import (Feed, LatestState, compile_step, demo_answer, export_model, init_state, plot_run,
                                  refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
                                  with_task_scores)
 from jaxswift.parallel.params import shard_params
@@ -352,7 +352,7 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
     model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
     step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(parts.reward_funcs),
                           temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare)
-    holder = _Holder(state, compile_step(ctx, step, state))
+    holder = LatestState(state, compile_step(ctx, step, state))
     feed = Feed(holder.step, RolloutPlan(generator, holder, total_steps, args.num_iterations).batches, rows,
                 args.max_length + args.max_completion_length, steps_per_epoch, with_task_scores(None, ctx, task_scorer))
     messages.append(_summary(args, prompts_per_step, tuned.lora is not None))
@@ -371,17 +371,6 @@ def _finish(ctx, args: GrpoArguments, loop, lora_cfg, demo_before) -> GrpoResult
         f.write(json.dumps({"split": "summary", "reward_first_quarter": first, "reward_last_quarter": last}) + "\n")
     return GrpoResult(loop.history, ctx.out_dir, export_dir, first, last, demo_before, demo_after,
                       loop.first_step_seconds)
-
-
-@dataclasses.dataclass
-class _Holder:
-    """The latest train state, for the rollouts of the next generation."""
-    state: Any
-    compiled: Callable
-
-    def step(self, state, batch):
-        self.state, metrics = self.compiled(state, batch)
-        return self.state, metrics
 
 
 def _reward_trend(history: dict[int, dict]) -> tuple[float, float]:
