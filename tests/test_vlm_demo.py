@@ -75,3 +75,11 @@ def test_demo_flags_it_does_not_use_are_refused(tmp_path):
                            (["--train_rows", "0"], "--train_rows 0")):
         with pytest.raises(ConfigError, match=message):
             vlm_demo.main(["--output_dir", str(tmp_path), *flags])
+
+
+def test_shipped_config_spells_out_the_demo_defaults():
+    from jaxswift.recipes.common import resolve_config
+    from jaxswift.train.args import parse_args
+
+    path = resolve_config("sft_vlm_shapes.yaml")
+    assert parse_args(vlm_demo.VlmDemoArguments, ["--config", path]) == vlm_demo.VlmDemoArguments(config=path)

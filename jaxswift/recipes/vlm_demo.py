@@ -54,7 +54,7 @@ class VlmDemoArguments(SftArguments):
     eval_steps: int = 40
     demo_question: str = ""
     # the demo's own
-    train_rows: int = field(default=1200, metadata={"help": "pictures to train on (each asks three questions)"})
+    train_rows: int = field(default=600, metadata={"help": "pictures to train on (each asks three questions)"})
     test_rows: int = field(default=60, metadata={"help": "held-out pictures (another seed), one question each"})
     image_size: int = field(default=112, metadata={"help": "picture side in pixels (112: 8 x 8 patches, 16 tokens)"})
 
