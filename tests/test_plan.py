@@ -99,6 +99,8 @@ def test_serving_plan_counts_weights_and_kv_cache_per_device(mesh, kv_split):
         PlanArguments(serve=True, tuner_type="full")
     with pytest.raises(ConfigError, match="--max_num_seqs is not used by a training plan"):
         PlanArguments(max_num_seqs=4)
+    with pytest.raises(ConfigError, match="--max_model_len must be positive"):
+        PlanArguments(serve=True, max_model_len=0)
 
 
 def test_dtype_changes_of_the_state_are_reported(tmp_path):

@@ -353,9 +353,9 @@ class JaxEngine(Engine):
         from jaxswift.parallel.params import shard_params
         from jaxswift.parallel.rules import rules_for_mesh
 
-        for axis in ("stage", "sequence", "expert"):
-            if self._mesh.shape[axis] > 1:
-                raise ConfigError(f"mesh axis {axis!r}: the engine shards over data and tensor only")
+        other = [f"{axis}={n}" for axis, n in self._mesh.shape.items() if n > 1 and axis not in ("data", "tensor")]
+        if other:
+            raise ConfigError(f"mesh {', '.join(other)}: serving shards over data and tensor only (training axes)")
         self._rules = rules_for_mesh("default", self._mesh)
         if self._tower_params is not None:  # the tower is small next to the LLM: a copy on every device
             self._tower_params = jax.device_put(self._tower_params, self._replicated())
