@@ -2,14 +2,21 @@
 cache split over `tensor` (and requests' rows over `data`); through the openai client the greedy answers and their
 log-probs equal the one-device engine's."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
 import openai
 import pytest
 
 from jaxswift.errors import ConfigError
-from jaxswift.recipes.serve import ServeArguments, build_server
+from jaxswift.recipes.serve import ServeArguments, build_server, serve_from_processes
 from jaxswift.train.args import parse_args
 
-from server_fixtures import running
+from server_fixtures import free_port, running
 
 PROMPTS = ["Name three colours.", "What is two plus two?", "Write a word that rhymes with cat."]
 
@@ -40,21 +47,35 @@ def answers(folder, *flags):
     app, orchestrator = build_server(args)
     try:
         with running(app) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-            out = []
-            for prompt in PROMPTS:
-                reply = client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0,
-                    logprobs=True, top_logprobs=5)
-                choice = reply.choices[0]
-                out.append((choice.message.content, [(t.token, t.logprob, {a.token: a.logprob for a in t.top_logprobs})
-                                                     for t in choice.logprobs.content]))
-            stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                                    max_tokens=12, temperature=0, stream=True)
-            out.append(("".join(c.choices[0].delta.content or "" for c in stream if c.choices), []))
-            return out, orchestrator.engine
+            return asked(url), orchestrator.engine
     finally:
         orchestrator.shutdown()
+
+
+def asked(url):
+    """The PROMPTS through the openai client, greedy with top-5 log-probs, then the first one streamed."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    out = []
+    for prompt in PROMPTS:
+        reply = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0,
+            logprobs=True, top_logprobs=5)
+        choice = reply.choices[0]
+        out.append((choice.message.content, [(t.token, t.logprob, {a.token: a.logprob for a in t.top_logprobs})
+                                             for t in choice.logprobs.content]))
+    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                            max_tokens=12, temperature=0, stream=True)
+    out.append(("".join(c.choices[0].delta.content or "" for c in stream if c.choices), []))
+    return out
+
+
+def assert_same_answers(got, want):
+    for (text, steps), (want_text, want_steps) in zip(got, want, strict=True):
+        assert text == want_text
+        for (token, logprob, top), (want_token, want_logprob, want_top) in zip(steps, want_steps, strict=True):
+            assert token == want_token and top.keys() == want_top.keys()
+            assert abs(logprob - want_logprob) < 1e-4
+            assert all(abs(top[k] - want_top[k]) < 1e-4 for k in top)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +87,7 @@ def one_device(model_folder):
 def test_sharded_engine_answers_as_one_device(model_folder, one_device, mesh):
     got, engine = answers(model_folder, "--mesh", mesh)
     assert len({text for text, _ in one_device[:3]}) == 3 and all(len(t) > 5 for t, _ in one_device)
-    for (text, steps), (want_text, want_steps) in zip(got, one_device):
-        assert text == want_text
-        for (token, logprob, top), (want_token, want_logprob, want_top) in zip(steps, want_steps):
-            assert token == want_token and top.keys() == want_top.keys()
-            assert abs(logprob - want_logprob) < 1e-4
-            assert all(abs(top[k] - want_top[k]) < 1e-4 for k in top)
+    assert_same_answers(got, one_device)
     assert engine.mesh is not None and engine.mesh.shape["tensor"] == 4
     wq = engine.params["layers"][0]["wq"]
     assert "tensor" in str(wq.sharding.spec) and len(wq.sharding.device_set) == engine.mesh.size
@@ -85,3 +101,52 @@ def test_bad_meshes_are_refused(model_folder):
                           ("tensor=16", "needs 16 devices")):
         with pytest.raises(ConfigError, match=message):
             build_server(parse_args(ServeArguments, ["--model", str(model_folder), "--no_warmup", "--mesh", mesh]))
+
+
+def test_two_processes_serve_as_one_device(model_folder, one_device):
+    """`jaxswift deploy` from two processes (4 virtual CPU devices each, gloo) over one data=2,tensor=4 mesh:
+    process 0 answers HTTP and the other replays its engine calls; the answers equal the one-device engine's, and
+    when process 0 stops, the other stops cleanly."""
+    port, coordinator = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the recipe makes 4 devices per process
+    env["JAX_PLATFORMS"] = "cpu"
+    flags = ["--model", str(model_folder), "--served_model_name", "m", "--max_num_seqs", "4", "--max_model_len",
+             "128", "--no_warmup", "--mesh", "data=2,tensor=4", "--port", str(port), "--coordinator_address",
+             f"localhost:{coordinator}", "--num_processes", "2", "--log_level", "warning"]
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxswift.recipes.serve", *flags, "--process_id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url, procs)
+        assert_same_answers(asked(url), one_device)
+        procs[0].send_signal(signal.SIGINT)  # uvicorn stops; process 0 tells the other to stop
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+        assert procs[1].returncode == 0, outputs[1][-3000:]
+        assert procs[0].returncode == 0, outputs[0][-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def wait_until_serving(url, procs, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for i, p in enumerate(procs):
+            if p.poll() is not None:
+                pytest.fail(f"process {i} exited ({p.returncode}) before serving:\n{p.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"no server at {url} after {timeout_s} s")
+
+
+def test_multi_process_serving_needs_a_mesh(model_folder):
+    args = parse_args(ServeArguments, ["--model", str(model_folder), "--num_processes", "2"])
+    with pytest.raises(ConfigError, match="multi-process serving needs --mesh"):
+        serve_from_processes(args)

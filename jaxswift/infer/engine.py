@@ -297,10 +297,12 @@ class JaxEngine(Engine):
     def __init__(self, model, *, max_concurrent_decodes: int = 8, max_model_len: int = 2048, page_size: int = 16,
                  num_pages: int | None = None, prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048),
                  adapters: dict[str, str] | None = None, enable_prefix_caching: bool = True,
-                 max_num_batched_tokens: int | None = None, mesh=None):
+                 max_num_batched_tokens: int | None = None, mesh=None, seed: int | None = None):
         """`mesh` (a jax.sharding.Mesh with jaxswift's axes, parallel/mesh.make_mesh): params and the paged KV
         cache sharded by the default rule table (heads, kv heads and the MLP over `tensor`), every step run over
-        the mesh by the compiler (GSPMD); None: one device."""
+        the mesh by the compiler (GSPMD); None: one device. `seed`: where the sampling seeds of requests that
+        bring none come from (engines given the same seed and the same calls sample alike: infer/mirror.py);
+        None: fresh entropy."""
         cfg: ModelConfig = model.config
         # A vision-language model: the engine runs its LLM; the tower runs at the prefill of requests with images.
         self.vlm_config, self.processor, self._tower_params = None, None, None
@@ -337,7 +339,7 @@ class JaxEngine(Engine):
         self.params = unstack_layers(params)
         pad = getattr(model.tokenizer, "pad_token_id", None) if model.tokenizer is not None else None
         self._pad_id = int(pad if pad is not None else self.eos_ids[0])
-        self._seeds = np.random.default_rng()
+        self._seeds = np.random.default_rng(seed)
         # The compiled functions see only the shapes of the model, so engines of variants share them.
         self._shape_cfg = cfg.replace(bos_token_id=None, eos_token_ids=(), pad_token_id=None)
         self._grammar = None

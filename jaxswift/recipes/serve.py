@@ -13,6 +13,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from jaxswift.errors import ConfigError
 from jaxswift.recipes.common import run_main
 
@@ -42,6 +44,11 @@ class ServeArguments:
     mesh: Optional[str] = field(default=None, metadata={
         "help": "shard the model and its KV cache over devices: tensor=4 or data=2,tensor=4 (heads, kv heads and "
                 "the MLP over tensor); on CPU the virtual devices are made; unset: one device"})
+    coordinator_address: Optional[str] = field(default=None, metadata={
+        "help": "multi-process serving: HOST:PORT of process 0 (which answers HTTP; the others run its engine calls "
+                "on their devices of the --mesh)"})
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
     warmup: bool = field(default=True, metadata={"help": "compile the engine's shapes before serving "
                                                          "(--no_warmup: compile on first use)"})
     dtype: Optional[str] = None
@@ -126,7 +133,6 @@ def serving_mesh(spec: Optional[str]):
 def build_server(args: ServeArguments):
     """(FastAPI app, orchestrator) for the arguments; the caller runs uvicorn and shuts the orchestrator down. An
     embedding model has no orchestrator (None): its app embeds in a worker thread (build_embedding_server)."""
-    from jaxswift.infer.engine import JaxEngine
     from jaxswift.infer.orchestrator import Orchestrator
     from jaxswift.serve.limits import parse_rate_limit
     from jaxswift.serve.openai import build_app
@@ -144,19 +150,77 @@ def build_server(args: ServeArguments):
         return build_classifier_server(args, model)
     if args.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS and not model.is_vlm:
         raise ConfigError(f"--max_image_pixels: {args.model} is a text-only model (it takes no images)")
-    engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
-                       page_size=args.page_size, num_pages=args.num_pages, adapters=adapters or None,
-                       enable_prefix_caching=args.enable_prefix_caching,
-                       max_num_batched_tokens=args.max_num_batched_tokens, mesh=serving_mesh(args.mesh))
-    if args.warmup:  # before the orchestrator's thread owns the engine
-        started = time.perf_counter()
-        engine.warmup()
-        log.info("warmup: compiled the engine's shapes in %.1f s", time.perf_counter() - started)
+    engine = build_engine(args, model, adapters)
     orchestrator = Orchestrator(engine, max_queue=args.max_queue, request_timeout=args.request_timeout)
     app = build_app(orchestrator, model_name=args.served_model_name or args.model, adapter_names=list(adapters),
                     api_keys=args.api_key, rate_limit=args.rate_limit, max_concurrency=args.max_concurrency,
                     max_image_pixels=args.max_image_pixels)
     return app, orchestrator
+
+
+def build_engine(args: ServeArguments, model, adapters: dict[str, str], seed: Optional[int] = None):
+    """The generation engine of the flags, warmed up (before an orchestrator's thread owns it) unless
+    --no_warmup."""
+    from jaxswift.infer.engine import JaxEngine
+
+    engine = JaxEngine(model, max_concurrent_decodes=args.max_num_seqs, max_model_len=args.max_model_len,
+                       page_size=args.page_size, num_pages=args.num_pages, adapters=adapters or None,
+                       enable_prefix_caching=args.enable_prefix_caching,
+                       max_num_batched_tokens=args.max_num_batched_tokens, mesh=serving_mesh(args.mesh), seed=seed)
+    if args.warmup:
+        started = time.perf_counter()
+        engine.warmup()
+        log.info("warmup: compiled the engine's shapes in %.1f s", time.perf_counter() - started)
+    return engine
+
+
+def serve_from_processes(args: ServeArguments) -> int:
+    """One engine per process over the global --mesh (infer/mirror.py): process 0 answers HTTP and sends its
+    engine calls to the others, which replay them until it stops."""
+    import jax
+
+    from jaxswift.infer.mirror import Channel, MirroredEngine, follow
+    from jaxswift.infer.orchestrator import Orchestrator
+    from jaxswift.serve.openai import build_app
+
+    if args.mesh is None:
+        raise ConfigError("multi-process serving needs --mesh (the devices of all processes, e.g. "
+                          "data=2,tensor=4): without it each process would serve alone")
+    if embedding_spec(args) is not None:
+        raise ConfigError("multi-process serving covers generative models; an embedding model serves from one "
+                          "process")
+    if args.rate_limit:
+        from jaxswift.serve.limits import parse_rate_limit
+
+        parse_rate_limit(args.rate_limit)
+    adapters = parse_adapters(args.adapters)
+    channel = Channel.open(args.coordinator_address.rpartition(":")[0] if args.coordinator_address else None)
+    leader = jax.process_index() == 0
+    if leader:  # one sampling seed for every engine: requests without a seed sample alike everywhere
+        seed = int(np.random.default_rng().integers(0, 1 << 63))
+        channel.send(seed)
+    else:
+        seed = channel.receive()
+    model = load_for_inference(args.model, args.dtype, args.quant_method)
+    if model.tokenizer is None or model.head is not None:
+        raise ConfigError(f"--model {args.model}: multi-process serving needs a generative model with a tokenizer")
+    engine = build_engine(args, model, adapters, seed=seed)
+    if not leader:
+        follow(engine, channel)
+        return 0
+    mirrored = MirroredEngine(engine, channel)
+    orchestrator = Orchestrator(mirrored, max_queue=args.max_queue, request_timeout=args.request_timeout)
+    app = build_app(orchestrator, model_name=args.served_model_name or args.model, adapter_names=list(adapters),
+                    api_keys=args.api_key, rate_limit=args.rate_limit, max_concurrency=args.max_concurrency,
+                    max_image_pixels=args.max_image_pixels)
+    import uvicorn
+
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        orchestrator.shutdown()
+        mirrored.close()
+    return 0
 
 
 # Generation-engine flags an embedding server has no use for (flag -> its default): refused when given.
@@ -228,9 +292,11 @@ def main(argv: list[str]) -> int:
     from jaxswift.train.args import parse_args
 
     args = parse_args(ServeArguments, argv)
-    from jaxswift.parallel.mesh import ensure_cpu_devices
+    from jaxswift.parallel.distributed import initialize_distributed
 
-    ensure_cpu_devices(args.mesh)  # before JAX starts: the mesh's virtual devices on a CPU-only machine
+    # before JAX starts: joins a multi-process job if asked, and makes the mesh's virtual devices on a CPU machine
+    if initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, mesh=args.mesh) > 1:
+        return serve_from_processes(args)
     app, orchestrator = build_server(args)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
