@@ -103,6 +103,20 @@ def test_serving_plan_counts_weights_and_kv_cache_per_device(mesh, kv_split):
         PlanArguments(serve=True, max_model_len=0)
 
 
+def test_serving_plan_repeats_kv_heads_that_tensor_outnumbers():
+    """qwen3-30b-a3b (32 query heads, 4 kv heads) on tensor=8: each kv head is repeated twice, as the engine does,
+    so a device holds one kv head's cache: a quarter of what 4 replicated heads would take."""
+    def plan(mesh):
+        return plan_serving(PlanArguments(model="qwen3-30b-a3b", mesh=mesh, serve=True, max_num_seqs=8,
+                                          max_model_len=1024))
+
+    one, split = plan(None), plan("tensor=8")
+    assert split.kv_copies == 2 and split.kv_sharded
+    assert split.kv_cache * 4 == one.kv_cache
+    assert "repeated 2 times" in format_serve_plan(split)
+    assert plan("tensor=4").kv_copies == 1
+
+
 def test_dtype_changes_of_the_state_are_reported(tmp_path):
     """A state leaf the step returns in another dtype cannot reuse its donated buffer: the planner names it."""
     planned = build_step(PlanArguments(model=_config_file(tmp_path), tuner_type="lora", dtype="float32"))

@@ -83,17 +83,19 @@ def one_device(model_folder):
     return answers(model_folder)[0]
 
 
-@pytest.mark.parametrize("mesh", ["tensor=4", "data=2,tensor=4"])
-def test_sharded_engine_answers_as_one_device(model_folder, one_device, mesh):
+@pytest.mark.parametrize("mesh, tensor", [("tensor=8", 8), ("data=2,tensor=4", 4)])
+def test_sharded_engine_answers_as_one_device(model_folder, one_device, mesh, tensor):
+    """tensor=8 outnumbers the 4 kv heads: each is repeated twice (vLLM's way), one kv head per device."""
     got, engine = answers(model_folder, "--mesh", mesh)
     assert len({text for text, _ in one_device[:3]}) == 3 and all(len(t) > 5 for t, _ in one_device)
     assert_same_answers(got, one_device)
-    assert engine.mesh is not None and engine.mesh.shape["tensor"] == 4
+    assert engine.mesh is not None and engine.mesh.shape["tensor"] == tensor
+    assert engine.config.num_kv_heads == max(4, tensor)
     wq = engine.params["layers"][0]["wq"]
     assert "tensor" in str(wq.sharding.spec) and len(wq.sharding.device_set) == engine.mesh.size
     k_pages = engine._pools[0][0]  # the live KV pools: each device holds its kv heads only
     assert k_pages.sharding.spec[0] == "tensor"
-    assert k_pages.addressable_shards[0].data.shape[0] == k_pages.shape[0] // 4
+    assert k_pages.addressable_shards[0].data.shape[0] == k_pages.shape[0] // tensor == 1
 
 
 def test_bad_meshes_are_refused(model_folder):

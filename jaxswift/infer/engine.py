@@ -62,6 +62,7 @@ from jaxswift.infer.sampling import MAX_TOP_LOGPROBS, SlotSampling, apply_token_
 from jaxswift.models.attention import paged_decode_hidden
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import KVCache, hidden_states, init_cache, logits_from_hidden, unstack_layers
+from jaxswift.parallel.params import repeat_kv_heads, serving_kv_copies
 
 MAX_STOP_TOKEN_IDS = 16
 MIN_GATHER_TOKENS = 128  # decode gathers at least this many positions per slot (fewer compiled variants)
@@ -312,6 +313,11 @@ class JaxEngine(Engine):
             self.vlm_config, self.processor, cfg = model.config, model.processor, model.config.text
             self._tower_params = {k: v for k, v in model.params.items() if k != "llm"}
             model = dataclasses.replace(model, config=cfg, params=model.params["llm"])
+        copies = serving_kv_copies(cfg, mesh)
+        if copies > 1 and not adapters and all(isinstance(model.params["layers"][n], (np.ndarray, jax.Array))
+                                               for n in ("wk", "wv")):  # (quantized or adapted: kept replicated)
+            params, cfg = repeat_kv_heads(model.params, cfg, copies)
+            model = dataclasses.replace(model, config=cfg, params=params)
         _check_sizes(max_concurrent_decodes, max_model_len, page_size, num_pages, prefill_buckets)
         if max_num_batched_tokens is not None and (not isinstance(max_num_batched_tokens, int)
                                                    or isinstance(max_num_batched_tokens, bool)

@@ -476,6 +476,7 @@ class ServePlan:
     kv_cache: int
     kv_sharded: bool
     kv_heads: int
+    kv_copies: int  # each kv head repeated this many times so that tensor splits the cache (1: not repeated)
     tensor: int
 
     @property
@@ -490,12 +491,14 @@ def plan_serving(args: PlanArguments) -> ServePlan:
     from jaxswift.infer.kv_cache import pages_for, pool_shape, pool_sharding
     from jaxswift.models.spec import abstract_params
     from jaxswift.parallel.mesh import make_mesh
-    from jaxswift.parallel.params import tree_shardings
+    from jaxswift.parallel.params import serving_kv_copies, tree_shardings
     from jaxswift.parallel.rules import rules_for_mesh
 
     cfg, source = load_plan_config(args.model, args.dtype)
     mesh = make_mesh(args.mesh or "1")
     rules = rules_for_mesh(args.sharding_rules, mesh)
+    kv_heads, copies = cfg.num_kv_heads, serving_kv_copies(cfg, mesh)
+    cfg = cfg.replace(num_kv_heads=kv_heads * copies)  # as JaxEngine repeats them (tensor a multiple of kv heads)
     params = abstract_params(cfg)
     weights = per_device_bytes(_with_shardings(params, tree_shardings(params, cfg, rules, mesh)))
     pages = args.max_num_seqs * pages_for(args.max_model_len, args.page_size)
@@ -504,8 +507,8 @@ def plan_serving(args: PlanArguments) -> ServePlan:
     return ServePlan(model=source, mesh=_mesh_description(mesh), devices=mesh.size, dtype=args.dtype,
                      slots=args.max_num_seqs, max_model_len=args.max_model_len, pages=pages,
                      page_size=args.page_size, weights=weights, kv_cache=2 * cfg.num_layers * per_device_bytes(pool),
-                     kv_sharded=any(axis is not None for axis in sharding.spec), kv_heads=cfg.num_kv_heads,
-                     tensor=mesh.shape["tensor"])
+                     kv_sharded=any(axis is not None for axis in sharding.spec), kv_heads=kv_heads,
+                     kv_copies=copies, tensor=mesh.shape["tensor"])
 
 
 def format_serve_plan(plan: ServePlan) -> str:
@@ -516,6 +519,9 @@ def format_serve_plan(plan: ServePlan) -> str:
              f"{'weights':<34} {_gib(plan.weights)}",
              f"{'KV cache' + (' (kv heads split)' if plan.kv_sharded else ' (replicated)'):<34} {_gib(plan.kv_cache)}",
              f"{'total':<34} {_gib(plan.total)}"]
+    if plan.kv_copies > 1:
+        lines.append(f"note: the model's {plan.kv_heads} kv heads are each repeated {plan.kv_copies} times so that "
+                     f"tensor={plan.tensor} splits the KV cache (one head per device), as vLLM does")
     if not plan.kv_sharded and plan.tensor > 1:
         lines.append(f"note: the model's {plan.kv_heads} kv heads do not split {plan.tensor} ways, so every device "
                      f"holds the whole KV cache; a tensor size that divides {plan.kv_heads} (with data for the rest "
