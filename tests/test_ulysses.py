@@ -171,3 +171,49 @@ def test_bad_flags(flags, message):
         SftArguments(**flags)
     with pytest.raises(ConfigError, match=re.escape("--sequence_parallel 'spiral'")):
         parallel_overrides(make_mesh("sequence=2"), load_rules("sequence"), ParallelOptions(sequence_parallel="spiral"))
+
+
+# --- the planner ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("plan") / "config.json"
+    path.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 64,
+                                "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "tie_word_embeddings": False}))
+    return str(path)
+
+
+@pytest.mark.parametrize("strategy, kind", [("ring", "collective-permute"), ("ulysses", "all-to-all")])
+def test_plan_formula_matches_the_compiled_steps_collectives(tiny_config, strategy, kind):
+    """`jaxswift plan --sequence_parallel ring|ulysses`: the traffic formula (docs/parallelism.md) gives the count
+    and the bytes of the attention's collectives that XLA compiled into the planned SFT step (float32, where XLA:CPU
+    keeps the dtype of the buffers), and the plan prints both."""
+    from jaxswift.train.plan import PlanArguments, format_plan, plan_train_step
+
+    args = PlanArguments(model=tiny_config, mesh="sequence=4", tuner_type="full", dtype="float32", max_length=32,
+                         sequence_parallel=strategy)
+    plan = plan_train_step(args)
+    assert plan.sequence.strategy == strategy and plan.sequence.kv_repeats == (2 if strategy == "ulysses" else 1)
+    assert plan.collectives[kind].count == plan.sequence.collectives
+    assert plan.collectives[kind].bytes == plan.sequence.buffer_bytes
+    other = "all-to-all" if strategy == "ring" else "collective-permute"
+    assert other not in plan.collectives
+    text = format_plan(plan)
+    assert f"sequence parallelism: {strategy} over sequence=4" in text and f"{kind} {plan.sequence.collectives}" in text
+
+
+def test_plan_bad_inputs(tiny_config):
+    from jaxswift.train.plan import PlanArguments, build_step
+
+    with pytest.raises(ConfigError, match=re.escape("--sequence_parallel ulysses needs a --mesh with a sequence")):
+        PlanArguments(model=tiny_config, mesh="data=2", sequence_parallel="ulysses")
+    with pytest.raises(ConfigError, match=re.escape("--sequence_parallel 'spiral'")):
+        PlanArguments(model=tiny_config, mesh="sequence=2", sequence_parallel="spiral")
+    with pytest.raises(ConfigError, match=re.escape("--sequence_parallel is not used by --serve true")):
+        PlanArguments(model=tiny_config, mesh="tensor=2", serve=True, sequence_parallel="ulysses")
+    with pytest.raises(ConfigError, match=re.escape("mesh axis sequence=8: the 4 query heads do not divide by 8")):
+        build_step(PlanArguments(model=tiny_config, mesh="sequence=8", sequence_parallel="ulysses", max_length=32))

@@ -59,7 +59,7 @@ def kv_repeats(num_heads: int, num_kv_heads: int, n: int, where: str = "") -> in
 def check_heads(num_heads: int, num_kv_heads: int, mesh, rules) -> int:
     """kv_repeats for the heads one device of the rule table's head axes (tensor) holds."""
     n = mesh.shape[AXIS]
-    heads, kv_heads = _local_heads(num_heads, num_kv_heads, mesh, rules)
+    heads, kv_heads = local_heads(num_heads, num_kv_heads, mesh, rules)
     where = f" per {'x'.join(_head_axes(num_heads, num_kv_heads, mesh, rules))} shard" if heads != num_heads else ""
     return kv_repeats(heads, kv_heads, n, where)
 
@@ -72,7 +72,8 @@ def _head_axes(num_heads, num_kv_heads, mesh, rules) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _local_heads(num_heads, num_kv_heads, mesh, rules) -> tuple[int, int]:
+def local_heads(num_heads, num_kv_heads, mesh, rules) -> tuple[int, int]:
+    """(query heads, kv heads) of one shard of the rule table's head axes (tensor): what the sequence axis splits."""
     ways = math.prod(mesh.shape[a] for a in _head_axes(num_heads, num_kv_heads, mesh, rules))
     return num_heads // ways, num_kv_heads // ways
 
