@@ -124,12 +124,13 @@ def _with_recomputing_vjp(forward: Callable, backward: Callable) -> Callable:
 
     def fwd(q, k, v, positions, segment_ids, window):
         out, *heads = forward(q, k, v, positions, segment_ids, window)
-        return _varying_like(out, q), (*heads, positions, segment_ids, window, q, k, v)
+        varying = q[:, :0]  # no bytes: carries the manual axes q (and k, v, from the same layer) vary over
+        return _varying_like(out, q), (*heads, positions, segment_ids, window, varying)
 
     def bwd(residuals, d_out):
-        *inputs, q, k, v = residuals
+        *inputs, varying = residuals
         grads = backward(*inputs, d_out)
-        return (*(_varying_like(g, x) for g, x in zip(grads, (q, k, v))), None, None, None)
+        return (*(_varying_like(g, varying) for g in grads), None, None, None)
 
     attend.defvjp(fwd, bwd)
     return attend
