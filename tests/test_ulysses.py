@@ -187,24 +187,42 @@ def tiny_config(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("strategy, kind, n", [("ring", "collective-permute", 2), ("ulysses", "all-to-all", 4)])
-def test_plan_formula_matches_the_compiled_steps_collectives(tiny_config, strategy, kind, n):
-    """`jaxswift plan --sequence_parallel ring|ulysses`: the traffic formula (docs/parallelism.md) gives the count
-    and the bytes of the attention's collectives that XLA compiled into the planned SFT step (float32, where XLA:CPU
-    keeps the dtype of the buffers), and the plan prints both. Ulysses on sequence=4 sends each of the 2 kv heads
-    twice."""
+def test_plan_formula_matches_the_compiled_steps_all_to_alls(tiny_config):
+    """`jaxswift plan --sequence_parallel ulysses`: the traffic formula (docs/parallelism.md) gives the count and the
+    bytes of the all-to-alls XLA compiled into the planned SFT step (float32, where XLA:CPU keeps the buffers'
+    dtype; sequence=4 sends each of the 2 kv heads twice), there is no collective-permute, and the plan prints both."""
     from jaxswift.train.plan import PlanArguments, format_plan, plan_train_step
 
-    args = PlanArguments(model=tiny_config, mesh=f"sequence={n}", tuner_type="full", dtype="float32", max_length=32,
-                         sequence_parallel=strategy)
-    plan = plan_train_step(args)
-    assert plan.sequence.strategy == strategy and plan.sequence.kv_repeats == (2 if strategy == "ulysses" else 1)
-    assert plan.collectives[kind].count == plan.sequence.collectives
-    assert plan.collectives[kind].bytes == plan.sequence.buffer_bytes
-    other = "all-to-all" if strategy == "ring" else "collective-permute"
-    assert other not in plan.collectives
+    plan = plan_train_step(PlanArguments(model=tiny_config, mesh="sequence=4", tuner_type="full", dtype="float32",
+                                         max_length=32, sequence_parallel="ulysses"))
+    assert plan.sequence.strategy == "ulysses" and plan.sequence.kv_repeats == 2
+    assert plan.collectives["all-to-all"].count == plan.sequence.collectives == 2 * 12  # 2 layers, remat
+    assert plan.collectives["all-to-all"].bytes == plan.sequence.buffer_bytes
+    assert plan.sequence.sent_bytes == plan.sequence.buffer_bytes * 3 // 4
+    assert "collective-permute" not in plan.collectives
     text = format_plan(plan)
-    assert f"sequence parallelism: {strategy} over sequence={n}" in text and f"{kind} {plan.sequence.collectives}" in text
+    assert "sequence parallelism: ulysses over sequence=4, kv heads sent 2x: 24 all-to-alls" in text
+    assert "all-to-all 24" in text
+
+
+@pytest.mark.parametrize("mesh_spec, remat", [("sequence=4", True), ("data=2,sequence=2,tensor=2", False)])
+def test_plan_ring_formula_is_the_one_the_ring_test_checks_in_hlo(tiny_config, mesh_spec, remat):
+    """The planner's ring figures (no compile here) equal the count and bytes tests/test_ring_attention.py checks
+    against the compiled step: per layer 2 (n-1) + 2 (n-1) + 2 n permutes of one [B, T/n, K/tensor, H] block
+    (float32: the k, v hops in the compute dtype, the dk, dv hops always float32), with and without remat."""
+    from jaxswift.parallel.rules import rules_for_mesh
+    from jaxswift.train.plan import PlanArguments, load_plan_config, sequence_traffic
+
+    cfg = load_plan_config(tiny_config, "float32")[0]
+    mesh = make_mesh(mesh_spec)
+    args = PlanArguments(model=tiny_config, mesh=mesh_spec, max_length=32, per_device_train_batch_size=2,
+                         gradient_checkpointing=remat)
+    traffic = sequence_traffic(cfg, args, mesh, rules_for_mesh("default", mesh))
+    n, tp = mesh.shape["sequence"], mesh.shape["tensor"]
+    per_layer = 2 * (n - 1) + 2 * (n - 1) + 2 * n
+    block = 2 * (32 // n) * (cfg.num_kv_heads // tp) * cfg.head_dim * 4
+    assert (traffic.strategy, traffic.collectives) == ("ring", cfg.num_layers * per_layer)
+    assert traffic.buffer_bytes == traffic.sent_bytes == cfg.num_layers * per_layer * block
 
 
 def test_plan_bad_inputs(tiny_config):
