@@ -89,10 +89,12 @@ def balance_sequence(batch: dict, n: int, layout: str, keys=SEQUENCE_KEYS) -> di
 
 def balanced_step(step: Callable, mesh, options: ParallelOptions | None = None) -> Callable:
     """step(first, batch, *rest) that first balances the batch's tokens over the `sequence` axis (the identity
-    when sequence == 1). For steps whose result is a sum over tokens (SFT train and eval)."""
+    when sequence == 1, and under Ulysses, where every device attends over the whole row). For steps whose result
+    is a sum over tokens (SFT train and eval)."""
     n = mesh.shape.get(AXIS, 1)
-    layout = (options or ParallelOptions()).ring_attention_layout
-    if n == 1:
+    options = options or ParallelOptions()
+    layout = options.ring_attention_layout
+    if n == 1 or options.sequence_parallel == "ulysses":
         return step
 
     def balanced(first, batch, *rest):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+from jaxswift.errors import ConfigError
 from jaxswift.models import hints
 
 
@@ -20,10 +21,19 @@ class ParallelOptions:
     virtual_stages: int = 1  # > 1: circular (interleaved) pipeline schedule
     pipeline_schedule: str = "auto"  # auto (gpipe, circular when virtual_stages > 1) | gpipe | circular
     ring_attention_layout: str = "zigzag"  # zigzag | striped | contiguous (causal load balancing)
+    sequence_parallel: str = "ring"  # ring | ulysses: the attention of a `sequence` axis > 1
 
     @classmethod
     def from_args(cls, args) -> "ParallelOptions":
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+SEQUENCE_PARALLEL = ("ring", "ulysses")
+
+
+def check_sequence_parallel(value: str) -> None:
+    if value not in SEQUENCE_PARALLEL:
+        raise ConfigError(f"--sequence_parallel {value!r}: expected one of {' | '.join(SEQUENCE_PARALLEL)}")
 
 
 def parallel_overrides(mesh, rules, options: ParallelOptions | None = None) -> dict:
@@ -33,7 +43,11 @@ def parallel_overrides(mesh, rules, options: ParallelOptions | None = None) -> d
         from jaxswift.parallel.pipeline import make_run_layers
         fns["run_layers"] = make_run_layers(mesh, rules, options)
     if mesh.shape.get("sequence", 1) > 1:
-        from jaxswift.parallel.ring_attention import make_self_attention
+        check_sequence_parallel(options.sequence_parallel)
+        if options.sequence_parallel == "ulysses":
+            from jaxswift.parallel.ulysses import make_self_attention
+        else:
+            from jaxswift.parallel.ring_attention import make_self_attention
         fns["self_attention"] = make_self_attention(mesh, rules, options)
     if mesh.size > 1:  # expert parallelism over `expert`; else per-data-shard expert compute (MoE blocks only)
         from jaxswift.parallel.expert import make_moe_experts

@@ -15,6 +15,7 @@ import yaml
 
 from jaxswift.data.templates import BASE_LOSS_SCALES, parse_loss_scale
 from jaxswift.errors import ConfigError
+from jaxswift.parallel.mesh import parse_mesh
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TASK_TYPES = ("causal_lm", "seq_cls", "embedding", "reranker", "generative_reranker")
@@ -162,6 +163,10 @@ class SftArguments:
         "help": "MoE: tokens per expert = ceil(factor x tokens x top_k / experts), the rest dropped; unset: dropless"})
     ring_attention_layout: str = field(default="zigzag", metadata={
         "help": "sequence parallelism: zigzag | striped | contiguous (causal load balancing)"})
+    sequence_parallel: str = field(default="ring", metadata={
+        "help": "attention on a --mesh with sequence > 1 (ms-swift's sequence_parallel_size is that axis's size): "
+                "ring (ring attention: key/value blocks go round the devices) | ulysses (all-to-all from a split "
+                "over tokens to a split over heads, which must divide by the sequence size)"})
     # multi-process (docs/multihost.md): else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, TPU/SLURM
     coordinator_address: Optional[str] = field(default=None, metadata={"help": "HOST:PORT of process 0"})
     num_processes: Optional[int] = None
@@ -185,6 +190,7 @@ class SftArguments:
             "init_weights": (self.init_weights, ("true", "gaussian", "pissa")),
             "pipeline_schedule": (self.pipeline_schedule, ("auto", "gpipe", "circular")),
             "ring_attention_layout": (self.ring_attention_layout, ("zigzag", "striped", "contiguous")),
+            "sequence_parallel": (self.sequence_parallel, ("ring", "ulysses")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -213,6 +219,18 @@ class SftArguments:
             raise ConfigError(f"--eval_limit {self.eval_limit}: needs --eval_dataset and a value >= 1")
         self._check_memory_flags()
         self._check_task_flags()
+        self._check_sequence_parallel()
+
+    def _check_sequence_parallel(self):
+        """--sequence_parallel ulysses needs a sequence axis, and takes no ring layout (never silently ignored)."""
+        if self.sequence_parallel != "ulysses":
+            return
+        if parse_mesh(self.mesh)["sequence"] <= 1:
+            raise ConfigError(f"--sequence_parallel ulysses needs a --mesh with a sequence axis > 1 (got --mesh "
+                              f"{self.mesh!r}), for example --mesh sequence=4")
+        if self.ring_attention_layout != "zigzag":
+            raise ConfigError(f"--ring_attention_layout {self.ring_attention_layout} balances ring attention; "
+                              f"--sequence_parallel ulysses attends over whole rows and keeps the tokens in order")
 
     def _check_task_flags(self):
         if self.num_labels is not None and (self.task_type != "seq_cls" or self.num_labels < 1):

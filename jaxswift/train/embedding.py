@@ -154,7 +154,8 @@ def check_embedding_run(args) -> None:
               "num_microbatches": "pipeline meshes are not supported by --task_type embedding yet",
               "virtual_stages": "pipeline meshes are not supported by --task_type embedding yet",
               "pipeline_schedule": "pipeline meshes are not supported by --task_type embedding yet",
-              "ring_attention_layout": "sequence-parallel meshes are not supported by --task_type embedding yet"}
+              "ring_attention_layout": "sequence-parallel meshes are not supported by --task_type embedding yet",
+              "sequence_parallel": "sequence-parallel meshes are not supported by --task_type embedding yet"}
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(args)}
     for name, why in unused.items():

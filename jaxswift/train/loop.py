@@ -38,6 +38,7 @@ from jaxswift.parallel.distributed import gather_to_host, is_primary, process_ro
 from jaxswift.parallel.mesh import make_mesh
 from jaxswift.parallel.rules import activation_sharding, data_parallel_size, rules_for_mesh
 from jaxswift.parallel.strategies import ParallelOptions
+from jaxswift.parallel.ulysses import check_heads
 from jaxswift.train.logging import RunLogger, plot_loss
 from jaxswift.parallel.params import shard_params, tree_shardings
 from jaxswift.train.state import init_train_state
@@ -106,7 +107,16 @@ def start_run(args) -> RunContext:
     rules = rules_for_mesh(args.sharding_rules, mesh)
     model = load_model(args.model, dtype=args.dtype)
     cfg = run_config(model.config, args)
+    check_sequence_parallel(cfg, args, mesh, rules)
     return RunContext(args, out_dir, mesh, rules, data_parallel_size(rules, mesh), model, cfg)
+
+
+def check_sequence_parallel(cfg, args, mesh, rules) -> None:
+    """--sequence_parallel ulysses on a model whose heads do not split over the mesh's sequence axis: refused here,
+    by name, before anything compiles."""
+    if getattr(args, "sequence_parallel", "ring") == "ulysses" and mesh.shape["sequence"] > 1:
+        text = getattr(cfg, "text", cfg)  # a VLM's language model runs the override
+        check_heads(text.num_heads, text.num_kv_heads, mesh, rules)
 
 
 def refuse_vision_language(ctx: RunContext, recipe: str) -> None:

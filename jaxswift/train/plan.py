@@ -34,6 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxswift.errors import ConfigError
 from jaxswift.models.config import ModelConfig, config_from_hf
+from jaxswift.parallel.collectives import count_collectives
+from jaxswift.parallel.mesh import parse_mesh
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "models" / "presets"
 TUNER_TYPES = ("full", "lora", "qlora")
@@ -63,6 +65,9 @@ class PlanArguments:
     galore_update_interval: int = 200
     galore_scale: float = 0.25
     loss_chunk_size: int = 512
+    sequence_parallel: str = field(default="ring", metadata={
+        "help": "attention of a mesh axis sequence > 1: ring | ulysses (their traffic and attention memory differ: "
+                "the plan prints both formulas' figures)"})
     emulate_accelerator: bool = field(default=True, metadata={"help": (
         "on the CPU backend, keep XLA:CPU from hoisting out of the layer loop the float32 copies of bfloat16 weights "
         "it makes for its own matmuls (a whole-model copy no accelerator makes); false: plan the CPU program")})
@@ -78,7 +83,7 @@ class PlanArguments:
     TRAIN_ONLY: ClassVar[tuple[str, ...]] = (
         "tuner_type", "quant_method", "max_length", "per_device_train_batch_size", "gradient_checkpointing",
         "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "use_galore", "galore_rank",
-        "galore_update_interval", "galore_scale", "loss_chunk_size")
+        "galore_update_interval", "galore_scale", "loss_chunk_size", "sequence_parallel")
     SERVE_ONLY: ClassVar[tuple[str, ...]] = ("max_num_seqs", "max_model_len", "page_size")
 
     def __post_init__(self):
@@ -108,6 +113,11 @@ class PlanArguments:
             if self.tuner_type == "full":
                 raise ConfigError(f"--quant_method {self.quant_method} quantizes the frozen base under LoRA: it needs "
                                   "--tuner_type lora or qlora, not full")
+        if self.sequence_parallel not in ("ring", "ulysses"):
+            raise ConfigError(f"--sequence_parallel {self.sequence_parallel!r}: expected one of ring | ulysses")
+        if self.sequence_parallel == "ulysses" and parse_mesh(self.mesh)["sequence"] <= 1:
+            raise ConfigError(f"--sequence_parallel ulysses needs a --mesh with a sequence axis > 1 (got --mesh "
+                              f"{self.mesh!r}), for example --mesh sequence=4")
         if self.use_galore and self.tuner_type != "full":
             raise ConfigError(f"--use_galore projects full-rank gradients: it needs --tuner_type full, "
                               f"not {self.tuner_type}")
@@ -314,10 +324,60 @@ class MemoryPlan:
     xla_flops: float  # XLA cost_analysis, per device, loop bodies once
     compile_seconds: float
     notes: tuple[str, ...] = ()
+    sequence: "SequenceTraffic | None" = None  # the attention's strategy on a sequence axis > 1
+    collectives: dict = field(default_factory=dict)  # {kind: CollectiveStats} of the compiled step, per device
 
     @property
     def total(self) -> int:
         return self.weights + self.optimizer + self.batch_and_misc + self.temporaries + self.unaliased_outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceTraffic:
+    """What the attention's sequence parallelism costs one device per step, from the formulas in docs/parallelism.md
+    (`sequence_traffic`); the plan prints it next to the collectives counted in the compiled step."""
+
+    strategy: str  # ring | ulysses
+    n: int  # devices on the sequence axis
+    kv_repeats: int  # ulysses: each kv head sent this many times (1: none)
+    collectives: int  # collective-permutes (ring) or all-to-alls (ulysses) per step
+    buffer_bytes: int  # summed over those collectives: the buffers they exchange
+    sent_bytes: int  # of those, the bytes that leave the device
+    attention_scores: int  # float32 attention scores one layer's attention holds at once
+
+
+def sequence_traffic(cfg: ModelConfig, args: PlanArguments, mesh, rules) -> SequenceTraffic | None:
+    """Per device and step, for rows of --max_length tokens, --per_device_train_batch_size of them, and heads per
+    tensor shard N, K (H the head dim, b the compute dtype's bytes, L / stage layers; pipeline bubbles not counted):
+
+      ring     per layer 2 (n-1) forward hops of k and v [B, T/n, K, H] in b bytes, 2 (n-1) again in the backward
+               (the remat recompute shares them), and 2 n hops of their float32 gradients:
+               B (T/n) K H (4 (n-1) b + 8 n); every hop sends its whole buffer. Scores at once: one block pair,
+               B N (T/n / p)^2 x 4 (p = 2 halves under zigzag).
+      ulysses  per layer all-to-alls of q and out [B, T/n, N, H] and of k and v [B, T/n, K r, H] (r = kv repeats),
+               forward, backward and (under remat) the recomputed forward: (2 N + 2 K r) B (T/n) H b x (2 or 3);
+               an all-to-all keeps 1/n of its buffer, so (n-1)/n of it is sent. Scores at once: the whole row for
+               N / n heads, B (N/n) T^2 x 4 (the model's attention skips the keys after each 128-query block, so
+               causal rows hold about half).
+    """
+    from jaxswift.parallel.ulysses import check_heads, local_heads
+
+    n = mesh.shape["sequence"]
+    if n == 1:
+        return None
+    N, K = local_heads(cfg.num_heads, cfg.num_kv_heads, mesh, rules)
+    B, T, H, b = args.per_device_train_batch_size, args.max_length, cfg.head_dim, jnp.dtype(cfg.compute_dtype).itemsize
+    layers = cfg.num_layers // mesh.shape["stage"]
+    if args.sequence_parallel == "ring":
+        parts = 2  # the planner's step runs the default layout, zigzag
+        per_layer = B * (T // n) * K * H * (4 * (n - 1) * b + 8 * n)
+        return SequenceTraffic("ring", n, 1, layers * (4 * (n - 1) + 2 * n), layers * per_layer, layers * per_layer,
+                               B * N * (T // n // parts) ** 2 * 4)
+    repeats = check_heads(cfg.num_heads, cfg.num_kv_heads, mesh, rules)
+    passes = 3 if args.gradient_checkpointing else 2
+    buffers = layers * passes * (2 * N + 2 * K * repeats) * B * (T // n) * H * b
+    return SequenceTraffic("ulysses", n, repeats, layers * passes * 4, buffers, buffers * (n - 1) // n,
+                           B * (N // n) * T * T * 4)
 
 
 def _compiler_notes(mesh, cfg: ModelConfig) -> tuple[str, ...]:
@@ -350,6 +410,7 @@ class PlannedStep:
     mesh: Any
     cfg: ModelConfig
     source: str  # where the model config came from
+    sequence: SequenceTraffic | None = None
 
     def jitted(self):
         """jit as SFT's `compile_step` does it: state shardings in and out, batch over data, state donated."""
@@ -382,6 +443,7 @@ def build_step(args: PlanArguments) -> PlannedStep:
     cfg = cfg.replace(remat="full" if args.gradient_checkpointing else "none")
     mesh = make_mesh(args.mesh or "1")
     rules = rules_for_mesh(args.sharding_rules, mesh)
+    traffic = sequence_traffic(cfg, args, mesh, rules)  # refuses heads that Ulysses cannot split, before compiling
     params, mask, prepare = abstract_params_for(cfg, args)
     optimizer = plan_optimizer(cfg, args)
     state = jax.eval_shape(lambda p: init_train_state(p, mask, optimizer, 0), params)
@@ -398,7 +460,7 @@ def build_step(args: PlanArguments) -> PlannedStep:
         with activation_sharding(rules, mesh, ParallelOptions.from_args(args)):
             return step(s, b)
 
-    return PlannedStep(traced, state, batch, mesh, cfg, source)
+    return PlannedStep(traced, state, batch, mesh, cfg, source, traffic)
 
 
 def plan_train_step(args: PlanArguments) -> MemoryPlan:
@@ -421,7 +483,8 @@ def plan_train_step(args: PlanArguments) -> MemoryPlan:
         batch_and_misc=memory.argument_size_in_bytes - weights - opt, temporaries=memory.temp_size_in_bytes,
         unaliased_outputs=memory.output_size_in_bytes - memory.alias_size_in_bytes,
         matmul_flops=planned.matmul_flops(), xla_flops=float(cost.get("flops", float("nan"))),
-        compile_seconds=compile_seconds, notes=_compiler_notes(mesh, planned.cfg) + _dtype_notes(planned))
+        compile_seconds=compile_seconds, notes=_compiler_notes(mesh, planned.cfg) + _dtype_notes(planned),
+        sequence=planned.sequence, collectives=count_collectives(compiled.as_text()))
 
 
 def _dtype_notes(planned: PlannedStep) -> tuple[str, ...]:
@@ -454,6 +517,17 @@ def format_plan(plan: MemoryPlan) -> str:
               f"per device), counted in the step's jaxpr with loop bodies times their trip counts",
               f"XLA cost_analysis flops: {plan.xla_flops:.4g} per device (XLA counts each loop body once)",
               f"compile: {plan.compile_seconds:.1f} s"]
+    if plan.sequence is not None:
+        seq = plan.sequence
+        kind = "collective-permutes" if seq.strategy == "ring" else "all-to-alls"
+        repeats = f", kv heads sent {seq.kv_repeats}x" if seq.kv_repeats > 1 else ""
+        lines.append(f"sequence parallelism: {seq.strategy} over sequence={seq.n}{repeats}: {seq.collectives} {kind} "
+                     f"per step ({seq.buffer_bytes / GiB:.4f} GiB of buffers, {seq.sent_bytes / GiB:.4f} GiB sent per "
+                     f"device); attention scores of one layer at once {seq.attention_scores / GiB:.4f} GiB "
+                     f"(formulas: docs/parallelism.md)")
+    if plan.collectives:
+        lines.append("collectives in the compiled step, per device: " + ", ".join(
+            f"{kind} {stats.count} ({stats.bytes / GiB:.4f} GiB)" for kind, stats in sorted(plan.collectives.items())))
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
 
