@@ -112,3 +112,22 @@ def test_full_tuning_in_bfloat16_saves_the_hf_folder_in_bfloat16(tiny_chat_model
         dtypes = {str(f.get_slice(name).get_dtype()) for name in f.keys()}
     assert dtypes == {"BF16"}
     assert json.loads((result.export_dir / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_the_planner_counts_the_float32_master_copy():
+    """Full tuning of the ~1B preset in bfloat16: weights 4 bytes a parameter (float32 masters) and AdamW's two
+    moments 8; with --param_dtype bfloat16, 2 and 4. LoRA: the base stays 2 bytes a parameter."""
+    from jaxswift.train.plan import PlanArguments, build_step, per_device_bytes
+
+    def planned(**kw):
+        state = build_step(PlanArguments(model="llama-3.2-1b", dtype="bfloat16", max_length=128, **kw)).state
+        return per_device_bytes(state.trainable), per_device_bytes(state.frozen), per_device_bytes(state.opt_state)
+
+    n = 1_235_814_400  # Llama-3.2-1B, tied embeddings
+    weights, frozen, opt = planned(tuner_type="full")
+    assert (weights, frozen) == (4 * n, 0) and 8 * n <= opt < 8 * n + 1024
+    weights, frozen, opt = planned(tuner_type="full", param_dtype="bfloat16")
+    assert weights == 2 * n and 4 * n <= opt < 4 * n + 1024
+    adapters, base, _ = planned(tuner_type="lora")
+    lora_params = adapters // 4
+    assert base == 2 * n and adapters == 4 * lora_params and 0 < lora_params < n // 100
