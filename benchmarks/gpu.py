@@ -57,6 +57,8 @@ TINY = dict(family="llama", vocab_size=256, hidden_size=64, intermediate_size=12
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random model and shapes (a smoke run, e.g. on CPU)")
+    p.add_argument("--models", default="smollm2-135m,llama-3.2-1b",
+                   help="SFT models (smollm2-135m or a planner preset); decode runs on the last")
     p.add_argument("--length", type=int, default=2048, help="SFT tokens per row")
     p.add_argument("--base_rows", type=int, default=4, help="SFT rows of the sizing compile")
     p.add_argument("--max_rows", type=int, default=64, help="upper bound of the device-filling SFT batch")
@@ -67,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--budget_s", type=float, default=280.0, help="cases not started by then are skipped")
     args = p.parse_args(argv)
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    args.models = ["tiny"] if args.tiny else args.models.split(",")
     if args.tiny:
         args.length, args.base_rows, args.max_rows, args.prompt_length, args.decode_steps = 64, 2, 2, 24, 5
     return args
@@ -228,7 +231,7 @@ def sft_case(name: str, args, device: dict) -> dict:
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
             fill //= 2
-    batch = sft_batch(rows, args.length, cfg.vocab_size)
+    batch = jax.device_put(sft_batch(rows, args.length, cfg.vocab_size))
     state, seconds, loss, n = time_steps(compiled, state, batch, 0.5 if args.tiny else 10.0)
     flops = model_flops(cfg, optimizer, state, batch, "none")
     hardware = model_flops(cfg, optimizer, state, batch, cfg.remat)
@@ -332,13 +335,13 @@ def main(argv=None) -> dict:
     device = device_info()
     device["matmul_tflops_measured"] = measured_matmul_tflops(args.tiny)
     log(json.dumps(device))
-    models = ["tiny"] if args.tiny else ["smollm2-135m", "llama-3.2-1b"]
+    models = args.models
     cases: list = []
     for name in models:
         retry = None
         if args.attn_impl == "auto" and jax.default_backend() == "gpu":
-            retry = lambda name=name: sft_case(name, argparse.Namespace(**{**vars(args), "attn_impl": "xla"}),  # noqa: E731
-                                               device)
+            with_xla = argparse.Namespace(**{**vars(args), "attn_impl": "xla"})
+            retry = lambda name=name: sft_case(name, with_xla, device)  # noqa: E731
         guarded(f"sft {name}", lambda name=name: sft_case(name, args, device), cases, started, args.budget_s, retry)
     cache: dict = {}
     for batch in args.decode_batches:

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxswift.errors import ConfigError
-from jaxswift.models.attention_kernels import distinct_windows, dot_product_attention, resolve_attn_impl, splash_attention
+from jaxswift.models.attention_kernels import (distinct_windows, dot_product_attention, resolve_attn_impl,
+                                              splash_attention)
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.hints import constrain, override
 from jaxswift.models.moe import moe_block
