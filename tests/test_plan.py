@@ -163,7 +163,7 @@ def test_matmul_flops_follow_the_formula(tmp_path, remat, length, chunk):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match=r"--model 'qwen9-1b': not a file, a folder or a preset \(presets: "
-                                          r"llama-3-8b, qwen2.5-72b"):
+                                          r"llama-3-8b, llama-3.2-1b, qwen2.5-72b"):
         load_plan_config("qwen9-1b", "bfloat16")
     with pytest.raises(ConfigError, match="the folder has no config.json"):
         load_plan_config(str(tmp_path), "bfloat16")

@@ -1,7 +1,8 @@
 """Fused kernels for a sequence attending over itself, chosen by backend (`--attn_impl`).
 
 Legend as in transformer.py. The einsum softmax of `transformer.self_attention` is the reference and the CPU
-default; the kernels here compute the same masked softmax attention without materialising [B, K, G*T, S] scores:
+default; cudnn and splash compute the same masked softmax attention without materialising the [B, K, G*T, S]
+scores; xla is jax's own unfused version (the full score matrix), a second reference on any backend:
 
   einsum  transformer.py's grouped einsum softmax (block-causal): CPU default, the reference, every mask.
   xla     `jax.nn.dot_product_attention(implementation="xla")`: any backend; the boolean mask as given.
@@ -11,8 +12,9 @@ default; the kernels here compute the same masked softmax attention without mate
   splash  the Pallas splash kernel of `jax.experimental.pallas.ops.tpu.splash_attention` (TPU): causal or local
           (sliding window) block masks built once per shape, segment ids for packing.
 
-`auto` picks cudnn on an NVIDIA GPU when the dtype and head_dim allow (else xla), splash on a TPU where the module
-imports (else xla), einsum elsewhere. Asking for a kernel the backend lacks is an error, never a silent fallback.
+`auto` picks cudnn on an NVIDIA GPU when the dtype and head_dim allow, splash on a TPU where the module imports,
+einsum otherwise (its block-causal skipping does about half the work of xla's full score matrix). Asking for a
+kernel the backend lacks is an error, never a silent fallback.
 
 cudnn and splash mask by index, as `causal_self_attention`'s block skipping does: within a segment positions grow
 with the index (packed, padded and plain rows all do), so index-causal keeps every key the position mask keeps;
@@ -90,10 +92,10 @@ def resolve_attn_impl(requested: str, dtype, head_dim: int) -> str:
     backend = backend_name()
     cudnn_ok = jnp.dtype(dtype) in map(jnp.dtype, CUDNN_DTYPES) and head_dim % 8 == 0 and head_dim <= 128
     if requested == "auto":
-        if backend == "gpu":
-            return "cudnn" if is_cuda() and cudnn_ok else "xla"
-        if backend == "tpu":
-            return "splash" if splash_module() is not None else "xla"
+        if backend == "gpu" and is_cuda() and cudnn_ok:
+            return "cudnn"
+        if backend == "tpu" and splash_module() is not None:
+            return "splash"
         return "einsum"
     if requested == "cudnn":
         if not is_cuda():
@@ -102,14 +104,14 @@ def resolve_attn_impl(requested: str, dtype, head_dim: int) -> str:
         if not cudnn_ok:
             raise ConfigError(f"--attn_impl cudnn: cuDNN flash attention takes bfloat16 or float16 with head_dim a "
                               f"multiple of 8 up to 128; this model computes in {jnp.dtype(dtype).name} with "
-                              f"head_dim {head_dim} (use --dtype bfloat16, or --attn_impl xla)")
+                              f"head_dim {head_dim} (use --dtype bfloat16, or --attn_impl einsum)")
     if requested == "splash":
         if backend != "tpu":
             raise ConfigError(f"--attn_impl splash is a TPU kernel; this backend is {backend} (use auto, einsum "
                               f"or xla)")
         if splash_module() is None:
             raise ConfigError("--attn_impl splash: this jax has no jax.experimental.pallas.ops.tpu.splash_attention "
-                              "(use xla)")
+                              "(use auto or einsum)")
     if requested not in ATTN_IMPLS:
         raise ConfigError(f"attn_impl {requested!r}: expected one of {' | '.join(ATTN_IMPLS)}")
     return requested
