@@ -51,7 +51,7 @@ DEVICE_TABLE = [
 ]
 SMOLLM2 = dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True, eos_token_ids=(2,))
-TINY = dict(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+TINY = dict(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
             num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=True, eos_token_ids=(0,))
 
 
