@@ -103,8 +103,9 @@ def memory_stat(key: str):
 
 def measured_matmul_tflops(tiny: bool) -> float:
     """bfloat16 [n, n] x [n, n] on device 0 (float32 on CPU, where bfloat16 matmuls are emulated)."""
-    n = 512 if tiny else 8192
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    cpu = jax.default_backend() == "cpu"
+    n = 512 if tiny or cpu else 8192
+    dtype = jnp.float32 if cpu else jnp.bfloat16
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -315,7 +316,7 @@ def guarded(label: str, fn, results: list, started: float, budget: float, retry=
 def report(result: dict) -> str:
     d = result["device"]
     lines = [f"{d['device_kind']} ({d['backend']}, jax {d['jax']}): spec {d['peak_bf16_tflops_spec']} TFLOP/s bf16, "
-             f"{d['hbm_tb_per_s_spec']} TB/s; measured matmul {d['matmul_tflops_measured']:.1f} TFLOP/s",
+             f"{d['hbm_tb_per_s_spec']} TB/s; measured matmul {d['matmul_tflops_measured']:.3g} TFLOP/s",
              f"{'case':34} {'tokens/s':>12} {'MFU':>7} {'HBM roof':>9} {'peak GiB':>9}"]
     fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
     for r in result["cases"]:
