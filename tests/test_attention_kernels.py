@@ -69,6 +69,16 @@ def test_xla_kernel_equals_einsum(window, dtype, atol):
             np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
 
 
+def test_a_static_window_is_passed_to_the_kernel_and_changes_nothing():
+    """Every layer with the same window: jax.nn.dot_product_attention also gets it (cuDNN prunes the blocks
+    before it); the result still equals einsum's."""
+    q, k, v = qkv(jnp.float32)
+    pos, seg = packed_rows()
+    want, _ = attend_and_grads("einsum", q, k, v, pos, seg, 5, windows=(5,))
+    got, _ = attend_and_grads("xla", q, k, v, pos, seg, 5, windows=(5,))
+    np.testing.assert_allclose(real_rows(got, seg), real_rows(want, seg), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window", [0, 5])
 def test_splash_kernel_equals_einsum(window):
     """The TPU kernel itself, run by Pallas' interpreter on CPU: segments, windows picked by a traced layer window

@@ -117,11 +117,16 @@ def resolve_attn_impl(requested: str, dtype, head_dim: int) -> str:
     return requested
 
 
-def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, implementation: str) -> jax.Array:
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, implementation: str,
+                          windows: tuple[int, ...] = (0,)) -> jax.Array:
     """jax.nn.dot_product_attention with our boolean mask [B, T, S] (True = attend); grouped heads as given.
-    cudnn also gets is_causal, so it skips the key blocks after each query block."""
+    cudnn also gets is_causal, so it skips the key blocks after each query block, and, when every layer has the
+    same sliding window (a static value), that window, so it skips the blocks before it too. The mask stays exact:
+    both only prune keys the mask already drops."""
+    window = windows[0] if len(windows) == 1 and windows[0] > 0 else None
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
-                                        is_causal=implementation == "cudnn", implementation=implementation)
+                                        is_causal=implementation == "cudnn", implementation=implementation,
+                                        local_window_size=None if window is None else (window - 1, 0))
 
 
 @functools.cache

@@ -201,7 +201,7 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, window,
         return splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, window, windows)
     mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
     if impl in ("xla", "cudnn"):
-        return dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask, impl)
+        return dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask, impl, windows)
     k = k_BTKH.transpose(0, 2, 3, 1)  # [B, K, H, T]
     v = v_BTKH.transpose(0, 2, 1, 3)  # [B, K, T, H]
     return causal_self_attention(q_BTNH, k, v, mask)
