@@ -56,7 +56,7 @@ def test_presets_load_with_the_published_sizes(name):
 
 
 def test_preset_spellings_and_the_moe_preset():
-    assert set(preset_names()) == {"qwen2.5-7b", "llama-3-8b", "qwen2.5-72b", "qwen3-30b-a3b"}
+    assert set(preset_names()) == {"qwen2.5-7b", "llama-3-8b", "qwen2.5-72b", "qwen3-30b-a3b", "llama-3.2-1b"}
     assert load_plan_config("Qwen/Qwen2.5-7B", "float32")[0] == load_plan_config("qwen2.5-7b", "float32")[0]
     assert load_plan_config("meta-llama/Meta-Llama-3-8B", "float32")[0].rope.theta == 500000.0
     moe = load_plan_config("qwen3-30b-a3b", "bfloat16")[0]
@@ -177,7 +177,7 @@ def test_matmul_flops_follow_the_formula(tmp_path, remat, length, chunk):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match=r"--model 'qwen9-1b': not a file, a folder or a preset \(presets: "
-                                          r"llama-3-8b, qwen2.5-72b"):
+                                          r"llama-3-8b, llama-3.2-1b, qwen2.5-72b"):
         load_plan_config("qwen9-1b", "bfloat16")
     with pytest.raises(ConfigError, match="the folder has no config.json"):
         load_plan_config(str(tmp_path), "bfloat16")

@@ -244,12 +244,15 @@ def test_fsdp_shards_optimizer_state_like_the_weights(tiny_chat_model, tmp_path)
     assert all(m.addressable_shards[0].data.size * 8 == m.size for m in moments)  # one eighth per device
 
 
-def test_bfloat16_state_keeps_its_dtypes_across_a_step(tiny_chat_model, tmp_path):
+@pytest.mark.parametrize("param_dtype, state_dtype", [(None, jnp.float32), ("bfloat16", jnp.bfloat16)])
+def test_bfloat16_state_keeps_its_dtypes_across_a_step(tiny_chat_model, tmp_path, param_dtype, state_dtype):
+    """--dtype bfloat16: float32 master weights and moments by default, bfloat16 with --param_dtype bfloat16; a
+    step returns each leaf in its dtype (donated buffers reused, no recompilation)."""
     from jaxswift.train.loop import init_state, start_run
     from jaxswift.train.tuning import build_optimizer, prepare_tuner
     from jaxswift.train.step import make_train_step
 
-    args = sft_args(tiny_chat_model, tmp_path, tuner_type="full", mesh="1", dtype="bfloat16")
+    args = sft_args(tiny_chat_model, tmp_path, tuner_type="full", mesh="1", dtype="bfloat16", param_dtype=param_dtype)
     ctx = start_run(args)
     tuned = prepare_tuner(ctx.model.params, args, ctx.cfg)
     optimizer, _ = build_optimizer(args, 10, ctx.cfg)
@@ -259,7 +262,8 @@ def test_bfloat16_state_keeps_its_dtypes_across_a_step(tiny_chat_model, tmp_path
                  segment_ids=np.ones_like(tokens), positions=np.arange(32, dtype=np.int32)[None, None])
     new_state, _ = jax.jit(make_train_step(ctx.cfg, optimizer))(state, batch)
     dtypes = lambda s: [x.dtype for x in jax.tree.leaves(s)]  # noqa: E731
-    assert jnp.bfloat16 in dtypes(state.opt_state)
+    assert {jnp.dtype(d) for d in dtypes(state.trainable)} == {jnp.dtype(state_dtype)}
+    assert jnp.dtype(state_dtype) in dtypes(state.opt_state)
     assert dtypes(new_state) == dtypes(state)
 
 

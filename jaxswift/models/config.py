@@ -65,6 +65,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax and logits math stay float32
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    attn_impl: str = "auto"  # self-attention kernel: auto | einsum | xla | cudnn | splash (models/attention_kernels.py)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -86,6 +87,8 @@ class ModelConfig:
                 f"({self.num_kv_heads})")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat must be none|full|dots, got {self.remat!r}")
+        if self.attn_impl not in ("auto", "einsum", "xla", "cudnn", "splash"):
+            raise ConfigError(f"attn_impl must be auto|einsum|xla|cudnn|splash, got {self.attn_impl!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")

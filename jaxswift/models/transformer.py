@@ -13,12 +13,16 @@ A weight leaf is either an array or an object with `.apply(equation, x)` (LoRA, 
 
 from __future__ import annotations
 
+import functools
 import string
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxswift.errors import ConfigError
+from jaxswift.models.attention_kernels import (distinct_windows, dot_product_attention, resolve_attn_impl,
+                                              splash_attention)
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.hints import constrain, override
 from jaxswift.models.moe import moe_block
@@ -186,12 +190,40 @@ def _mlp(h_BTD, layer):
     return linear("BTF,FD->BTD", swiglu(gate, up), layer["w_down"])
 
 
-def self_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, window) -> jax.Array:
-    """Attention of a sequence over itself (no cache): the default of the "self_attention" override."""
-    k = k_BTKH.transpose(0, 2, 3, 1).astype(q_BTNH.dtype)  # [B, K, H, T]
-    v = v_BTKH.transpose(0, 2, 1, 3).astype(q_BTNH.dtype)  # [B, K, T, H]
+def self_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, window, *, impl: str = "einsum",
+                   windows: tuple[int, ...] = (0,)) -> jax.Array:
+    """Attention of a sequence over itself (no cache): the default of the "self_attention" override.
+
+    impl (a resolved --attn_impl, see models/attention_kernels.py): einsum (the reference), xla, cudnn or splash;
+    `windows` are the model's distinct sliding windows (splash builds one kernel per window)."""
+    k_BTKH, v_BTKH = k_BTKH.astype(q_BTNH.dtype), v_BTKH.astype(q_BTNH.dtype)
+    if impl == "splash":
+        return splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, window, windows)
     mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
+    if impl in ("xla", "cudnn"):
+        return dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask, impl, windows)
+    k = k_BTKH.transpose(0, 2, 3, 1)  # [B, K, H, T]
+    v = v_BTKH.transpose(0, 2, 1, 3)  # [B, K, T, H]
     return causal_self_attention(q_BTNH, k, v, mask)
+
+
+def attention_impl(cfg: ModelConfig) -> str:
+    """cfg.attn_impl resolved for this backend, dtype and head size (a ConfigError where it cannot run)."""
+    return resolve_attn_impl(cfg.attn_impl, cfg.compute_dtype, cfg.head_dim)
+
+
+def self_attention_fn(cfg: ModelConfig):
+    """The "self_attention" override when a parallel strategy installed one (ring attention), else
+    `self_attention` with the config's kernel. A kernel asked for by name under an override would go unused:
+    refused."""
+    installed = override("self_attention", None)
+    if installed is None:
+        return functools.partial(self_attention, impl=attention_impl(cfg),
+                                 windows=distinct_windows(cfg.window_per_layer))
+    if cfg.attn_impl not in ("auto", "einsum"):
+        raise ConfigError(f"--attn_impl {cfg.attn_impl}: sequence parallelism runs its own ring attention (einsum "
+                          f"blocks); use --attn_impl auto with a sequence mesh axis")
+    return installed
 
 
 def feed_forward(h_BTD, layer, cfg: ModelConfig, segment_ids_BT=None):
@@ -217,7 +249,7 @@ def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_
     h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
     q, k, v = project_qkv(h, layer, cfg, positions_BT if rope_positions is None else rope_positions)
     if kv is None:
-        attn = override("self_attention", self_attention)(q, k, v, positions_BT, segment_ids_BT, window)
+        attn = self_attention_fn(cfg)(q, k, v, positions_BT, segment_ids_BT, window)
         new_kv = None
     else:
         k = k.transpose(0, 2, 3, 1).reshape(-1, cfg.head_dim, T)  # [Z, H, T]

@@ -26,7 +26,16 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 class SftArguments:
     # model
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "HF folder, .gguf file, or an embedded model name"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 (params and compute)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "float32 | bfloat16: the compute dtype, and the dtype of frozen weights (LoRA bases) and of the saved "
+                "HF folder; trained parameters are kept in --param_dtype"})
+    torch_dtype: Optional[str] = field(default=None, metadata={"help": "ms-swift's older name of --dtype"})
+    param_dtype: Optional[str] = field(default=None, metadata={
+        "help": "float32 | bfloat16: the dtype of the trained parameters (master weights) and so of their optimizer "
+                "state; default float32, so small updates are not rounded away under --dtype bfloat16"})
+    attn_impl: Optional[str] = field(default=None, metadata={
+        "help": "self-attention kernel: auto (default: cudnn on GPU, splash on TPU, einsum on CPU) | einsum | xla | "
+                "cudnn | splash; ms-swift's eager = einsum, sdpa = xla, flash_attn = the backend's flash kernel"})
     # data
     dataset: list[str] = field(default_factory=lambda: ["builtin:self_identity"],
                                metadata={"help": "files or folders; `path#N` takes N rows"})
@@ -182,6 +191,7 @@ class SftArguments:
 
     def __post_init__(self):
         self._reject_unused()
+        self._merge_dtype_flags()
         checks = {
             "tuner_type": (self.tuner_type, ("lora", "full")),
             "truncation_strategy": (self.truncation_strategy, ("delete", "left", "right")),
@@ -231,6 +241,24 @@ class SftArguments:
         if self.ring_attention_layout != "zigzag":
             raise ConfigError(f"--ring_attention_layout {self.ring_attention_layout} balances ring attention; "
                               f"--sequence_parallel ulysses attends over whole rows and keeps the tokens in order")
+
+    def _merge_dtype_flags(self):
+        """--torch_dtype is --dtype by ms-swift's older name (both given: they must agree); --param_dtype and
+        --attn_impl are checked here so that a typo fails before the model loads."""
+        from jaxswift.models.attention_kernels import normalize_attn_impl
+
+        if self.torch_dtype is not None:
+            if self.dtype != "float32" and self.dtype != self.torch_dtype:
+                raise ConfigError(f"--torch_dtype {self.torch_dtype} and --dtype {self.dtype} disagree: give one")
+            self.dtype, self.torch_dtype = self.torch_dtype, None
+        if self.param_dtype is not None and self.param_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--param_dtype {self.param_dtype!r}: expected float32 | bfloat16")
+        normalize_attn_impl(self.attn_impl)
+
+    @property
+    def master_dtype(self) -> str:
+        """The dtype trained parameters and their optimizer state are kept in."""
+        return self.param_dtype or "float32"
 
     def _check_task_flags(self):
         if self.num_labels is not None and (self.task_type != "seq_cls" or self.num_labels < 1):

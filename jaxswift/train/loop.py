@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxswift.api import Model, chat, load_model
@@ -32,6 +33,7 @@ from jaxswift.checkpoints.vlm import save_vlm
 from jaxswift.checkpoints.vlm_peft import save_vlm_peft_adapter
 from jaxswift.data.formats import check_dataset_specs
 from jaxswift.errors import ConfigError, JaxswiftError
+from jaxswift.models.attention_kernels import normalize_attn_impl
 from jaxswift.models.vision import VLMConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, is_primary, process_rows, put_process_batch
@@ -105,7 +107,7 @@ def start_run(args) -> RunContext:
         (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     mesh = make_mesh(args.mesh)
     rules = rules_for_mesh(args.sharding_rules, mesh)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=getattr(args, "torch_dtype", None) or args.dtype)
     cfg = run_config(model.config, args)
     check_sequence_parallel(cfg, args, mesh, rules)
     return RunContext(args, out_dir, mesh, rules, data_parallel_size(rules, mesh), model, cfg)
@@ -130,7 +132,10 @@ def run_config(config, args):
     """The model config with the run's remat policy and MoE flags (a VLM's on its LLM; the tower is not remat)."""
     if isinstance(config, VLMConfig):
         return dataclasses.replace(config, text=run_config(config.text, args))
-    return moe_overrides(config.replace(remat="full" if args.gradient_checkpointing else "none"), args)
+    changes = {"remat": "full" if args.gradient_checkpointing else "none"}
+    if getattr(args, "attn_impl", None) is not None:
+        changes["attn_impl"] = normalize_attn_impl(args.attn_impl)
+    return moe_overrides(config.replace(**changes), args)
 
 
 def total_steps_of(args, steps_per_epoch: int) -> int:
@@ -360,6 +365,10 @@ def export_model(ctx: RunContext, params, lora_cfg) -> Path:
     path = ctx.out_dir / ("adapter" if lora_cfg is not None else "model")
     if not is_primary():
         return path
+    if lora_cfg is None:  # float32 master weights saved in the dtype the model was loaded in (--dtype), as before
+        text_cfg = ctx.cfg.text if isinstance(ctx.cfg, VLMConfig) else ctx.cfg
+        params = jax.tree.map(lambda x: x.astype(text_cfg.weight_dtype)
+                              if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     if isinstance(ctx.cfg, VLMConfig):
         return _export_vlm(ctx, params, lora_cfg, path)
     if lora_cfg is None:

@@ -54,7 +54,10 @@ class PlanArguments:
     max_length: int = 2048
     per_device_train_batch_size: int = 1
     gradient_checkpointing: bool = True
-    dtype: str = field(default="bfloat16", metadata={"help": "float32 | bfloat16 (params and compute)"})
+    dtype: str = field(default="bfloat16", metadata={"help": "float32 | bfloat16: compute and frozen weights"})
+    param_dtype: Optional[str] = field(default=None, metadata={
+        "help": "float32 | bfloat16: trained parameters (master weights) and so their optimizer state; default "
+                "float32, as SFT"})
     sharding_rules: str = "default"
     lora_rank: int = 8
     lora_alpha: int = 32
@@ -83,7 +86,7 @@ class PlanArguments:
     TRAIN_ONLY: ClassVar[tuple[str, ...]] = (
         "tuner_type", "quant_method", "max_length", "per_device_train_batch_size", "gradient_checkpointing",
         "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "use_galore", "galore_rank",
-        "galore_update_interval", "galore_scale", "loss_chunk_size", "sequence_parallel")
+        "galore_update_interval", "galore_scale", "loss_chunk_size", "sequence_parallel", "param_dtype")
     SERVE_ONLY: ClassVar[tuple[str, ...]] = ("max_num_seqs", "max_model_len", "page_size")
 
     def __post_init__(self):
@@ -99,8 +102,10 @@ class PlanArguments:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.tuner_type not in TUNER_TYPES:
             raise ConfigError(f"--tuner_type {self.tuner_type!r}: expected one of {' | '.join(TUNER_TYPES)}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"--dtype {self.dtype!r}: expected float32 | bfloat16")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in ("float32", "bfloat16"):
+                raise ConfigError(f"--{name} {value!r}: expected float32 | bfloat16")
         for name in ("max_length", "per_device_train_batch_size", "lora_rank", "galore_rank",
                      "galore_update_interval", "loss_chunk_size"):
             if getattr(self, name) <= 0:
@@ -189,7 +194,16 @@ def state_shardings(state, cfg: ModelConfig, rules, mesh):
 
 
 def abstract_params_for(cfg: ModelConfig, args: PlanArguments):
-    """(abstract params, trainable mask, prepare_params) as SFT would set them up, allocating nothing."""
+    """(abstract params, trainable mask, prepare_params) as SFT would set them up, allocating nothing: the trained
+    leaves in --param_dtype (float32 master weights by default), the frozen ones in --dtype."""
+    from jaxswift.train.state import master_weights
+
+    params, mask, prepare = _abstract_tuner(cfg, args)
+    master = jnp.dtype(args.param_dtype or "float32")
+    return master_weights(params, mask, master), mask, prepare
+
+
+def _abstract_tuner(cfg: ModelConfig, args: PlanArguments):
     from jaxswift.models.spec import abstract_params
     from jaxswift.tuners import lora
 
@@ -391,9 +405,10 @@ def _compiler_notes(mesh, cfg: ModelConfig) -> tuple[str, ...]:
 
 
 def _tuner_description(args: PlanArguments) -> str:
+    master = args.param_dtype or "float32"
     if args.tuner_type == "full":
-        return f"full + GaLore rank {args.galore_rank}" if args.use_galore else "full"
-    return f"LoRA rank {args.lora_rank} over a {args.quant_method or args.dtype} base"
+        return (f"full + GaLore rank {args.galore_rank}" if args.use_galore else "full") + f", {master} master weights"
+    return f"LoRA rank {args.lora_rank} over a {args.quant_method or args.dtype} base, {master} adapters"
 
 
 def _mesh_description(mesh) -> str:

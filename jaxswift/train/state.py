@@ -46,5 +46,28 @@ def init_train_state(params, mask, optimizer, seed: int) -> TrainState:
                       rng=jax.random.key_data(jax.random.key(seed)), skipped_steps=zero, bad_streak=zero)
 
 
+def _is_float(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _cast(x, dtype):
+    if isinstance(x, jax.ShapeDtypeStruct):  # the planner's abstract params
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
+
+def master_weights(params, mask, dtype):
+    """The params with every trained float leaf (mask True) in `dtype` (float32 master weights), the frozen ones
+    (LoRA bases, --freeze_parameters) left in the dtype they were loaded in. Arrays or ShapeDtypeStructs."""
+    return jax.tree.map(lambda x, m: _cast(x, dtype) if m and _is_float(x) else x, params, mask)
+
+
+def compute_view(tree, dtype):
+    """Float leaves wider than the compute `dtype` cast down to it: the step's forward runs on this view of the
+    float32 master weights (mixed precision as MaxText does it); gradients flow back through the cast in float32."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dtype) if _is_float(x) and x.dtype.itemsize > dtype.itemsize else x, tree)
+
+
 def count_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))

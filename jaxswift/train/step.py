@@ -21,7 +21,7 @@ from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
 from jaxswift.models.vision import VisionInputs, VLMConfig, image_features, scatter_features
 from jaxswift.optim.qgalore import apply_updates, float_view
-from jaxswift.train.state import TrainState, combine
+from jaxswift.train.state import TrainState, combine, compute_view
 
 BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
 VLM_BATCH_KEYS = BATCH_KEYS + ("rope_positions", "pixels", "patch_rows_cols", "patch_frames", "patch_windows")
@@ -91,10 +91,12 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
     """prepare_params(params, rng) runs inside the step before the forward (e.g. to give LoRA its dropout keys).
     `cfg` is a ModelConfig, or a VLMConfig for a vision-language model's batches."""
     sums, batch_keys = _sums_and_keys(cfg)
+    compute_dtype = (cfg.text if isinstance(cfg, VLMConfig) else cfg).compute_dtype
 
     def micro_grads(trainable, frozen, micro, rng):
         def loss_fn(t):
-            params = prepare_params(combine(t, frozen), rng)
+            # float32 master weights enter the forward in the compute dtype (no-op when they are the same)
+            params = prepare_params(combine(compute_view(t, compute_dtype), frozen), rng)
             return sums(params, micro, cfg, loss_chunk)
         # Q-GaLore's 8-bit weights are differentiated at their dequantized view (identity for float params)
         (nll, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(float_view(trainable))

@@ -11,9 +11,11 @@ import jax
 import optax
 
 from jaxswift.errors import ConfigError
+from jaxswift.models.config import DTYPES
 from jaxswift.models.families import weight_maps
 from jaxswift.models.vision import VLMConfig
 from jaxswift.optim.factory import OptimizerConfig, make_optimizer
+from jaxswift.train.state import master_weights
 
 GALORE_FLAGS = ("use_galore", "galore_rank", "galore_update_interval", "galore_scale", "galore_quantization",
                 "galore_proj_bits", "galore_proj_group_size", "galore_cos_threshold", "galore_gamma_proj",
@@ -83,7 +85,19 @@ def _full_tuning(params, args, cfg) -> TunedParams:
 
 
 def prepare_tuner(params, args, cfg) -> TunedParams:
-    """The run's tuner over the loaded `params`: LoRA (on a quantized base with --quant_method) or full tuning."""
+    """The run's tuner over the loaded `params`: LoRA (on a quantized base with --quant_method) or full tuning.
+
+    Trained float leaves are kept in --param_dtype (default float32: master weights, and so a float32 optimizer
+    state) whatever --dtype computes in; frozen leaves (LoRA bases) stay as loaded, in --dtype. Q-GaLore keeps its
+    own 8-bit weights."""
+    tuned = _tuner(params, args, cfg)
+    if getattr(args, "galore_quantization", False):
+        return tuned
+    master = getattr(args, "param_dtype", None) or "float32"
+    return tuned._replace(params=master_weights(tuned.params, tuned.mask, DTYPES[master]))
+
+
+def _tuner(params, args, cfg) -> TunedParams:
     check_vlm_flags(args, cfg)
     if isinstance(cfg, VLMConfig):
         return prepare_vlm_tuner(params, args, cfg)
