@@ -158,3 +158,24 @@ def test_one_process_parts_are_refused_in_a_multi_process_job(monkeypatch, tmp_p
     module, cls = (grpo_recipe, GrpoArguments) if recipe == "grpo" else (rlhf_recipe, RlhfArguments)
     with pytest.raises(ConfigError, match=message):
         module.train(parse_args(cls, ["--output_dir", str(tmp_path), *flags]), progress=False)
+
+
+def test_a_process_told_another_count_than_its_job_stops_naming_the_flag(tiny_chat_model, tmp_path):
+    """The coordinator expects 2 processes; process 1 was told 3 (and so made 2 of the 6 mesh devices, not 3): the job
+    forms, and process 1 stops naming --num_processes (process 0, left alone, is ended by the test)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAXSWIFT_INIT_TIMEOUT_S="60")
+    flags = [*dpo_flags(tiny_chat_model, tmp_path / "out"), "--mesh", "data=6", "--coordinator_address",
+             f"localhost:{free_port()}"]
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxswift.recipes.rlhf", *flags, "--num_processes", str(n),
+                               "--process_id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i, n in ((0, 2), (1, 3))]
+    try:
+        out = procs[1].communicate(timeout=PROCESS_TIMEOUT_S)[0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[1].returncode == 2, out[-4000:]
+    assert "--num_processes 3, but the job this process joined has 2 processes" in out
