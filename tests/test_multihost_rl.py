@@ -26,10 +26,12 @@ COMMON = ["--max_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-3",
 
 def dpo_flags(model, out) -> list[str]:
     # 8 rows per step (1 per device x data 2 x fsdp 2, 2 micro batches): each process holds 2 rows of each micro
-    # batch; the final metrics run the eval path over the training items
+    # batch; the reference log-probs are precomputed over the mesh (each process scores its rows, all are gathered),
+    # and the final metrics run the eval path over the training items
     return ["--model", str(model), "--output_dir", str(out), "--dataset", "builtin:preference_demo#16",
             "--max_length", "128", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
-            "--per_device_eval_batch_size", "2", "--split_dataset_ratio", "0", "--packing", "false", *COMMON]
+            "--per_device_eval_batch_size", "2", "--split_dataset_ratio", "0", "--packing", "false",
+            "--precompute_ref_log_probs", "true", *COMMON]
 
 
 REWARD_PLUGIN = '''
