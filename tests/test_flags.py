@@ -25,8 +25,8 @@ from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.rlhf_args import RlhfArguments
 
 # Read by the recipe entry points before a trainer runs: `config` by parse_args (tests/test_sft.py: YAML), the
-# multi-process flags by initialize_distributed (sft) or refused by single_process (rlhf, grpo)
-# (tests/test_multihost.py). Checked below in the recipes' source.
+# multi-process flags by initialize_distributed (tests/test_multihost.py, tests/test_multihost_rl.py). Checked below
+# in the recipes' source.
 ENTRY_FLAGS = {"config", "coordinator_address", "num_processes", "process_id"}
 
 COMMON = dict(max_steps=2, logging_steps=1, learning_rate=1e-3, disable_tqdm=True, save_steps=1, eval_steps=1,
@@ -116,9 +116,7 @@ def test_entry_flags_are_read_by_the_recipe(recipe):
     import inspect
 
     source = inspect.getsource(importlib.import_module(f"jaxswift.recipes.{recipe}"))
-    reader = "initialize_distributed(args.coordinator_address, args.num_processes, args.process_id" \
-        if recipe == "sft" else "single_process("
-    assert reader in source
+    assert "initialize_distributed(args.coordinator_address, args.num_processes, args.process_id" in source
 
 
 def test_task_type_flags_are_checked_by_name():

@@ -33,13 +33,16 @@ def sft_flags(model, out) -> list[str]:
             "--save_steps", "1000", "--lr_scheduler_type", "constant", "--tuner_type", "full", "--mesh", MESH]
 
 
-def launch_two_processes(flags: list[str], port: int) -> list[subprocess.CompletedProcess]:
+def launch_two_processes(flags: list[str], port: int, recipe: str = "sft", *, per_process=((), ()),
+                         env_extra=None) -> list[subprocess.CompletedProcess]:
+    """Runs `python -m jaxswift.recipes.<recipe>` as processes 0 and 1 of a 2-process job (per_process: extra flags of
+    each, given after the common ones)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the recipe picks 8 / 2 devices per process
-    env["JAX_PLATFORMS"] = "cpu"
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxswift.recipes.sft", *flags,
+    env.update(JAX_PLATFORMS="cpu", **(env_extra or {}))
+    procs = [subprocess.Popen([sys.executable, "-m", f"jaxswift.recipes.{recipe}", *flags,
                                "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-                               "--process_id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
+                               "--process_id", str(i), *per_process[i]], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
     results = []
     try:
         for p in procs:
@@ -126,12 +129,3 @@ def test_no_cluster_no_flags_is_one_process(monkeypatch):
     for name in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "JAX_", "JAXSWIFT_", "TPU_"))]:
         monkeypatch.delenv(name)
     assert detected_cluster() is None and resolve_launch() == SINGLE_PROCESS
-
-
-@pytest.mark.parametrize("recipe", ["rlhf", "grpo"])
-def test_single_process_recipes_refuse_a_multi_process_launch(recipe):
-    import importlib
-
-    main = importlib.import_module(f"jaxswift.recipes.{recipe}").main
-    with pytest.raises(ConfigError, match=rf"jaxswift {recipe} runs in one process .*2 processes"):
-        main(["--coordinator_address", "localhost:1234", "--num_processes", "2", "--process_id", "0"])

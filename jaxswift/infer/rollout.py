@@ -29,6 +29,7 @@ from jaxswift.infer.generate import last_logits, left_pad
 from jaxswift.infer.sampling import SamplingParams, categorical_with_logprob, sample, token_logprobs
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states, init_cache, logits_from_hidden, unstack_layers
+from jaxswift.parallel.distributed import gather_to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,19 +85,35 @@ def _fork_cache(cache, times: int, rows: int):
                           segment_ids=rep(cache.segment_ids))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "num_generations"))
+def _split_rows(tree, rows_sharding):
+    """Every array of `tree` with its leading (row) axis split as `rows_sharding` says (nothing when None)."""
+    if rows_sharding is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows_sharding), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "num_generations",
+                                             "rows_sharding"))
 def sample_with_logprobs(params, tokens_UP, positions_UP, segments_UP, eos_ids, key, *, cfg: ModelConfig,
-                         max_new_tokens: int, sampling: SamplingParams, num_generations: int = 1):
+                         max_new_tokens: int, sampling: SamplingParams, num_generations: int = 1,
+                         rows_sharding=None):
     """(tokens [B, C], logprobs [B, C], lengths [B]) for B = U prompts x num_generations rows, prompt by prompt;
     C = max_new_tokens; after eos, the eos id and logprob 0. Each prompt is prefilled once and its cache copied
-    to its rows (the G completions of a prompt share it, as a prefix cache would)."""
+    to its rows (the G completions of a prompt share it, as a prefix cache would).
+
+    rows_sharding (a NamedSharding of [B]): the decode loop's rows split over the mesh as it says, so each device
+    (each process, in a multi-process job) decodes only its rows; the prompts' prefill stays whole. Draws do not
+    depend on the split (jax's partitionable threefry): the tokens are those of an unsplit run."""
     U, P = tokens_UP.shape
     G = num_generations
     B = U * G
     params = unstack_layers(params)
     cache = init_cache(cfg, U, P + max_new_tokens, per_layer=True)
     logits, cache = last_logits(params, tokens_UP, cfg, positions_UP, segments_UP, cache)
-    logits, cache = _repeat_rows(logits, G, U), _fork_cache(cache, G, U)
+    logits = _split_rows(_repeat_rows(logits, G, U), rows_sharding)
+    cache = _fork_cache(cache, G, U)
+    cache = cache._replace(**_split_rows(dict(k=cache.k, v=cache.v, positions=cache.positions,
+                                              segment_ids=cache.segment_ids), rows_sharding))
     fill = eos_ids[0]
 
     def cond(state):
@@ -115,10 +132,12 @@ def sample_with_logprobs(params, tokens_UP, positions_UP, segments_UP, eos_ids, 
         logits, cache = last_logits(params, tok[:, None], cfg, pos[:, None], jnp.ones((B, 1), jnp.int32), cache)
         return step + 1, logits, cache, pos + 1, done, out, logps, lengths, key
 
-    state = (jnp.zeros((), jnp.int32), logits, cache, jnp.repeat(positions_UP[:, -1] + 1, G), jnp.zeros((B,), bool),
-             jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.float32),
-             jnp.zeros((B,), jnp.int32), key)
-    out = jax.lax.while_loop(cond, body, state)
+    pos, done, out, logps, lengths = _split_rows((jnp.repeat(positions_UP[:, -1] + 1, G), jnp.zeros((B,), bool),
+                                                  jnp.zeros((B, max_new_tokens), jnp.int32),
+                                                  jnp.zeros((B, max_new_tokens), jnp.float32),
+                                                  jnp.zeros((B,), jnp.int32)), rows_sharding)
+    out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), logits, cache, pos, done, out, logps, lengths,
+                                          key))
     return out[5], out[6], out[7]
 
 
@@ -132,16 +151,18 @@ def _truncated(tokens: np.ndarray, lengths: np.ndarray, eos_ids) -> np.ndarray:
 
 
 def rollout(params, prompts_ids: list[list[int]], cfg: ModelConfig, *, sampling: RolloutSampling,
-            num_generations: int, eos_ids, pad_id: int, key) -> Rollout:
+            num_generations: int, eos_ids, pad_id: int, key, rows_sharding=None) -> Rollout:
     """G completions per prompt from jaxswift's jitted generation loop (one batch of N = len(prompts) x G rows;
-    each prompt prefilled once)."""
+    each prompt prefilled once). rows_sharding: how the N rows are split over the mesh while they decode (see
+    `sample_with_logprobs`); the result holds every row, in every process."""
     tokens, positions, segments = left_pad(prompts_ids, pad_id)
     params_sampling = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     out, logps, lengths = sample_with_logprobs(params, tokens, positions, segments, jnp.asarray(eos_ids, jnp.int32),
                                                key, cfg=cfg, max_new_tokens=sampling.max_completion_length,
-                                               sampling=params_sampling, num_generations=num_generations)
+                                               sampling=params_sampling, num_generations=num_generations,
+                                               rows_sharding=rows_sharding)
     tokens, positions, segments = (np.repeat(x, num_generations, axis=0) for x in (tokens, positions, segments))
-    out, logps, lengths = np.asarray(out), np.asarray(logps), np.asarray(lengths)
+    out, logps, lengths = (np.asarray(x) for x in gather_to_host((out, logps, lengths)))  # every process's rows
     mask = _mask(lengths, out.shape[1])
     return Rollout(tokens, positions, segments, out, mask, logps * mask, _truncated(out, lengths, eos_ids))
 

@@ -8,16 +8,24 @@ pod, under SLURM (`srun`) or Open MPI (`mpirun`). With none of these it does not
 Every process runs the same program on the same data: each builds the same global batch and copies only the rows
 its own devices hold (`put_global_batch`); checkpoints are saved by all processes together (orbax), and only the
 primary process (0) writes logs, plots and the final HF/PEFT export (`is_primary`, `gather_to_host`).
+
+Every process must be started with the same flags (`--process_id` aside): `check_same_flags` compares them once
+the job has formed. Process 0 waits `JAXSWIFT_INIT_TIMEOUT_S` seconds (default 300) for the others to connect;
+jax then ends every process, so the line written before joining says which flags to check.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import sys
 from typing import Mapping
 
 import jax
+import numpy as np
 
 from jaxswift.errors import ConfigError
 from jaxswift.parallel.mesh import ensure_cpu_devices
@@ -27,6 +35,8 @@ log = logging.getLogger(__name__)
 COORDINATOR_ENV = ("JAXSWIFT_COORDINATOR", "JAX_COORDINATOR_ADDRESS")
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
+INIT_TIMEOUT_ENV = "JAXSWIFT_INIT_TIMEOUT_S"  # how long the processes wait for each other to connect
+DEFAULT_INIT_TIMEOUT_S = 300
 AUTO_CLUSTERS = ("ompi", "slurm", "tpu", "gcetpu", "gketpu")  # jax's cluster names we let it detect
 
 
@@ -119,19 +129,61 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if launch.num_processes == 1:
         return 1
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes reduce over TCP (gloo)
-    log.info("joining a %d-process job (%s)", launch.num_processes, launch.source)
-    jax.distributed.initialize(**launch.kwargs)
+    timeout = init_timeout_s()
+    # jax ends the process (no Python exception) when the others do not all connect in time: say first what to check
+    print(f"jaxswift: joining a {launch.num_processes}-process job ({launch.source}"
+          + (f", coordinator {launch.kwargs['coordinator_address']}, process {launch.kwargs['process_id']}"
+             if launch.kwargs else "")
+          + f"); waiting up to {timeout} s ({INIT_TIMEOUT_ENV}) for all of them to connect. If this process is ended "
+          f"with DEADLINE_EXCEEDED, not all {launch.num_processes} processes of --num_processes "
+          f"{launch.num_processes} were started, or they were given different --num_processes / "
+          "--coordinator_address", file=sys.stderr, flush=True)
+    jax.distributed.initialize(**launch.kwargs, initialization_timeout=timeout)
+    if jax.process_count() != launch.num_processes:
+        raise ConfigError(f"--num_processes {launch.num_processes}, but the job this process joined has "
+                          f"{jax.process_count()} processes (as its coordinator, process 0, was told): give every "
+                          "process the same --num_processes")
     return jax.process_count()
 
 
-def single_process(recipe: str, args) -> None:
-    """For recipes that do not join multi-process jobs yet (rlhf, grpo): a clear error when the flags or the
-    environment ask for several processes, then this process's CPU devices as usual."""
-    launch = resolve_launch(args.coordinator_address, args.num_processes, args.process_id)
-    if launch.num_processes > 1:
-        raise ConfigError(f"jaxswift {recipe} runs in one process for now ({launch.num_processes} processes asked "
-                          f"by {launch.source}); multi-process training is `jaxswift sft` only")
-    ensure_cpu_devices(args.mesh)
+def init_timeout_s(environ: Mapping[str, str] | None = None) -> int:
+    """Seconds the processes wait for each other to connect: JAXSWIFT_INIT_TIMEOUT_S, else 300."""
+    value = _env_int(os.environ if environ is None else environ, INIT_TIMEOUT_ENV)
+    if value is None:
+        return DEFAULT_INIT_TIMEOUT_S
+    if value < 1:
+        raise ConfigError(f"environment variable {INIT_TIMEOUT_ENV}={value}: expected a positive number of seconds")
+    return value
+
+
+PER_PROCESS_FLAGS = ("process_id",)  # the one flag that differs between the processes of a job
+
+
+def flag_digests(args) -> np.ndarray:
+    """[fields] 31-bit digests of a run's flags (one per dataclass field, in field order)."""
+    values = dataclasses.asdict(args)
+    return np.array([0 if name in PER_PROCESS_FLAGS else
+                     int.from_bytes(hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode())
+                                    .digest()[:4], "little") >> 1
+                     for name, value in values.items()], np.int32)
+
+
+def check_same_flags(args) -> None:
+    """Every process of a job must run with the same flags (a different batch size, dataset or mesh in one of them
+    would leave the others waiting in a collective, or train on a batch that does not add up): the flags that
+    differ are named, in every process at once. One process: nothing to compare."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digests = np.asarray(multihost_utils.process_allgather(flag_digests(args)))  # [processes, fields]
+    names = [f.name for f in dataclasses.fields(args)]
+    differ = [f"--{names[i]}" for i in np.flatnonzero((digests != digests[0]).any(axis=0))]
+    if differ:
+        mine = ", ".join(f"{flag} {getattr(args, flag[2:])!r}" for flag in differ)
+        raise ConfigError(f"the {jax.process_count()} processes were started with different {', '.join(differ)} "
+                          f"(process {jax.process_index()} has {mine}); every process of a job needs the same flags "
+                          "(--process_id aside)")
 
 
 def is_primary() -> bool:
@@ -162,6 +214,15 @@ def process_rows(sharding, rows: int) -> tuple[int, int]:
     return first, last
 
 
+def held_rows(sharding, rows: int) -> np.ndarray:
+    """[rows] bool: the rows of a [rows, ...] array split by `sharding` (over its leading axis) that this process's
+    devices hold. Every row in a one-process run."""
+    held = np.zeros(rows, bool)
+    for index in sharding.addressable_devices_indices_map((rows,)).values():
+        held[index[0]] = True
+    return held
+
+
 def put_process_batch(local: dict, sharding, rows: int) -> dict:
     """This process's rows ([A, last - first, T], see `process_rows`) -> global [A, rows, T] jax Arrays."""
     if jax.process_count() == 1:
@@ -178,3 +239,23 @@ def gather_to_host(tree):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def share_rows(values: np.ndarray, owned: np.ndarray) -> np.ndarray:
+    """values [N, ...] of which this process computed the rows where `owned` [N] is true (the rest are ignored)
+    -> the [N, ...] values of every process's rows, in every process; each row is copied from a process that
+    computed it (no arithmetic: the same values as one process computing them all). Collective."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    values = np.ascontiguousarray(values)
+    raw = values.reshape(len(values), -1).view(np.uint8)  # sent as bytes: float64 stays float64 (jax has no x64)
+    every_raw, every_owned = (np.asarray(x) for x in multihost_utils.process_allgather(
+        (raw, np.asarray(owned, np.int32))))  # [processes, N, bytes], [processes, N]
+    missing = np.flatnonzero(every_owned.max(axis=0) == 0)
+    if len(missing):
+        raise ValueError(f"rows {missing.tolist()} were computed by no process")
+    owner = np.argmax(every_owned, axis=0)
+    rows = np.ascontiguousarray(every_raw[owner, np.arange(len(owner))])
+    return rows.view(values.dtype).reshape(values.shape)

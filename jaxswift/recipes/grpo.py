@@ -12,12 +12,14 @@ from jaxswift.recipes.common import print_outcome, run_main, task_scorer_of
 
 
 def main(argv: list[str]) -> int:
-    from jaxswift.parallel.distributed import single_process
+    from jaxswift.parallel.distributed import check_same_flags, initialize_distributed
     from jaxswift.train.args import parse_args
     from jaxswift.train.grpo_args import GrpoArguments
 
     args = parse_args(GrpoArguments, argv)
-    single_process("grpo", args)  # before JAX creates its CPU client
+    # before JAX creates its backend: join a multi-process job, and on CPU make this process's virtual devices
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, mesh=args.mesh)
+    check_same_flags(args)
     result = train(args)
     print(f"mean reward: first quarter of the steps {result.reward_first:.3f} -> last quarter "
           f"{result.reward_last:.3f} over {len(result.history)} steps")

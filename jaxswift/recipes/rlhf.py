@@ -15,12 +15,14 @@ SHOWN = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rej
 
 
 def main(argv: list[str]) -> int:
-    from jaxswift.parallel.distributed import single_process
+    from jaxswift.parallel.distributed import check_same_flags, initialize_distributed
     from jaxswift.train.rlhf_args import RlhfArguments
     from jaxswift.train.args import parse_args
 
     args = parse_args(RlhfArguments, argv)
-    single_process("rlhf", args)  # before JAX creates its CPU client
+    # before JAX creates its backend: join a multi-process job, and on CPU make this process's virtual devices
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, mesh=args.mesh)
+    check_same_flags(args)
     result = train(args)
     if args.rlhf_type == "gkd":
         return _print_gkd(result, args)

@@ -11,12 +11,13 @@ from jaxswift.recipes.common import print_outcome, run_main, task_scorer_of
 
 
 def main(argv: list[str]) -> int:
-    from jaxswift.parallel.distributed import initialize_distributed
+    from jaxswift.parallel.distributed import check_same_flags, initialize_distributed
     from jaxswift.train.args import SftArguments, parse_args
 
     args = parse_args(SftArguments, argv)
     # before JAX creates its backend: join a multi-process job, and on CPU make this process's virtual devices
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id, mesh=args.mesh)
+    check_same_flags(args)
     result = train(args)
     losses = list(result.losses.values())
     if losses:

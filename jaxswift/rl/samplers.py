@@ -31,19 +31,20 @@ def reward_funcs(args) -> tuple[dict, np.ndarray]:
 
 
 def sampler_factory(args):
-    """(model, cfg, eos_ids, pad_id, longest prompt) -> sample(params, prompt rows, key) -> (Rollout, env rewards
-    or None), by --rollout_backend and --multi_turn_env."""
+    """(model, cfg, eos_ids, pad_id, longest prompt, rows_sharding) -> sample(params, prompt rows, key) -> (Rollout,
+    env rewards or None), by --rollout_backend and --multi_turn_env. rows_sharding splits the `generate` backend's
+    decoding rows over the mesh (the engine and the multi-turn loop run one process, their rows whole)."""
     sampling = RolloutSampling(args.temperature, args.top_p, args.top_k, args.max_completion_length)
     G = args.num_generations
 
-    def make(model, cfg, eos_ids, pad_id, longest_prompt: int):
+    def make(model, cfg, eos_ids, pad_id, longest_prompt: int, rows_sharding=None):
         if args.multi_turn_env:
             return _multi_turn(args, model, cfg, sampling, eos_ids, pad_id)
         if args.rollout_backend == "engine":
             return _engine(args, model, cfg, sampling, longest_prompt)
         return lambda params, rows, key: (rollout(params, [r.ids for r in rows], cfg.replace(remat="none"),
                                                   sampling=sampling, num_generations=G, eos_ids=eos_ids,
-                                                  pad_id=pad_id, key=key), None)
+                                                  pad_id=pad_id, key=key, rows_sharding=rows_sharding), None)
 
     return make
 

@@ -6,6 +6,14 @@ log-probs (needed when num_iterations > 1 or for kl_in_reward) and reference log
 jitted batches when the generation is made: with LoRA the reference is the same base with adapters off (no copy);
 full tuning loads `--model` again, frozen. With num_iterations = 1 the old policy is the current one (ratio 1, as
 TRL). Rollouts run on the train state's params, so they always sample the latest weights.
+
+Several processes (`jaxswift grpo --num_processes N`): generation is one program over the global mesh, every process
+running the same jitted loop on the same prompts with the same key; a generation's rows are split over the mesh's
+batch axes while they decode (`Generator.rows_sharding`), so each process's devices decode their block of rows, and
+the sampled tokens equal one process's. The completions are gathered to every host; each process scores the rewards
+of the rows it decoded (`Generator.owned`), and the rewards are shared (`parallel.distributed.share_rows`), so group
+advantages, dynamic sampling and the logged reward metrics are those of the whole batch, as in one process. Each
+process feeds the step only its rows of each micro batch (`Generator.rows`).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxswift.infer.generate import stop_token_ids
 from jaxswift.data.prompts import PromptRow, PromptStream, load_prompts
@@ -28,9 +37,10 @@ from jaxswift.infer.rollout import (Rollout, completion_logps, grouped_completio
 from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
 from jaxswift.optim.qgalore import float_view
+from jaxswift.parallel.distributed import gather_to_host, held_rows, is_primary, share_rows
 from jaxswift.train.grpo_args import GrpoArguments
-from jaxswift.train.loop import (Feed, LatestState, compile_step, demo_answer, export_model, init_state, plot_run,
-                                 refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
+from jaxswift.train.loop import (Feed, LatestState, compile_step, demo_answer, export_model, host_params, init_state,
+                                 plot_run, refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
                                  with_task_scores)
 from jaxswift.parallel.params import shard_params
 from jaxswift.train.state import TrainState, combine
@@ -45,7 +55,8 @@ class GrpoParts:
     reward_funcs: dict  # name -> fn(prompts, completions, **columns) -> rewards
     reward_weights: np.ndarray
     score: Callable  # (funcs, prompts, completions, columns) -> [N, R] rewards
-    make_sampler: Callable  # (model, cfg, eos_ids, pad_id, longest prompt) -> sample(params, rows, key)
+    make_sampler: Callable  # (model, cfg, eos_ids, pad_id, longest prompt, rows_sharding) -> sample(params, rows,
+    #                         key); rows_sharding splits the decoding rows over the mesh
 
 
 # ------------------------------------------------------------------------------------------------------- the step
@@ -131,32 +142,44 @@ class Generator:
     reference: Callable  # state -> reference params (adapters off / a frozen copy); None when beta = 0
     sample: Callable  # (params, prompt rows, key) -> (Rollout, env rewards or None)
     completions_log: Path | None = None
+    rows: tuple[int, int] | None = None  # this process's block [first, last) of each micro batch's rows (None: all)
+    rows_sharding: Any = None  # how a generation's rows are split over the mesh while they decode (None: whole)
+
+    def owned(self, n: int) -> np.ndarray:
+        """[n] bool: the rows of a generation (prompt-major) this process decoded, and scores."""
+        return np.ones(n, bool) if self.rows_sharding is None else held_rows(self.rows_sharding, n)
 
     def rewards_of(self, rows: list[PromptRow], r: Rollout, env_rewards) -> np.ndarray:
+        """[N, R] rewards of every row: each process scores its own rows, then all share them."""
         G = self.args.num_generations
-        completions = [self.tokenizer.decode(ids[m > 0], skip_special_tokens=True)
-                       for ids, m in zip(r.completion_ids, r.completion_mask)]
         expanded = [row for row in rows for _ in range(G)]
+        mine = np.flatnonzero(self.owned(len(expanded)))
+        completions = [self.tokenizer.decode(r.completion_ids[i][r.completion_mask[i] > 0], skip_special_tokens=True)
+                       for i in mine]
         columns: dict[str, list] = {}
         for key in {k for row in rows for k in row.columns}:
-            columns[key] = [row.columns.get(key) for row in expanded]
-        columns["completion_ids"] = [ids[m > 0].tolist() for ids, m in zip(r.completion_ids, r.completion_mask)]
-        columns["completion_lengths"] = r.lengths.tolist()
+            columns[key] = [expanded[i].columns.get(key) for i in mine]
+        columns["completion_ids"] = [r.completion_ids[i][r.completion_mask[i] > 0].tolist() for i in mine]
+        columns["completion_lengths"] = r.lengths[mine].tolist()
         if env_rewards is not None:
-            columns["env_reward"] = list(env_rewards)
-        scores = self.parts.score(self.parts.reward_funcs, [row.prompt for row in expanded], completions, columns)
-        self._log_completions(expanded, completions, scores)
+            columns["env_reward"] = [env_rewards[i] for i in mine]
+        own = self.parts.score(self.parts.reward_funcs, [expanded[i].prompt for i in mine], completions, columns)
+        scores = np.zeros((len(expanded), own.shape[1]), own.dtype)
+        scores[mine] = own
+        scores = share_rows(scores, self.owned(len(expanded)))
+        self._log_completions(expanded, r, scores)
         return scores
 
-    def _log_completions(self, rows: list[PromptRow], completions: list[str], scores: np.ndarray):
+    def _log_completions(self, rows: list[PromptRow], r: Rollout, scores: np.ndarray):
         """The first group of every rollout, with its rewards, to output_dir/completions.jsonl (TRL's
-        log_completions)."""
-        if self.completions_log is None:
+        log_completions); written by the primary process."""
+        if self.completions_log is None or not is_primary():
             return
         with open(self.completions_log, "a") as f:
-            for row, text, s in list(zip(rows, completions, scores))[:self.args.num_generations]:
-                f.write(json.dumps({"prompt": row.prompt, "completion": text,
-                                    **{n: float(v) for n, v in zip(self.parts.reward_funcs, s)}}) + "\n")
+            for i in range(self.args.num_generations):
+                text = self.tokenizer.decode(r.completion_ids[i][r.completion_mask[i] > 0], skip_special_tokens=True)
+                f.write(json.dumps({"prompt": rows[i].prompt, "completion": text,
+                                    **{n: float(v) for n, v in zip(self.parts.reward_funcs, scores[i])}}) + "\n")
 
     def sample_groups(self, state, generation: int, rows: list[PromptRow]):
         """(prompt rows, rollout, rewards [N, R]); with dynamic sampling, groups whose rewards are all equal are
@@ -202,13 +225,13 @@ class Generator:
         if not args.beta:
             batch.pop("ref_logps", None)
         A = self.micro_batches
-        return {k: v.reshape(A, v.shape[0] // A, *v.shape[1:]) for k, v in batch.items()}
+        first, last = self.rows or (0, len(total) // A)
+        return {k: v.reshape(A, v.shape[0] // A, *v.shape[1:])[:, first:last] for k, v in batch.items()}
 
     def _logps(self, params, seqs: dict) -> np.ndarray:
         rows = len(seqs["tokens"]) // self.micro_batches
-        out = [np.asarray(self.logps_fn(params, *(seqs[k][i:i + rows] for k in ("tokens", "positions",
-                                                                                 "segment_ids"))))
-               for i in range(0, len(seqs["tokens"]), rows)]
+        out = [np.asarray(gather_to_host(self.logps_fn(params, *(seqs[k][i:i + rows] for k in (
+            "tokens", "positions", "segment_ids"))))) for i in range(0, len(seqs["tokens"]), rows)]
         return np.concatenate(out, 0)
 
 
@@ -327,6 +350,7 @@ def _summary(args: GrpoArguments, prompts_per_step: int, lora: bool) -> str:
 
 def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
              task_scorer: TaskScorer | None = None) -> GrpoResult:
+    check_multi_process(args)
     ctx = start_run(args)
     refuse_vision_language(ctx, "grpo")
     model, cfg = ctx.model, ctx.cfg
@@ -345,10 +369,13 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
     demo_before = demo_answer(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
     tuned = prepare_tuner(model.params, args, cfg)
     state, start_step = init_state(ctx, tuned, optimizer, messages)
+    rows_sharding = NamedSharding(ctx.mesh, PartitionSpec(ctx.batch_sharding.spec[1]))  # a generation's [N] rows
     generator = Generator(args, cfg, model.tokenizer, PromptStream(prompts, args.seed), parts, prompts_per_step,
                           args.gradient_accumulation_steps, _logps_fn(args, cfg), _reference(args, ctx, tuned.lora),
-                          parts.make_sampler(model, cfg, eos, pad_id, max(len(p.ids) for p in prompts)),
-                          completions_log=ctx.out_dir / "completions.jsonl")
+                          parts.make_sampler(model, cfg, eos, pad_id, max(len(p.ids) for p in prompts),
+                                             rows_sharding),
+                          completions_log=ctx.out_dir / "completions.jsonl",
+                          rows=ctx.rows(rows // args.gradient_accumulation_steps), rows_sharding=rows_sharding)
     model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
     step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(parts.reward_funcs),
                           temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare)
@@ -361,14 +388,29 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
     return _finish(ctx, args, loop, tuned.lora, demo_before)
 
 
+def check_multi_process(args: GrpoArguments) -> None:
+    """What runs in one process only so far, refused by name in a multi-process job: the paged engine and the
+    multi-turn environments drive generation from per-process host loops (slots, environment turns), where the
+    processes of a job must run one program together."""
+    if jax.process_count() == 1:
+        return
+    if args.rollout_backend == "engine":
+        raise ConfigError(f"--rollout_backend engine runs in one process so far ({jax.process_count()} processes "
+                          "here); multi-process GRPO generates with --rollout_backend generate")
+    if args.multi_turn_env:
+        raise ConfigError(f"--multi_turn_env runs in one process so far ({jax.process_count()} processes here)")
+
+
 def _finish(ctx, args: GrpoArguments, loop, lora_cfg, demo_before) -> GrpoResult:
-    final_params = float_view(loop.state.params)
+    final_params = host_params(float_view(loop.state.params))  # multi-process: gathered to every host
     export_dir = export_model(ctx, final_params, lora_cfg)
     plot_run(ctx)
     demo_after = demo_answer(ctx.model, final_params, ctx.cfg, args.demo_question, args.demo_max_new_tokens)
     first, last = _reward_trend(loop.history)
-    with open(ctx.out_dir / "logging.jsonl", "a") as f:
-        f.write(json.dumps({"split": "summary", "reward_first_quarter": first, "reward_last_quarter": last}) + "\n")
+    if is_primary():
+        with open(ctx.out_dir / "logging.jsonl", "a") as f:
+            f.write(json.dumps({"split": "summary", "reward_first_quarter": first,
+                                "reward_last_quarter": last}) + "\n")
     return GrpoResult(loop.history, ctx.out_dir, export_dir, first, last, demo_before, demo_after,
                       loop.first_step_seconds)
 

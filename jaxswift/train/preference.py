@@ -27,6 +27,7 @@ from jaxswift.losses.lm import token_logps
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
 from jaxswift.optim.qgalore import float_view
+from jaxswift.parallel.distributed import gather_to_host
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
 
@@ -382,5 +383,5 @@ def score_items(logps_fn: Callable, items, rows_per_batch: int, length: int, put
     S = len(items[0].sequences)
     out = np.zeros((len(items), S), np.float32)
     for chunk, batch in item_batches(items, rows_per_batch, length):
-        out[chunk] = np.asarray(jax.device_get(logps_fn(put(batch))))[:len(chunk), 0]
+        out[chunk] = np.asarray(gather_to_host(logps_fn(put(batch))))[:len(chunk), 0]  # rows of every process
     return out

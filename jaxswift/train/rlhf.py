@@ -122,6 +122,9 @@ class _Scoring:
 def run_rlhf(args: RlhfArguments, *, progress: bool = True, task_scorer: TaskScorer | None = None) -> RlhfResult:
     """A preference run; `--rlhf_type gkd` is distillation, run by train.gkd (its result is a GkdResult)."""
     if args.rlhf_type == "gkd":
+        if jax.process_count() > 1:  # its on-policy samples and teacher calls are per process so far
+            raise ConfigError(f"--rlhf_type gkd runs in one process so far ({jax.process_count()} processes here); "
+                              "the other --rlhf_type values (dpo, kto, cpo, simpo, orpo, rm) run multi-process")
         return run_gkd(args, progress=progress, task_scorer=task_scorer)
     ctx = start_run(args)
     refuse_vision_language(ctx, "rlhf")
@@ -186,7 +189,7 @@ def _export_model(ctx: RunContext, state, lora_cfg):
     params = dict(host_params(float_view(state.params)))  # Q-GaLore's 8-bit weights back to floats
     head = params.pop("value_head", None)
     export_dir = export_model(ctx, params, lora_cfg)
-    if head is not None:
+    if head is not None and is_primary():
         _save_value_head(head, export_dir)
     return params, export_dir
 
