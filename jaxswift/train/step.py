@@ -40,19 +40,31 @@ def nll_sums(params, micro: dict, cfg: ModelConfig, loss_chunk: int, *, with_aux
     return (nll + aux * weight if with_aux and cfg.is_moe else nll), weight
 
 
-def vlm_nll_sums(params, micro: dict, cfg: VLMConfig, loss_chunk: int, *, with_aux: bool = True):
-    """nll_sums of a vision-language model: the tower and aligner run once over each row's concatenated patches
-    (vmapped over the rows, so data parallelism splits images with their rows), the features replace the row's
-    placeholder tokens in order, and the text core runs with the rows' M-RoPE positions [3, B, T]."""
+def vlm_row_hidden_states(params, micro: dict, cfg: VLMConfig, *, return_aux: bool = False):
+    """The text core's hidden states over a vision-language batch: the tower and aligner run once over each row's
+    concatenated patches (vmapped over the rows, so data parallelism splits images with their rows), the features
+    replace the row's placeholder tokens, and the text core runs with the rows' M-RoPE positions [3, B, T].
+    Placeholders take the features in order, or, when the batch has `feature_index [B, T]`, the feature row it
+    names (a preference row stores the images its sequences share once: data/multimodal_preference.py)."""
     tokens = micro["tokens"]
     vision = VisionInputs(micro["pixels"], micro["patch_rows_cols"], micro["patch_frames"], micro["patch_windows"])
     features_BND = jax.vmap(lambda v: image_features(params, VisionInputs(*v), cfg))(vision)
     embeds_BTD = jnp.take(params["llm"]["embed"], tokens, axis=0).astype(cfg.text.compute_dtype)
-    embeds_BTD = jax.vmap(lambda e, t, f: scatter_features(e[None], t[None], f, cfg.placeholder_ids)[0])(
-        embeds_BTD, tokens, features_BND)
-    h, _, aux = hidden_states(params["llm"], tokens, cfg.text, positions=micro["positions"],
-                              segment_ids=micro["segment_ids"], return_aux=True, embeds=embeds_BTD,
-                              rope_positions=jnp.moveaxis(micro["rope_positions"], 1, 0))
+    if "feature_index" in micro:
+        gathered_BTD = jnp.take_along_axis(features_BND, micro["feature_index"][..., None], axis=1)
+        is_placeholder = jnp.isin(tokens, jnp.asarray(cfg.placeholder_ids))[..., None]
+        embeds_BTD = jnp.where(is_placeholder, gathered_BTD.astype(embeds_BTD.dtype), embeds_BTD)
+    else:
+        embeds_BTD = jax.vmap(lambda e, t, f: scatter_features(e[None], t[None], f, cfg.placeholder_ids)[0])(
+            embeds_BTD, tokens, features_BND)
+    return hidden_states(params["llm"], tokens, cfg.text, positions=micro["positions"],
+                         segment_ids=micro["segment_ids"], return_aux=return_aux, embeds=embeds_BTD,
+                         rope_positions=jnp.moveaxis(micro["rope_positions"], 1, 0))
+
+
+def vlm_nll_sums(params, micro: dict, cfg: VLMConfig, loss_chunk: int, *, with_aux: bool = True):
+    """nll_sums of a vision-language model (vlm_row_hidden_states, then the loss on the LLM's head)."""
+    h, _, aux = vlm_row_hidden_states(params, micro, cfg, return_aux=True)
     nll, weight = chunked_nll_sum(params["llm"], h, micro["targets"], micro["loss_weights"].astype(jnp.float32),
                                   cfg.text, loss_chunk)
     return (nll + aux * weight if with_aux and cfg.text.is_moe else nll), weight
