@@ -165,3 +165,20 @@ def test_bad_image_rows_are_named(vlm, tmp_path):
         path = write_rows(tmp_path, [pair, row])
         with pytest.raises(DataError, match=message):
             build_multimodal_preference_items([str(path)], model.processor, kto=False, max_length=128)
+
+
+def test_kto_items_carry_their_prompts_images(vlm):
+    """KTO unpairs each pair (desirable chosen, undesirable rejected, each answering its side's prompt images) and
+    adds the mismatched KL sequence (this prompt and its images, the previous example's reply): the batch stores a
+    row's images once however many of its sequences show them."""
+    model = vlm[1]
+    kto, _ = build_multimodal_preference_items([str(vlm[3])], model.processor, kto=True, max_length=128)
+    assert [i.label for i in kto] == [True, False] * len(ROWS)
+    assert [c["images"] for c in kto[6].chats] == [["a.png"]] * 2  # row 4's chosen: images, its KL sequence too
+    assert [c["images"] for c in kto[7].chats] == [["e.png"]] * 2  # row 4's rejected: rejected_images
+    batch = assemble_multimodal_items(kto, [[0], [7]], 128, 2, 1)
+    assert [int(batch["patch_frames"][r].max()) for r in range(2)] == [1, 1]
+    seg, index, tokens = batch["segment_ids"][0], batch["feature_index"][0], batch["tokens"][0]
+    image = np.isin(tokens, model.config.placeholder_ids)
+    assert image[seg == 1].sum() == image[seg == 2].sum() == 4  # a 56 x 56 image: 4 tokens in each sequence
+    np.testing.assert_array_equal(index[image & (seg == 1)], index[image & (seg == 2)])  # the same feature rows
