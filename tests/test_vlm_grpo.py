@@ -58,13 +58,21 @@ def tower_calls(monkeypatch):
 
 
 def test_engine_rollout_logprobs_equal_the_trainers_with_the_tower_once_per_group(vlm, tower_calls):
+    """LoRA with random B on tower, aligner and LLM (as a trainer's params are mid-run), handed to the engine per
+    call (the LLM's) and through set_tower_params (the tower's); prompts with one and two images and a text one."""
+    from jaxswift.tuners.lora import LoraConfig
+    from jaxswift.tuners.vlm_lora import add_vlm_lora, randomize_b
+
     model, G = vlm[0], 3
+    lora = LoraConfig(rank=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    params = randomize_b(add_vlm_lora(model.params, model.config, lora, jax.random.key(0)), jax.random.key(1))
     prompts = load_prompts([str(vlm[3])], model.tokenizer, max_length=128, system=None, seed=0, log=print,
                            processor=model.processor)
     assert [p.images is not None for p in prompts] == [True, True, False]
     engine = JaxEngine(model, max_concurrent_decodes=4, max_model_len=128, prefill_buckets=(64,))
+    engine.set_tower_params({k: v for k, v in params.items() if k != "llm"})
     images = [None if p.images is None else request_images(model.processor, p.images) for p in prompts]
-    r = engine_rollout(engine, unstack_layers(model.params["llm"]), [p.ids for p in prompts], images=images,
+    r = engine_rollout(engine, unstack_layers(params["llm"]), [p.ids for p in prompts], images=images,
                        sampling=RolloutSampling(temperature=1.0, max_completion_length=6), num_generations=G, seed=3)
     assert len(tower_calls) == 2  # one prefill (tower run) per image prompt, shared by its G completions
     assert r.completion_mask.sum() > G * len(prompts)
@@ -72,9 +80,9 @@ def test_engine_rollout_logprobs_equal_the_trainers_with_the_tower_once_per_grou
     P = r.prompt_ids.shape[1]
     seqs.update(rollout_vision_batch([p.images or _text_prompt(p) for p in prompts], seqs, P, G, model.config))
     plain = jax.jit(lambda p, b: vlm_completion_logps(p, b, model.config, prompt_length=P, temperature=1.0))(
-        model.params, seqs)
+        params, seqs)
     np.testing.assert_allclose(r.logprobs, np.asarray(plain) * r.completion_mask, atol=1e-4, rtol=0)
-    grouped = grouped_vlm_completion_logps(model.params, seqs, cfg=model.config, prompt_length=P, temperature=1.0,
+    grouped = grouped_vlm_completion_logps(params, seqs, cfg=model.config, prompt_length=P, temperature=1.0,
                                            num_generations=G)
     np.testing.assert_allclose(np.asarray(grouped) * r.completion_mask, np.asarray(plain) * r.completion_mask,
                                atol=1e-5, rtol=0)
