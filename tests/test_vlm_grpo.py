@@ -20,7 +20,7 @@ from jaxswift.models.transformer import unstack_layers
 from jaxswift.recipes.grpo import train as train_grpo
 from jaxswift.train.grpo_args import GrpoArguments
 
-from vlm_fixtures import make_qwen2_vl, random_image
+from vlm_fixtures import random_image
 
 ROWS = [{"prompt": "<image>the cat", "images": ["a.png"], "solution": "w1"},
         {"prompt": "a dog <image> the <image>", "images": ["b.png", "c.png"], "solution": "w2"},
@@ -30,10 +30,9 @@ ROWS = [{"prompt": "<image>the cat", "images": ["a.png"], "solution": "w1"},
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
+def vlm(tmp_path_factory, tiny_qwen2_vl):
     """(jaxswift model, folder, prompt rows with images, the same plus a text-only prompt)."""
-    folder = tmp_path_factory.mktemp("qwen2_vl_grpo")
-    make_qwen2_vl(folder, min_pixels=28 * 28, max_pixels=56 * 56)
+    folder = tiny_qwen2_vl[1]
     data = tmp_path_factory.mktemp("vlm_prompts")
     for name, (h, w) in {"a.png": (56, 56), "b.png": (28, 56), "c.png": (56, 28)}.items():
         random_image(h, w, seed=ord(name[0])).save(data / name)
@@ -82,6 +81,9 @@ def test_engine_rollout_logprobs_equal_the_trainers_with_the_tower_once_per_grou
     plain = jax.jit(lambda p, b: vlm_completion_logps(p, b, model.config, prompt_length=P, temperature=1.0))(
         params, seqs)
     np.testing.assert_allclose(r.logprobs, np.asarray(plain) * r.completion_mask, atol=1e-4, rtol=0)
+    per_group = jax.jit(lambda p, b: vlm_completion_logps(p, b, model.config, prompt_length=P, temperature=1.0,
+                                                          num_generations=G))(params, seqs)  # the step's tower
+    np.testing.assert_allclose(np.asarray(per_group), np.asarray(plain), atol=1e-6, rtol=0)
     grouped = grouped_vlm_completion_logps(params, seqs, cfg=model.config, prompt_length=P, temperature=1.0,
                                            num_generations=G)
     np.testing.assert_allclose(np.asarray(grouped) * r.completion_mask, np.asarray(plain) * r.completion_mask,

@@ -16,7 +16,7 @@ from jaxswift.data.multimodal_preference import assemble_multimodal_items, build
 from jaxswift.errors import DataError
 from jaxswift.train.preference import Objective, make_eval_fn, make_logps_fn
 
-from vlm_fixtures import make_qwen2_vl, random_image
+from vlm_fixtures import random_image
 
 # (row, its images as (name, h, w)): ms-swift's rejected_response with one and with two images, TRL's
 # prompt / chosen / rejected, ms-swift's rejected_images (the rejected side sees another picture), a text-only pair.
@@ -40,10 +40,9 @@ def write_rows(folder, rows):
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
+def vlm(tmp_path_factory, tiny_qwen2_vl):
     """(transformers model, jaxswift model, folder, dataset path)."""
-    folder = tmp_path_factory.mktemp("qwen2_vl_dpo")
-    hf_model, _ = make_qwen2_vl(folder, min_pixels=28 * 28, max_pixels=56 * 56)
+    hf_model, folder = tiny_qwen2_vl
     data = tmp_path_factory.mktemp("vlm_pairs")
     for _, images in ROWS:
         for k, (name, h, w) in enumerate(images):
@@ -136,7 +135,8 @@ def test_rlhf_cli_trains_dpo_on_image_rows_with_freeze_flags(vlm, tmp_path, caps
     code = main(["rlhf", "--rlhf_type", "dpo", "--model", str(folder), "--dataset", str(data), "--output_dir",
                  str(tmp_path / "out"), "--tuner_type", "full", "--max_steps", "2", "--per_device_train_batch_size",
                  "2", "--max_length", "128", "--learning_rate", "1e-3", "--logging_steps", "1", "--mesh", "1",
-                 "--demo_question", "", "--disable_tqdm", "true", "--save_steps", "1000"])
+                 "--demo_question", "", "--disable_tqdm", "true", "--save_steps", "1000",
+                 "--per_device_eval_batch_size", "8"])
     assert code == 0
     out = capsys.readouterr().out
     assert "over 2 steps" in out, out

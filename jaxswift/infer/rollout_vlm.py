@@ -10,8 +10,9 @@ the row carries what the tower and M-RoPE need (data/multimodal_batch.py's names
                                   patches, rounded up to 64), the same for the G rows of a prompt
 
 Only the prompt's placeholder tokens take image features: a completion that samples a placeholder id reads it as
-the text token it was when it was decoded. Training recomputes each row's tower (the gradient step); scoring
-without gradients (`grouped_vlm_completion_logps`) runs each prompt, and its tower, once per group.
+the text token it was when it was decoded. The gradient step runs the tower once per group of G rows when its
+micro-batches hold whole groups (else once per row); scoring without gradients (`grouped_vlm_completion_logps`)
+runs each prompt, and its tower, once per group.
 """
 
 from __future__ import annotations
@@ -66,14 +67,17 @@ def _prompt_images(tokens_BT, cfg: VLMConfig, prompt_length: int):
 
 
 def vlm_completion_logps(params, batch: dict, cfg: VLMConfig, *, prompt_length: int, temperature: float,
-                         with_entropy: bool = False):
+                         with_entropy: bool = False, num_generations: int = 1):
     """rollout.completion_logps of a vision-language model's rollout rows (batch: tokens, positions, segment_ids
-    [B, T] and the vision keys): each row's tower runs, its features at the prompt's placeholders."""
+    [B, T] and the vision keys), the features at the prompt's placeholders. num_generations = G > 1: the rows come
+    in groups of G with one prompt's images (a rollout's layout, B a multiple of G), so the tower runs once per
+    group (the gradient of the step); 1: once per row."""
     tokens = batch["tokens"]
     h, _ = row_vlm_hidden_states(params, tokens, cfg, _vision(batch),
                                  rope_positions=jnp.moveaxis(batch["rope_positions"], 1, 0),
                                  positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                 placeholder_mask_BT=_prompt_images(tokens, cfg, prompt_length))
+                                 placeholder_mask_BT=_prompt_images(tokens, cfg, prompt_length),
+                                 rows_per_image_set=num_generations)
     return _score(params["llm"], h[:, prompt_length - 1:-1], tokens[:, prompt_length:], cfg.text, temperature,
                   with_entropy)
 

@@ -55,17 +55,19 @@ class GrpoParts:
 
 def make_grpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, loss_cfg: pl.PolicyLossConfig, *,
                    reward_names: tuple[str, ...], temperature: float, has_old: bool,
-                   prepare_params: Callable | None = None) -> Callable:
+                   prepare_params: Callable | None = None, num_generations: int = 1) -> Callable:
     """(state, batch) -> (state, metrics). batch: [A, b, ...] tokens/positions/segment_ids [P + C],
     completion_mask [C], advantages [1], rewards [R], and old_logps / ref_logps [C] when used; a vision-language
-    model's rows add their prompt's images and M-RoPE positions (infer/rollout_vlm.py)."""
+    model's rows add their prompt's images and M-RoPE positions (infer/rollout_vlm.py): with micro-batches of
+    whole groups (b a multiple of num_generations, rows in a rollout's order) its tower runs once per group."""
     prepare = prepare_params or (lambda params, rng: params)
 
     def micro_loss(trainable, frozen, micro, key, num_sequences, num_tokens):
         params = prepare(combine(trainable, frozen), key)
         C = micro["completion_mask"].shape[-1]
+        groups_of = num_generations if micro["tokens"].shape[0] % num_generations == 0 else 1
         logps, entropy = rollout_logps(params, micro, cfg, prompt_length=micro["tokens"].shape[-1] - C,
-                                       temperature=temperature, with_entropy=True)
+                                       temperature=temperature, with_entropy=True, groups_of=groups_of)
         old = micro["old_logps"] if has_old else jax.lax.stop_gradient(logps)
         ref = micro["ref_logps"] if loss_cfg.beta != 0.0 else None
         mask = micro["completion_mask"]
@@ -96,11 +98,13 @@ def make_grpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, lo
     return step
 
 
-def rollout_logps(params, batch: dict, cfg, *, prompt_length: int, temperature: float, with_entropy: bool = False):
-    """Completion log-probs of rollout rows (with the image features in place for a vision-language model)."""
+def rollout_logps(params, batch: dict, cfg, *, prompt_length: int, temperature: float, with_entropy: bool = False,
+                  groups_of: int = 1):
+    """Completion log-probs of rollout rows (with the image features in place for a vision-language model; its
+    tower once per run of `groups_of` rows sharing a prompt)."""
     if isinstance(cfg, VLMConfig):
         return vlm_completion_logps(params, batch, cfg, prompt_length=prompt_length, temperature=temperature,
-                                    with_entropy=with_entropy)
+                                    with_entropy=with_entropy, num_generations=groups_of)
     return completion_logps(params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg,
                             prompt_length=prompt_length, temperature=temperature, with_entropy=with_entropy)
 
@@ -382,7 +386,8 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
                           completions_log=ctx.out_dir / "completions.jsonl")
     model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
     step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(parts.reward_funcs),
-                          temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare)
+                          temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare,
+                          num_generations=args.num_generations)
     holder = LatestState(state, compile_step(ctx, step, state))
     feed = Feed(holder.step, RolloutPlan(generator, holder, total_steps, args.num_iterations).batches, rows,
                 args.max_length + args.max_completion_length, steps_per_epoch, with_task_scores(None, ctx, task_scorer))
