@@ -135,6 +135,9 @@ def test_bad_image_prompts_and_backends_are_refused(vlm, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:1: 1 <image> and 0 <video> markers in the prompt but 0 images"):
         load_prompts([str(bad)], model.tokenizer, max_length=64, system=None, seed=0, log=print,
                      processor=model.processor)
+    with pytest.raises(DataError, match=r"prompts.jsonl:1: the prompt has images or content parts; it needs a "
+                                        "vision-language model"):
+        load_prompts([str(vlm[2])], model.tokenizer, max_length=64, system=None, seed=0, log=print)  # text path
     with pytest.raises(ConfigError, match="--truncation_strategy left: prompts with images"):
         load_prompts([str(vlm[2])], model.tokenizer, max_length=64, system=None, seed=0, log=print,
                      processor=model.processor, truncation_strategy="left")

@@ -160,11 +160,20 @@ def test_bad_image_rows_are_named(vlm, tmp_path):
          r"pairs.jsonl:2: chosen and rejected carry different image counts \(1 in 'images', 2 in 'rejected_images'\)"),
         ({**pair, "images": ["missing.png"]}, r"pairs.jsonl:2 image 0 .*image file '.*missing.png' not found"),
         ({**pair, "images": []}, r"pairs.jsonl:2: 1 <image> and 0 <video> markers in the messages but 0 images"),
+        ({**pair, "rejected_videos": [["a.png"]]}, r"pairs.jsonl:2: 'rejected_videos' is not supported"),
+        ({k: v for k, v in pair.items() if k != "rejected_response"} | {"rejected_messages": pair["messages"]},
+         r"pairs.jsonl:2: ms-swift's 'rejected_messages' .* is not supported"),
     ]
     for row, message in cases:
         path = write_rows(tmp_path, [pair, row])
         with pytest.raises(DataError, match=message):
             build_multimodal_preference_items([str(path)], model.processor, kto=False, max_length=128)
+    # the text path never drops a row's images silently: a text-only model refuses them
+    from jaxswift.data.preference import build_preference_items
+
+    path = write_rows(tmp_path, [pair])
+    with pytest.raises(DataError, match="pairs.jsonl:1: the row has images or videos; it needs a vision-language"):
+        build_preference_items([str(path)], model.tokenizer, kto=False, max_length=128)
 
 
 def test_kto_items_carry_their_prompts_images(vlm):

@@ -69,6 +69,9 @@ def _encode(chat: dict, item) -> MultimodalExample:
 def _side_media(row: dict, where: str) -> tuple[tuple[list, list], tuple[list, list]]:
     """((images, videos) of the chosen side, (images, videos) of the rejected side)."""
     images, videos = row_media(row, where)
+    if _present(row, "rejected_videos"):
+        raise DataError(f"{where}: 'rejected_videos' is not supported (the rejected side shows the prompt's videos); "
+                        "'rejected_images' is")
     if not _present(row, "rejected_images"):
         return (images, videos), (images, videos)
     rejected = _maybe_json(row["rejected_images"], where, "rejected_images")
@@ -156,7 +159,7 @@ def _without_media(row):
     """The row for data/preference's parser, which knows nothing of media columns."""
     if not isinstance(row, dict):
         return row
-    return {k: v for k, v in row.items() if k not in ("images", "videos", "rejected_images")}
+    return {k: v for k, v in row.items() if k not in ("images", "videos", "rejected_images", "rejected_videos")}
 
 
 def _kl_chat(pref, chat: dict, previous, base_dir, processor, loss_scale, system, max_length):

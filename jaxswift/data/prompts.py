@@ -77,6 +77,8 @@ def _with_media(messages: list[dict], row: dict, where: str) -> list[dict]:
 def _encode(messages, row, where, tokenizer, processor, base_dir):
     """(ids, MultimodalPrompt or None): a vision-language model's processor expands images (decoded here)."""
     if processor is None:
+        if any(row_media(row, where)) or any(isinstance(m["content"], list) for m in messages):
+            raise DataError(f"{where}: the prompt has images or content parts; it needs a vision-language model")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False), None
     prompt = processor.encode_chat(_with_media(messages, row, where), base_dir=base_dir, where=where)
