@@ -74,3 +74,14 @@ def smollm2_hf():
                                                               dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory):
+    """(transformers model, folder): a tiny random Qwen2-VL (images of 28..56 px), shared by the DPO and GRPO
+    image-row tests (tests/vlm_fixtures.make_qwen2_vl)."""
+    from vlm_fixtures import make_qwen2_vl
+
+    folder = tmp_path_factory.mktemp("tiny_qwen2_vl")
+    hf_model, _ = make_qwen2_vl(folder, min_pixels=28 * 28, max_pixels=56 * 56)
+    return hf_model, folder

@@ -215,9 +215,6 @@ def test_vlm_flags_rejected_on_a_text_model(tiny_chat_model, tmp_path):
     assert (parsed.freeze_vit, parsed.freeze_aligner, parsed.freeze_llm, parsed.vit_lr) == (False, None, True, 1e-5)
     with pytest.raises(ConfigError, match="--vit_lr must be >= 0"):
         SftArguments(vit_lr=-1.0)
-    from jaxswift.train.rlhf_args import RlhfArguments
-    with pytest.raises(ConfigError, match="--freeze_vit is not used by rlhf"):
-        RlhfArguments(freeze_vit=False)
 
 
 def test_packed_loss_and_gradients_equal_unpacked(vlm):
@@ -346,16 +343,3 @@ def test_families_that_do_not_train_yet_are_refused_by_name(tmp_path, vlm):
     make_llava(tmp_path / "llava")
     with pytest.raises(ConfigError, match="covers qwen2_vl, qwen2_5_vl so far; llava models load"):
         run_sft(vlm_args(vlm, tmp_path / "out", model=str(tmp_path / "llava"), mesh="1"), progress=False)
-
-
-def test_rlhf_and_grpo_refuse_a_vision_language_model_by_name(tmp_path, vlm):
-    from jaxswift.train.grpo import run_grpo
-    from jaxswift.train.grpo_args import GrpoArguments
-    from jaxswift.train.rlhf import run_rlhf
-    from jaxswift.train.rlhf_args import RlhfArguments
-
-    common = dict(model=str(vlm[2]), dataset=[str(vlm[3])], mesh="1", demo_question="", disable_tqdm=True)
-    with pytest.raises(ConfigError, match="rlhf trains text-only models so far; this is a qwen2_vl"):
-        run_rlhf(RlhfArguments(output_dir=str(tmp_path / "dpo"), **common), progress=False)
-    with pytest.raises(ConfigError, match="grpo trains text-only models so far; this is a qwen2_vl"):
-        run_grpo(GrpoArguments(output_dir=str(tmp_path / "grpo"), **common), None, progress=False)

@@ -24,12 +24,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxswift.data.formats import (SKIP_NO_LOSS, SKIP_TOO_LONG, DatasetStats, _message, _present, _text, count_rows,
-                                   iter_rows, parse_dataset_spec, row_to_messages, sample_counts)
+                                   iter_rows, parse_dataset_spec, row_media, row_to_messages, sample_counts)
 from jaxswift.data.packing import Batch, empty_batch, write_row
 from jaxswift.data.templates import EncodedChat, encode_chat, truncate
 from jaxswift.errors import ConfigError, DataError
 
 SKIP_EMPTY_REPLY = "with an empty chosen, rejected or KTO reply"
+REJECTED_MEDIA_KEYS = ("rejected_images", "rejected_videos")
 PAIR_KEYS = ("rejected_response", "chosen", "rejected")
 
 
@@ -63,6 +64,10 @@ def parse_preference_row(row: Any, where: str, *, kto: bool) -> list[PreferenceR
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object (a row with named fields), got {type(row).__name__}")
     is_pair = any(_present(row, k) for k in PAIR_KEYS)
+    if _present(row, "rejected_messages"):
+        raise DataError(f"{where}: ms-swift's 'rejected_messages' (a rejected chat with its own prompt) is not "
+                        "supported; give the rejected reply as 'rejected_response' (and 'rejected_images' when the "
+                        "rejected side shows other pictures), or 'chosen' and 'rejected' chats with one prompt")
     if not kto:
         if is_pair:
             return [_pair(row, where)]
@@ -79,6 +84,10 @@ def parse_preference_row(row: Any, where: str, *, kto: bool) -> list[PreferenceR
         raise DataError(f"{where}: KTO row without a 'label' (true for a desirable reply, false for an undesirable "
                         f"one); found keys {sorted(row)}")
     return [_kto(row, where)]
+
+
+def _present_any(row, keys) -> bool:
+    return isinstance(row, dict) and any(_present(row, k) for k in keys)
 
 
 def _pair(row: dict, where: str) -> PreferenceRow:
@@ -194,6 +203,8 @@ def read_preference_rows(specs: list[str], *, kto: bool, seed: int) -> list[Pref
         path, n = parse_dataset_spec(spec)
         counts = itertools.repeat(1) if n is None else sample_counts(count_rows(path), n, seed + k)
         for (where, row), times in zip(iter_rows(path), counts):
+            if isinstance(row, dict) and any(row_media(row, where)) or _present_any(row, REJECTED_MEDIA_KEYS):
+                raise DataError(f"{where}: the row has images or videos; it needs a vision-language model")
             if times:
                 rows.extend(parse_preference_row(row, where, kto=kto) * int(times))
     return rows

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxswift.data.formats import iter_rows, parse_dataset_spec, sample_counts
+from jaxswift.data.formats import iter_rows, parse_dataset_spec, resolve_path, row_media, sample_counts
+from jaxswift.data.multimodal import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, MultimodalPrompt, split_image_placeholders
 from jaxswift.data.pipeline import index_loader
-from jaxswift.errors import DataError
+from jaxswift.errors import ConfigError, DataError
 
 PROMPT_FIELDS = ("prompt", "messages", "query")
 
@@ -21,6 +22,7 @@ class PromptRow:
     prompt: Any  # as the row gives it (a string or messages): what reward functions receive
     columns: dict  # every other field of the row
     where: str
+    images: MultimodalPrompt | None = None  # a vision-language model's prompt with images: ids, patches, M-RoPE
 
 
 def prompt_messages(row: dict, where: str, system: str | None) -> tuple[Any, list[dict]]:
@@ -53,27 +55,62 @@ def _fit(ids: list[int], max_length: int, truncation_strategy: str) -> list[int]
     return {"delete": None, "left": ids[-max_length:], "right": ids[:max_length]}[truncation_strategy]
 
 
+def _with_media(messages: list[dict], row: dict, where: str) -> list[dict]:
+    """ms-swift's `<image>` / `<video>` markers + the row's `images` / `videos` -> content parts, in order."""
+    images, videos = row_media(row, where)
+    strings = [m["content"] for m in messages if isinstance(m["content"], str)]
+    n_img, n_vid = sum(s.count(IMAGE_PLACEHOLDER) for s in strings), sum(s.count(VIDEO_PLACEHOLDER) for s in strings)
+    if n_img != len(images) or n_vid != len(videos):
+        raise DataError(f"{where}: {n_img} {IMAGE_PLACEHOLDER} and {n_vid} {VIDEO_PLACEHOLDER} markers in the prompt "
+                        f"but {len(images)} images and {len(videos)} videos in the row")
+    out = []
+    for k, m in enumerate(messages):
+        content = m["content"]
+        if isinstance(content, str) and (IMAGE_PLACEHOLDER in content or VIDEO_PLACEHOLDER in content):
+            i, v = content.count(IMAGE_PLACEHOLDER), content.count(VIDEO_PLACEHOLDER)
+            content = split_image_placeholders(content, images[:i], videos[:v], where=f"{where} message {k}")
+            images, videos = images[i:], videos[v:]
+        out.append({**m, "content": content})
+    return out
+
+
+def _encode(messages, row, where, tokenizer, processor, base_dir):
+    """(ids, MultimodalPrompt or None): a vision-language model's processor expands images (decoded here)."""
+    if processor is None:
+        if any(row_media(row, where)) or any(isinstance(m["content"], list) for m in messages):
+            raise DataError(f"{where}: the prompt has images or content parts; it needs a vision-language model")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False), None
+    prompt = processor.encode_chat(_with_media(messages, row, where), base_dir=base_dir, where=where)
+    return list(prompt.ids), (prompt if prompt.patches else None)
+
+
 def load_prompts(specs: list[str], tokenizer, *, max_length: int, system: str | None, seed: int, log,
-                 truncation_strategy: str = "delete") -> list[PromptRow]:
+                 truncation_strategy: str = "delete", processor=None) -> list[PromptRow]:
     """Prompt rows of every dataset (`path#N` takes N rows); prompts longer than max_length are skipped (counted)
-    or truncated, as --truncation_strategy says."""
+    or truncated, as --truncation_strategy says. `processor` (a vision-language model's data/multimodal
+    VLMProcessor): rows may carry images (ms-swift's `images` + `<image>` markers, or content parts), decoded and
+    patchified here; such prompts are never cut (only --truncation_strategy delete)."""
+    if processor is not None and truncation_strategy != "delete":
+        raise ConfigError(f"--truncation_strategy {truncation_strategy}: prompts with images can only be dropped "
+                          "when too long (delete); cutting them would split an image's tokens")
     rows, skipped, cut = [], 0, 0
     for spec in specs:
         path, n = parse_dataset_spec(spec)
         table = list(iter_rows(path))
+        base_dir = resolve_path(path).parent if processor is not None else None
         for (where, row), count in zip(table, sample_counts(len(table), n, seed)):
             if count == 0:
                 continue
             prompt, messages = prompt_messages(row, where, system)
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            full = tokenizer.encode(text, add_special_tokens=False)
+            full, images = _encode(messages, row, where, tokenizer, processor, base_dir)
             ids = _fit(full, max_length, truncation_strategy)
             if ids is None:
                 skipped += int(count)
                 continue
             cut += int(count) * (len(ids) < len(full))
             columns = {k: v for k, v in row.items() if k not in PROMPT_FIELDS}
-            rows += [PromptRow(ids, prompt, columns, where)] * int(count)
+            rows += [PromptRow(ids, prompt, columns, where, images)] * int(count)
     truncated = f" ({cut} cut to --max_length, --truncation_strategy {truncation_strategy})" if cut else ""
     log(f"prompts: {len(rows)} used{truncated}, {skipped} skipped (longer than --max_length {max_length})")
     if not rows:

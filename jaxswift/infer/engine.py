@@ -351,6 +351,16 @@ class JaxEngine(Engine):
         self._grammar = None
         self._reset_host()
 
+    def set_tower_params(self, tower_params: dict) -> None:
+        """The vision tower and aligner weights the prefill of image requests runs ({"vision", "aligner"} of a
+        vision-language model's params): a trainer hands its latest ones before each rollout."""
+        if self.vlm_config is None:
+            raise ConfigError("set_tower_params: this engine serves a text-only model (it has no vision tower)")
+        missing = sorted(set(self._tower_params) - set(tower_params))
+        if missing:
+            raise ConfigError(f"set_tower_params: expected the parts {sorted(self._tower_params)}, missing {missing}")
+        self._tower_params = {k: tower_params[k] for k in self._tower_params}
+
     # --- the mesh -------------------------------------------------------------------------------------------------
 
     @property

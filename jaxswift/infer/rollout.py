@@ -168,11 +168,14 @@ def rollout(params, prompts_ids: list[list[int]], cfg: ModelConfig, *, sampling:
 
 
 def engine_rollout(engine, params, prompts_ids: list[list[int]], *, sampling: RolloutSampling,
-                   num_generations: int, seed: int, ignore_eos: bool = False) -> Rollout:
+                   num_generations: int, seed: int, ignore_eos: bool = False, images=None) -> Rollout:
     """The same rollout from a JaxEngine (continuous batching: a finished slot takes the next request at once).
     `params` as the engine takes them (unstack_layers of the train state's). Log-probs before temperature. Each
     prompt is prefilled once; its G rows draw their own first tokens from it (engine.resample).
-    ignore_eos: every row makes exactly max_completion_length tokens (benchmarks)."""
+    images: per prompt, engine_vlm.RequestImages or None (a vision-language engine): the tower runs once per
+    prompt, at its one prefill. ignore_eos: every row makes exactly max_completion_length tokens (benchmarks)."""
+    if images is not None and len(images) != len(prompts_ids):
+        raise ValueError(f"{len(images)} image sets for {len(prompts_ids)} prompts")
     from jaxswift.infer.engine_api import RequestSampling
 
     G = num_generations
@@ -198,7 +201,8 @@ def engine_rollout(engine, params, prompts_ids: list[list[int]], *, sampling: Ro
             if shared[0] == row // G:
                 prefix, first = engine.resample(shared[1], req)
             else:
-                prefix, first = engine.prefill(params, *engine.pad_prompt(ids), req)
+                prefix, first = engine.prefill(params, *engine.pad_prompt(ids), req,
+                                               images=None if images is None else images[row // G])
                 shared = (row // G, prefix)
             record(row, int(first.tokens[0]), float(first.logprobs[0]))
             if first.done[0]:

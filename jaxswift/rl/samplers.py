@@ -38,6 +38,11 @@ def sampler_factory(args):
     G = args.num_generations
 
     def make(model, cfg, eos_ids, pad_id, longest_prompt: int, rows_sharding=None):
+        if model.is_vlm and (args.multi_turn_env or args.rollout_backend != "engine"):
+            raise ConfigError(f"--model {args.model}: a vision-language model's rollouts run on the paged engine "
+                              "(--rollout_backend engine: each prompt's images prefilled once per group); "
+                              + ("--multi_turn_env is text-only so far" if args.multi_turn_env else
+                                 f"--rollout_backend {args.rollout_backend} is text-only so far"))
         if args.multi_turn_env:
             return _multi_turn(args, model, cfg, sampling, eos_ids, pad_id)
         if args.rollout_backend == "engine":
@@ -61,9 +66,12 @@ def _multi_turn(args, model, cfg, sampling, eos_ids, pad_id):
 
 def _engine(args, model, cfg, sampling, longest_prompt: int):
     from jaxswift.infer.engine import JaxEngine
+    from jaxswift.infer.engine_vlm import request_images
     from jaxswift.models.transformer import unstack_layers
 
-    engine = JaxEngine(dataclasses.replace(model, config=cfg.replace(remat="none")),
+    no_remat = (dataclasses.replace(cfg, text=cfg.text.replace(remat="none")) if model.is_vlm
+                else cfg.replace(remat="none"))
+    engine = JaxEngine(dataclasses.replace(model, config=no_remat),
                        max_concurrent_decodes=min(64, args.per_device_train_batch_size
                                                   * args.gradient_accumulation_steps),
                        max_model_len=int(2 ** np.ceil(np.log2(longest_prompt + args.max_completion_length + 1))))
@@ -71,6 +79,11 @@ def _engine(args, model, cfg, sampling, longest_prompt: int):
 
     def sample(params, rows, key):
         seed = int(jax.random.randint(key, (), 0, 2 ** 30))
+        images = None
+        if model.is_vlm:  # the latest tower and aligner for the prefills; the LLM's weights go with the call
+            engine.set_tower_params({k: v for k, v in params.items() if k != "llm"})
+            images = [None if r.images is None else request_images(model.processor, r.images) for r in rows]
+            params = params["llm"]
         return engine_rollout(engine, unstack_layers(params), [r.ids for r in rows], sampling=sampling,
-                              num_generations=args.num_generations, seed=seed), None
+                              num_generations=args.num_generations, seed=seed, images=images), None
     return sample

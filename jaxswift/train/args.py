@@ -306,12 +306,6 @@ class SftArguments:
             raise ConfigError(f"--galore_proj_bits {self.galore_proj_bits}: expected 4 or 8")
 
 
-# ms-swift's vision-language flags, for the trainers that do not take image rows yet (RLHF, GRPO).
-VLM_FLAGS_UNUSED = {name: "image rows train with `jaxswift sft` only so far (DPO / GRPO with images: issue 15)"
-                    for name in ("freeze_vit", "freeze_aligner", "freeze_llm", "vit_lr", "aligner_lr",
-                                 "modules_to_save")}
-
-
 def _read_yaml(path: str, fields: set[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

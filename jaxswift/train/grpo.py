@@ -34,15 +34,17 @@ from jaxswift.data.prompts import PromptRow, PromptStream, load_prompts
 from jaxswift.errors import ConfigError
 from jaxswift.infer.rollout import (Rollout, completion_logps, grouped_completion_logps, sequences,
                                     shares_prompts)
+from jaxswift.infer.rollout_vlm import grouped_vlm_completion_logps, rollout_vision_batch, vlm_completion_logps
 from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
+from jaxswift.models.vision import VLMConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, held_rows, is_primary, share_rows
 from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.loop import (Feed, LatestState, compile_step, demo_answer, export_model, host_params, init_state,
-                                 plot_run, refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
-                                 with_task_scores)
+                                 plot_run, start_run, total_steps_of, train_loop, TaskScorer, with_task_scores)
 from jaxswift.parallel.params import shard_params
+from jaxswift.train.sft import check_vlm_run
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
 from jaxswift.train.tuning import build_optimizer, prepare_tuner
@@ -64,17 +66,19 @@ class GrpoParts:
 
 def make_grpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, loss_cfg: pl.PolicyLossConfig, *,
                    reward_names: tuple[str, ...], temperature: float, has_old: bool,
-                   prepare_params: Callable | None = None) -> Callable:
+                   prepare_params: Callable | None = None, num_generations: int = 1) -> Callable:
     """(state, batch) -> (state, metrics). batch: [A, b, ...] tokens/positions/segment_ids [P + C],
-    completion_mask [C], advantages [1], rewards [R], and old_logps / ref_logps [C] when used."""
+    completion_mask [C], advantages [1], rewards [R], and old_logps / ref_logps [C] when used; a vision-language
+    model's rows add their prompt's images and M-RoPE positions (infer/rollout_vlm.py): with micro-batches of
+    whole groups (b a multiple of num_generations, rows in a rollout's order) its tower runs once per group."""
     prepare = prepare_params or (lambda params, rng: params)
 
     def micro_loss(trainable, frozen, micro, key, num_sequences, num_tokens):
         params = prepare(combine(trainable, frozen), key)
         C = micro["completion_mask"].shape[-1]
-        logps, entropy = completion_logps(params, micro["tokens"], micro["positions"], micro["segment_ids"], cfg,
-                                          prompt_length=micro["tokens"].shape[-1] - C, temperature=temperature,
-                                          with_entropy=True)
+        groups_of = num_generations if micro["tokens"].shape[0] % num_generations == 0 else 1
+        logps, entropy = rollout_logps(params, micro, cfg, prompt_length=micro["tokens"].shape[-1] - C,
+                                       temperature=temperature, with_entropy=True, groups_of=groups_of)
         old = micro["old_logps"] if has_old else jax.lax.stop_gradient(logps)
         ref = micro["ref_logps"] if loss_cfg.beta != 0.0 else None
         mask = micro["completion_mask"]
@@ -103,6 +107,17 @@ def make_grpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, lo
         return new_state, metrics
 
     return step
+
+
+def rollout_logps(params, batch: dict, cfg, *, prompt_length: int, temperature: float, with_entropy: bool = False,
+                  groups_of: int = 1):
+    """Completion log-probs of rollout rows (with the image features in place for a vision-language model; its
+    tower once per run of `groups_of` rows sharing a prompt)."""
+    if isinstance(cfg, VLMConfig):
+        return vlm_completion_logps(params, batch, cfg, prompt_length=prompt_length, temperature=temperature,
+                                    with_entropy=with_entropy, num_generations=groups_of)
+    return completion_logps(params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg,
+                            prompt_length=prompt_length, temperature=temperature, with_entropy=with_entropy)
 
 
 def _step_metrics(sums: dict, batch: dict, num_tokens, reward_names) -> dict:
@@ -138,7 +153,7 @@ class Generator:
     parts: GrpoParts
     prompts_per_step: int
     micro_batches: int
-    logps_fn: Callable  # jitted (params, tokens, positions, segments) -> [N, C]
+    logps_fn: Callable  # (params, rollout rows {tokens, positions, segment_ids, ...}) -> [N, C]
     reference: Callable  # state -> reference params (adapters off / a frozen copy); None when beta = 0
     sample: Callable  # (params, prompt rows, key) -> (Rollout, env rewards or None)
     completions_log: Path | None = None
@@ -205,6 +220,9 @@ class Generator:
         rows, r, scores = self.sample_groups(state, generation, rows)
         args, G = self.args, self.args.num_generations
         seqs = sequences(r)
+        if isinstance(self.cfg, VLMConfig):  # each row's prompt images and M-RoPE positions
+            seqs.update(rollout_vision_batch([_image_prompt(row, self.cfg) for row in rows], seqs,
+                                             r.prompt_ids.shape[1], G, self.cfg))
         total = scores @ self.parts.reward_weights
         batch = {**seqs, "completion_mask": r.completion_mask.copy()}
         params = float_view(state.params)  # Q-GaLore's 8-bit weights as floats (identity otherwise)
@@ -230,9 +248,19 @@ class Generator:
 
     def _logps(self, params, seqs: dict) -> np.ndarray:
         rows = len(seqs["tokens"]) // self.micro_batches
-        out = [np.asarray(gather_to_host(self.logps_fn(params, *(seqs[k][i:i + rows] for k in (
-            "tokens", "positions", "segment_ids"))))) for i in range(0, len(seqs["tokens"]), rows)]
+        out = [np.asarray(gather_to_host(self.logps_fn(params, {k: v[i:i + rows] for k, v in seqs.items()})))
+               for i in range(0, len(seqs["tokens"]), rows)]
         return np.concatenate(out, 0)
+
+
+def _image_prompt(row: PromptRow, cfg: VLMConfig):
+    """The row's MultimodalPrompt; a text-only prompt of a vision-language model: its ids, 1-D rope, no image."""
+    if row.images is not None:
+        return row.images
+    from jaxswift.data.multimodal import MultimodalPrompt
+
+    n = len(row.ids)
+    return MultimodalPrompt(list(row.ids), [], [], np.broadcast_to(np.arange(n), (3, n)), 0)
 
 
 def _split_groups(rows, r: Rollout, scores, weights, G):
@@ -326,16 +354,22 @@ def _rows_per_step(args: GrpoArguments, dp: int) -> tuple[int, int]:
 
 
 def _logps_fn(args: GrpoArguments, cfg):
-    """Reference / old log-probs: each group's prompt runs once when its G rows share it (a rollout's rows always
-    do; the check keeps any other layout on the plain path)."""
+    """Reference / old log-probs: each group's prompt (and a VLM's tower) runs once when its G rows share it (a
+    rollout's rows always do; the check keeps any other layout on the plain path)."""
     C, G, temperature = args.max_completion_length, args.num_generations, args.temperature
-    plain = jax.jit(lambda p, t, pos, seg: completion_logps(p, t, pos, seg, cfg, prompt_length=t.shape[1] - C,
-                                                            temperature=temperature))
+    plain = jax.jit(lambda p, b: rollout_logps(p, b, cfg, prompt_length=b["tokens"].shape[1] - C,
+                                               temperature=temperature))
+    vlm = isinstance(cfg, VLMConfig)
 
-    def logps(p, t, pos, seg):
+    def logps(p, batch):
+        t, pos, seg = batch["tokens"], batch["positions"], batch["segment_ids"]
         P = t.shape[1] - C
         if not shares_prompts(t, pos, seg, P, G):
-            return plain(p, t, pos, seg)
+            return plain(p, batch)
+        if vlm:
+            no_remat = dataclasses.replace(cfg, text=cfg.text.replace(remat="none"))
+            return grouped_vlm_completion_logps(p, batch, cfg=no_remat, prompt_length=P, temperature=temperature,
+                                                num_generations=G)
         return grouped_completion_logps(p, t, pos, seg, cfg=cfg.replace(remat="none"), prompt_length=P,
                                         temperature=temperature, num_generations=G)
     return logps
@@ -352,19 +386,21 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
              task_scorer: TaskScorer | None = None) -> GrpoResult:
     check_multi_process(args)
     ctx = start_run(args)
-    refuse_vision_language(ctx, "grpo")
+    if ctx.model.is_vlm:
+        check_vlm_run(ctx)
     model, cfg = ctx.model, ctx.cfg
     if model.tokenizer is None:
         raise ConfigError(f"{args.model}: the model has no tokenizer, which GRPO needs for prompts and rewards")
     messages: list[str] = []
     prompts = load_prompts(args.dataset, model.tokenizer, max_length=args.max_length, system=args.system,
-                           seed=args.seed, log=messages.append, truncation_strategy=args.truncation_strategy)
+                           seed=args.seed, log=messages.append, truncation_strategy=args.truncation_strategy,
+                           processor=model.processor if model.is_vlm else None)
     rows, prompts_per_step = _rows_per_step(args, ctx.dp)
     steps_per_epoch = max(1, len(prompts) // prompts_per_step) * args.num_iterations
     total_steps = total_steps_of(args, steps_per_epoch)
     optimizer, schedule = build_optimizer(args, total_steps, cfg)
 
-    eos = stop_token_ids(model.config, model.tokenizer)
+    eos = stop_token_ids(model.config.text if model.is_vlm else model.config, model.tokenizer)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else int(eos[0])
     demo_before = demo_answer(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
     tuned = prepare_tuner(model.params, args, cfg)
@@ -378,7 +414,8 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
                           rows=ctx.rows(rows // args.gradient_accumulation_steps), rows_sharding=rows_sharding)
     model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
     step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(parts.reward_funcs),
-                          temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare)
+                          temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare,
+                          num_generations=args.num_generations)
     holder = LatestState(state, compile_step(ctx, step, state))
     feed = Feed(holder.step, RolloutPlan(generator, holder, total_steps, args.num_iterations).batches, rows,
                 args.max_length + args.max_completion_length, steps_per_epoch, with_task_scores(None, ctx, task_scorer))

@@ -20,7 +20,7 @@ from typing import ClassVar, Optional
 
 from jaxswift.errors import ConfigError
 from jaxswift.losses import policy as pl
-from jaxswift.train.args import TASK_FLAGS_UNUSED, VLM_FLAGS_UNUSED, SftArguments
+from jaxswift.train.args import TASK_FLAGS_UNUSED, SftArguments
 
 
 DEMO_REWARDS = ["accuracy"]
@@ -39,7 +39,6 @@ class GrpoArguments(SftArguments):
         "packing_length": "rollout rows (a prompt and its completion) are never packed",
         "loss_scale": "the policy loss covers exactly the sampled completion tokens",
         "loss_chunk_size": "completions are scored whole (--max_completion_length tokens), not in chunks",
-        **VLM_FLAGS_UNUSED,
         **TASK_FLAGS_UNUSED,
     }
 

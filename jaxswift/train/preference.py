@@ -21,15 +21,17 @@ import numpy as np
 import optax
 
 from jaxswift.data.pipeline import StepPlan, bucket_length
+from jaxswift.data.multimodal_preference import MultimodalPreferenceItem, assemble_multimodal_items
 from jaxswift.data.preference import PreferenceItem, assemble_items, max_items_per_row
 from jaxswift.losses import preference as pl
 from jaxswift.losses.lm import token_logps
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
+from jaxswift.models.vision import VLMConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host
 from jaxswift.train.state import TrainState, combine
-from jaxswift.train.step import guarded_update
+from jaxswift.train.step import guarded_update, vlm_row_hidden_states
 
 REFERENCES = ("adapters_off", "params", "precomputed", "none")
 
@@ -103,9 +105,16 @@ def preference_plan(items: list[PreferenceItem], *, rows_per_step: int, micro_ba
     return plan, slots
 
 
+def _assemble(items, rows, length, num_rows, items_per_row, ref_logps):
+    """assemble_items, or its image-row version when the items carry images (data/multimodal_preference.py)."""
+    first = next((items[r[0]] for r in rows if r), None)
+    fn = assemble_multimodal_items if isinstance(first, MultimodalPreferenceItem) else assemble_items
+    return fn(items, rows, length, num_rows, items_per_row, ref_logps)
+
+
 def item_assembler(items_per_row: int, ref_logps: np.ndarray | None = None):
     """(items, rows, length) -> the preference batch of those rows (with the precomputed reference scores)."""
-    return lambda items, rows, length: assemble_items(items, rows, length, len(rows), items_per_row, ref_logps)
+    return lambda items, rows, length: _assemble(items, rows, length, len(rows), items_per_row, ref_logps)
 
 
 def item_batches(items, rows_per_batch: int, length: int, ref_logps=None):
@@ -113,7 +122,7 @@ def item_batches(items, rows_per_batch: int, length: int, ref_logps=None):
     for start in range(0, len(items), rows_per_batch):
         chunk = list(range(start, min(start + rows_per_batch, len(items))))
         row_length = bucket_length(max(len(items[i]) for i in chunk), length)
-        batch = assemble_items(items, [[i] for i in chunk], row_length, rows_per_batch, 1, ref_logps)
+        batch = _assemble(items, [[i] for i in chunk], row_length, rows_per_batch, 1, ref_logps)
         yield chunk, {k: v[None] for k, v in batch.items()}
 
 
@@ -133,10 +142,15 @@ def _last_tokens(seg_BT):
 
 def sequence_stats(params, micro: dict, cfg: ModelConfig, seqs_per_item: int, *, value_head: bool = False,
                    loss_chunk: int = 512) -> SeqStats:
-    """One forward over packed rows -> per-sequence sums. Segment k+1 of a row is its sequence slot k."""
+    """One forward over packed rows -> per-sequence sums. Segment k+1 of a row is its sequence slot k. A
+    vision-language model (`cfg` a VLMConfig) runs its tower once over each row's distinct images first."""
     seg = micro["segment_ids"]
     B, I = micro["item_mask"].shape
-    h, _ = hidden_states(params, micro["tokens"], cfg, positions=micro["positions"], segment_ids=seg)
+    if isinstance(cfg, VLMConfig):
+        h, _ = vlm_row_hidden_states(params, micro, cfg)
+        params, cfg = {**params["llm"], **({"value_head": params["value_head"]} if value_head else {})}, cfg.text
+    else:
+        h, _ = hidden_states(params, micro["tokens"], cfg, positions=micro["positions"], segment_ids=seg)
     slots = (seg[..., None] == jnp.arange(1, I * seqs_per_item + 1)).astype(jnp.float32)  # [B, T, K]
 
     def per_seq(x_BT):  # an exact sum (no matmul, whose default precision on TPU would round to bf16)
@@ -380,7 +394,7 @@ def evaluate_items(eval_fn: Callable, obj: Objective, items, rows_per_batch: int
 
 def score_items(logps_fn: Callable, items, rows_per_batch: int, length: int, put: Callable) -> np.ndarray:
     """[items, S] sequence log-probs (e.g. the reference's, once before training)."""
-    S = len(items[0].sequences)
+    S = len(items[0].chats) if isinstance(items[0], MultimodalPreferenceItem) else len(items[0].sequences)
     out = np.zeros((len(items), S), np.float32)
     for chunk, batch in item_batches(items, rows_per_batch, length):
         out[chunk] = np.asarray(gather_to_host(logps_fn(put(batch))))[:len(chunk), 0]  # rows of every process

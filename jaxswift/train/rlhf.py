@@ -20,18 +20,18 @@ import numpy as np
 from jaxswift.api import load_model
 from jaxswift.checkpoints.safetensors_io import write_safetensors
 from jaxswift.data.formats import split_train_val
+from jaxswift.data.multimodal_preference import build_multimodal_preference_items
 from jaxswift.data.preference import build_preference_items
 from jaxswift.errors import ConfigError, DataError
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import is_primary
 from jaxswift.train.gkd import run_gkd
 from jaxswift.train.loop import (Feed, RunContext, compile_step, demo_answer, export_model, host_params, init_state,
-                                 plot_run, refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
-                                 with_task_scores)
+                                 plot_run, start_run, total_steps_of, train_loop, TaskScorer, with_task_scores)
 from jaxswift.train.preference import (evaluate_items, init_value_head, item_assembler, make_eval_fn, make_logps_fn,
                                        make_preference_step, objective_from_args, preference_plan, score_items)
 from jaxswift.train.rlhf_args import RlhfArguments
-from jaxswift.train.sft import grain_batches
+from jaxswift.train.sft import check_vlm_run, grain_batches
 from jaxswift.parallel.params import shard_params
 from jaxswift.train.state import count_bytes
 from jaxswift.train.tuning import TunedParams, build_optimizer, prepare_tuner
@@ -57,15 +57,23 @@ class RlhfResult:
     reference_bytes: int  # a separate reference model kept through training (full tuning without precompute)
 
 
-def _load_items(args: RlhfArguments, obj, tokenizer, log):
+def _load_items(args: RlhfArguments, obj, model, log):
+    """(train, val) items: text pairs, or for a vision-language model image rows (data/multimodal_preference.py)."""
     kto = obj.kind == "kto"
     common = dict(kto=kto, kl_sequences=obj.seqs_per_item == 2, max_length=args.max_length,
                   truncation_strategy=args.truncation_strategy, loss_scale=args.loss_scale, system=args.system,
                   seed=args.seed)
-    train, stats = build_preference_items(args.dataset, tokenizer, **common)
+    if model.is_vlm:
+        if model.processor is None:
+            raise ConfigError(f"{args.model}: the vision-language model has no tokenizer / processor files, which "
+                              "preference training needs to encode chats with images")
+        build, source = build_multimodal_preference_items, model.processor
+    else:
+        build, source = build_preference_items, model.tokenizer
+    train, stats = build(args.dataset, source, **common)
     log(f"train data ({'labelled completions' if kto else 'pairs'}): {stats.summary()}")
     if args.val_dataset:
-        val, val_stats = build_preference_items(args.val_dataset, tokenizer, **common)
+        val, val_stats = build(args.val_dataset, source, **common)
         log(f"val data: {val_stats.summary()}")
     else:
         train, val = split_train_val(train, args.split_dataset_ratio, args.seed)
@@ -96,11 +104,25 @@ def _reference_params(ctx, args: RlhfArguments, state, start_step: int):
     if args.precompute_ref_log_probs and args.ref_model == args.model and start_step == 0:
         return state.params
     ref = load_model(args.ref_model, dtype=args.dtype, load_tokenizer=False)
+    if ctx.model.is_vlm:
+        _check_same_vlm(ref, state, args)
+        return shard_params(ref.params, ref.config, ctx.rules, ctx.mesh)
     differ = [f for f in SAME_ARCHITECTURE if getattr(ref.config, f) != getattr(ctx.cfg, f)]
     if differ:
         raise ConfigError(f"--ref_model {args.ref_model}: its {', '.join(differ)} differ from --model {args.model}'s; "
                           "the reference must have the same architecture and vocabulary")
     return shard_params(ref.params, ref.config, ctx.rules, ctx.mesh)
+
+
+def _check_same_vlm(ref, state, args) -> None:
+    """A vision-language reference must be the same architecture: its tower, aligner and LLM shapes."""
+    if not ref.is_vlm:
+        raise ConfigError(f"--ref_model {args.ref_model}: a text-only model cannot be the reference of the "
+                          f"vision-language model {args.model}")
+    shapes = lambda params: jax.tree.map(lambda x: tuple(x.shape), params)  # noqa: E731
+    if shapes(ref.params) != shapes(float_view(state.params)):
+        raise ConfigError(f"--ref_model {args.ref_model}: its tower, aligner or LLM shapes differ from --model "
+                          f"{args.model}'s; the reference must have the same architecture and vocabulary")
 
 
 def _bind(fn, ref_params):
@@ -127,10 +149,11 @@ def run_rlhf(args: RlhfArguments, *, progress: bool = True, task_scorer: TaskSco
                               "the other --rlhf_type values (dpo, kto, cpo, simpo, orpo, rm) run multi-process")
         return run_gkd(args, progress=progress, task_scorer=task_scorer)
     ctx = start_run(args)
-    refuse_vision_language(ctx, "rlhf")
+    if ctx.model.is_vlm:
+        check_vlm_run(ctx)
     model, cfg, obj = ctx.model, ctx.cfg, objective_from_args(args)
     messages: list[str] = []
-    train_items, val_items = _load_items(args, obj, model.tokenizer, messages.append)
+    train_items, val_items = _load_items(args, obj, model, messages.append)
     length = preference_row_length(args, obj.seqs_per_item, train_items + val_items)
     plan, slots = preference_plan(train_items, rows_per_step=args.per_device_train_batch_size * ctx.dp *
                                   args.gradient_accumulation_steps, micro_batches=args.gradient_accumulation_steps,
@@ -180,7 +203,8 @@ def _tuned_params(model, args: RlhfArguments, cfg, obj) -> TunedParams:
     tuned = prepare_tuner(model.params, args, cfg)
     if not obj.value_head:
         return tuned
-    return tuned._replace(params={**tuned.params, "value_head": init_value_head(cfg, args.seed)},
+    text_cfg = cfg.text if model.is_vlm else cfg
+    return tuned._replace(params={**tuned.params, "value_head": init_value_head(text_cfg, args.seed)},
                           mask={**tuned.mask, "value_head": {"w": True, "b": True}})
 
 

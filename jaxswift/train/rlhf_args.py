@@ -15,7 +15,7 @@ from typing import ClassVar, Optional
 
 from jaxswift.errors import ConfigError
 from jaxswift.losses import preference as pl
-from jaxswift.train.args import TASK_FLAGS_UNUSED, VLM_FLAGS_UNUSED, SftArguments
+from jaxswift.train.args import TASK_FLAGS_UNUSED, SftArguments
 
 RLHF_TYPES = ("dpo", "kto", "cpo", "simpo", "orpo", "rm", "gkd")
 NEEDS_REFERENCE = ("dpo", "kto")
@@ -31,7 +31,7 @@ UNSUPPORTED_DPO = ("aot", "aot_unpaired", "aot_pair")
 @dataclasses.dataclass
 class RlhfArguments(SftArguments):
     RECIPE: ClassVar[str] = "rlhf"
-    UNUSED: ClassVar[dict[str, str]] = {**VLM_FLAGS_UNUSED, **TASK_FLAGS_UNUSED}
+    UNUSED: ClassVar[dict[str, str]] = dict(TASK_FLAGS_UNUSED)
 
     # demo defaults (overriding SFT's)
     dataset: list[str] = field(default_factory=lambda: ["builtin:preference_demo"],

@@ -19,7 +19,7 @@ import optax
 from jaxswift.losses.lm import chunked_nll_sum
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
-from jaxswift.models.vision import VisionInputs, VLMConfig, image_features, scatter_features
+from jaxswift.models.vision import VisionInputs, VLMConfig, row_vlm_hidden_states
 from jaxswift.optim.qgalore import apply_updates, float_view
 from jaxswift.train.state import TrainState, combine, compute_view
 
@@ -40,19 +40,21 @@ def nll_sums(params, micro: dict, cfg: ModelConfig, loss_chunk: int, *, with_aux
     return (nll + aux * weight if with_aux and cfg.is_moe else nll), weight
 
 
-def vlm_nll_sums(params, micro: dict, cfg: VLMConfig, loss_chunk: int, *, with_aux: bool = True):
-    """nll_sums of a vision-language model: the tower and aligner run once over each row's concatenated patches
-    (vmapped over the rows, so data parallelism splits images with their rows), the features replace the row's
-    placeholder tokens in order, and the text core runs with the rows' M-RoPE positions [3, B, T]."""
-    tokens = micro["tokens"]
+def vlm_row_hidden_states(params, micro: dict, cfg: VLMConfig, *, return_aux: bool = False):
+    """The text core's hidden states over a vision-language batch (models/vision.row_vlm_hidden_states): each
+    row's images through the tower once, their features at the row's placeholders, in order or, when the batch has
+    `feature_index [B, T]`, the feature row it names (a preference row stores the images its sequences share
+    once: data/multimodal_preference.py); the text core with the rows' M-RoPE positions."""
     vision = VisionInputs(micro["pixels"], micro["patch_rows_cols"], micro["patch_frames"], micro["patch_windows"])
-    features_BND = jax.vmap(lambda v: image_features(params, VisionInputs(*v), cfg))(vision)
-    embeds_BTD = jnp.take(params["llm"]["embed"], tokens, axis=0).astype(cfg.text.compute_dtype)
-    embeds_BTD = jax.vmap(lambda e, t, f: scatter_features(e[None], t[None], f, cfg.placeholder_ids)[0])(
-        embeds_BTD, tokens, features_BND)
-    h, _, aux = hidden_states(params["llm"], tokens, cfg.text, positions=micro["positions"],
-                              segment_ids=micro["segment_ids"], return_aux=True, embeds=embeds_BTD,
-                              rope_positions=jnp.moveaxis(micro["rope_positions"], 1, 0))
+    return row_vlm_hidden_states(params, micro["tokens"], cfg, vision,
+                                 rope_positions=jnp.moveaxis(micro["rope_positions"], 1, 0),
+                                 positions=micro["positions"], segment_ids=micro["segment_ids"],
+                                 feature_index_BT=micro.get("feature_index"), return_aux=return_aux)
+
+
+def vlm_nll_sums(params, micro: dict, cfg: VLMConfig, loss_chunk: int, *, with_aux: bool = True):
+    """nll_sums of a vision-language model (vlm_row_hidden_states, then the loss on the LLM's head)."""
+    h, _, aux = vlm_row_hidden_states(params, micro, cfg, return_aux=True)
     nll, weight = chunked_nll_sum(params["llm"], h, micro["targets"], micro["loss_weights"].astype(jnp.float32),
                                   cfg.text, loss_chunk)
     return (nll + aux * weight if with_aux and cfg.text.is_moe else nll), weight

@@ -300,7 +300,8 @@ def part_learning_rates(optimizer, args):
         return optimizer
     transforms = {part: optax.scale(r) for part, r in ratios.items()} | {"llm": optax.identity()}
 
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key, params)
+    def labels(params):  # a reward model's value head (a top-level key beside the parts) trains with the LLM
+        return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key if path[0].key in transforms else "llm",
+                                                params)
 
     return optax.chain(optimizer, optax.multi_transform(transforms, labels))
