@@ -487,15 +487,16 @@ def vlm_hidden_states(params, tokens_BT, cfg: VLMConfig, vision: VisionInputs | 
                          cache=cache, rope_positions=rope_positions, embeds=embeds)
 
 
-def row_vlm_hidden_states(params, tokens_BT, cfg: VLMConfig, vision_rows: VisionInputs, *, rope_positions,
+def row_vlm_hidden_states(params, tokens_BT, cfg: VLMConfig, vision_rows: VisionInputs | ViTInputs, *, rope_positions,
                           positions, segment_ids, feature_index_BT=None, placeholder_mask_BT=None, cache=None,
                           return_aux: bool = False):
     """vlm_hidden_states where every row brings its own images (VisionInputs with a leading [B] axis): the tower
     and aligner run once per row over the row's patches (vmapped, so data parallelism splits images with their
     rows). Placeholder tokens take the row's features in order, or the feature row `feature_index_BT` names;
     `placeholder_mask_BT` (default: every placeholder id) says which tokens are image tokens (a sampled
-    completion may hold a placeholder id that is text to the model). rope_positions: [3, B, T]."""
-    features_BND = jax.vmap(lambda v: image_features(params, VisionInputs(*v), cfg))(vision_rows)
+    completion may hold a placeholder id that is text to the model). rope_positions: [3, B, T] (None: a ViT
+    family's 1-D positions)."""
+    features_BND = jax.vmap(lambda v: image_features(params, type(vision_rows)(*v), cfg))(vision_rows)
     embeds_BTD = jnp.take(params["llm"]["embed"], tokens_BT, axis=0).astype(cfg.text.compute_dtype)
     is_image = (jnp.isin(tokens_BT, jnp.asarray(cfg.placeholder_ids)) if placeholder_mask_BT is None
                 else placeholder_mask_BT)
