@@ -337,9 +337,16 @@ def test_modules_to_save_bad_values(vlm, tiny_chat_model, tmp_path):
         prepare_tuner(text.params, SftArguments(model=str(tiny_chat_model), modules_to_save=["vision"]), text.config)
 
 
-def test_families_that_do_not_train_yet_are_refused_by_name(tmp_path, vlm):
+def test_preference_and_grpo_refuse_families_they_do_not_train_yet(tmp_path):
+    """llava trains with SFT (tests/test_vlm_vit_train.py); DPO and GRPO take M-RoPE families only so far."""
+    from types import SimpleNamespace
+
+    from jaxswift.train.sft import MROPE_VLM_FAMILIES, check_vlm_run
     from vlm_fixtures import make_llava
 
     make_llava(tmp_path / "llava")
-    with pytest.raises(ConfigError, match="covers qwen2_vl, qwen2_5_vl so far; llava models load"):
-        run_sft(vlm_args(vlm, tmp_path / "out", model=str(tmp_path / "llava"), mesh="1"), progress=False)
+    llava = jaxswift.load_model(str(tmp_path / "llava"))
+    ctx = SimpleNamespace(args=SftArguments(model="llava-folder"), model=llava, mesh=SimpleNamespace(shape={}))
+    check_vlm_run(ctx)  # SFT takes it
+    with pytest.raises(ConfigError, match="rlhf on image rows covers qwen2_vl, qwen2_5_vl so far; llava models load"):
+        check_vlm_run(ctx, MROPE_VLM_FAMILIES, "rlhf")

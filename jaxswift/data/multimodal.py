@@ -155,6 +155,14 @@ class VLMProcessor:
     def markup(self, kind: str) -> str:
         return QWEN_MARKUP[kind]
 
+    def expansion_ids(self, placeholder_id: int, grid: tuple[int, int, int]) -> list[int]:
+        """The ids one image's / video's placeholder token becomes, as `expand` does it to the text."""
+        return [placeholder_id] * self.images.num_tokens(grid)
+
+    def rope_positions(self, ids, grids: Sequence[tuple[int, int, int]]) -> np.ndarray | None:
+        """The M-RoPE positions [3, T] of a sequence (None for a family with 1-D positions)."""
+        return rope_index(ids, grids, self.cfg)[0]
+
     def batch_vision(self, prompts: Sequence[MultimodalPrompt]) -> VisionInputs | None:
         patches = [p for prompt in prompts for p in prompt.patches]
         grids = [g for prompt in prompts for g in prompt.grids]
@@ -173,7 +181,7 @@ class VLMProcessor:
 @dataclasses.dataclass
 class MultimodalExample:
     """One training row: `encoded` (ids with expanded image tokens, loss mask False on them), the row's images /
-    videos as patches and grids in text order, and the M-RoPE positions [3, T]."""
+    videos as patches and grids in text order, and the M-RoPE positions [3, T] (None: 1-D positions)."""
     encoded: EncodedChat
     patches: list[np.ndarray]
     grids: list[tuple[int, int, int]]
@@ -207,8 +215,9 @@ def row_messages_with_media(row: dict, where: str) -> list[dict]:
 def encode_multimodal_row(row: dict, where: str, processor: VLMProcessor, *, base_dir=None,
                           loss_scale: str = "default", system: str | None = None) -> MultimodalExample:
     """Row -> MultimodalExample. The chat is encoded with the text path's loss mask (templates.encode_chat) on
-    one placeholder token per image, then each placeholder is repeated for its image's tokens (never trained on);
-    the ids equal transformers' processor on the same chat."""
+    one placeholder token per image, then each placeholder becomes its image's tokens (never trained on): repeated
+    (Qwen2-VL, llava) or the tile markup around them (idefics3), which begins and ends with special tokens, so the
+    text around it tokenizes as in the whole expanded text; the ids equal transformers' processor on the chat."""
     messages = row_messages_with_media(row, where)
     media, normalized = message_media(messages, base_dir=base_dir, where=where)
     try:
@@ -221,12 +230,16 @@ def encode_multimodal_row(row: dict, where: str, processor: VLMProcessor, *, bas
     if int(is_placeholder.sum()) != len(media):
         raise DataError(f"{where}: the chat template wrote {int(is_placeholder.sum())} image/video placeholders for "
                         f"{len(media)} images/videos")
+    expansions = [processor.expansion_ids(int(t), g) for t, g in zip(encoded.input_ids[is_placeholder], grids)]
     repeats = np.ones(len(encoded), np.int64)
-    repeats[is_placeholder] = [processor.images.num_tokens(g) for g in grids]
+    repeats[is_placeholder] = [len(e) for e in expansions]
     ids = np.repeat(encoded.input_ids, repeats)
+    starts = (np.cumsum(repeats) - repeats)[is_placeholder]
+    for start, expansion in zip(starts, expansions):
+        ids[start:start + len(expansion)] = expansion
     mask = np.repeat(encoded.loss_mask & ~is_placeholder, repeats)
     weights = None if encoded.loss_weights is None else np.repeat(encoded.loss_weights * ~is_placeholder, repeats)
-    positions, _ = rope_index(ids, grids, cfg)
+    positions = processor.rope_positions(ids, grids)
     return MultimodalExample(EncodedChat(ids.astype(np.int32), mask, weights), patches, grids, positions)
 
 

@@ -9,7 +9,14 @@ Every key is [B, ...] with one entry per row, so a data-parallel mesh splits ima
   patch_frames     int32    [B, P]      attention group of each patch: 1, 2, ... per frame of the row; 0 = padding
   patch_windows    int32    [B, P]      Qwen2.5-VL's windows (= patch_frames without windows)
 
-P (patches per row) is the step's largest row rounded up to a multiple of 64 (few compiled shapes). A packed row
+A ViT family (llava, idefics3 / smolvlm: fixed-size images or tiles) has no rope_positions (1-D positions) and,
+instead of the patch keys:
+
+  pixels           float32  [B, I, S, X]  the row's images / tiles in placeholder order, then padding tiles
+  tile_positions   int32    [B, I, S']    each tile's position-embedding rows (models/vit.vit_inputs)
+
+P (patches per row) is the step's largest row rounded up to a multiple of 64 (few compiled shapes), I (tiles per
+row) the largest row's rounded up to a multiple of 4. A packed row
 holds several examples end to end: its patches are their images concatenated in the same order, so the k-th image
 placeholder of the row takes the k-th image's features, which lie inside that image's own example (segment).
 
@@ -31,11 +38,14 @@ import numpy as np
 from jaxswift.data.formats import (DatasetStats, count_rows, iter_rows, parse_dataset_spec, resolve_path,
                                    sample_counts)
 from jaxswift.data.multimodal import MultimodalExample, VLMProcessor, encode_multimodal_row
+from jaxswift.data.multimodal_vit import ViTVLMProcessor
 from jaxswift.data.packing import assemble
 from jaxswift.errors import ConfigError, DataError
 from jaxswift.models.vision import vision_inputs
+from jaxswift.models.vit import vit_inputs
 
 PATCH_BUCKET = 64
+TILE_BUCKET = 4
 VISION_KEYS = ("rope_positions", "pixels", "patch_rows_cols", "patch_frames", "patch_windows")
 
 SKIP_TOO_LONG = "longer than max_length (image rows are never truncated: truncation would cut image tokens)"
@@ -116,6 +126,22 @@ def load_multimodal_rows(specs: list[str], processor: VLMProcessor, *, max_lengt
     return MultimodalRows(rows, processor, lengths, patches, loss_scale=loss_scale, system=system), stats
 
 
+def tile_arrays(row_patches: Sequence[Sequence[np.ndarray]], cfg, num_rows: int) -> dict[str, np.ndarray]:
+    """pixels [B, I, S, X] and tile_positions [B, I, S'] of a ViT family's rows: each image is an array of tiles
+    [n, S, X] (one for llava), all the tower's full size."""
+    side = cfg.vision.patches_per_side
+    row_tiles = [[t for image in images for t in image] for images in row_patches]
+    width = max(TILE_BUCKET, -(-max(map(len, row_tiles), default=0) // TILE_BUCKET) * TILE_BUCKET)
+    blank = vit_inputs([np.zeros((side * side, cfg.vision.patch_pixels), np.float32)], [(side, side)], cfg.vision)
+    pixels = np.zeros((num_rows, width, *blank.pixels.shape[1:]), np.float32)
+    positions = np.zeros((num_rows, width, *blank.position_ids.shape[1:]), np.int32)
+    for r, tiles in enumerate(row_tiles):
+        if tiles:
+            v = vit_inputs(tiles, [(side, side)] * len(tiles), cfg.vision)
+            pixels[r, :len(tiles)], positions[r, :len(tiles)] = v.pixels, v.position_ids
+    return {"pixels": pixels, "tile_positions": positions}
+
+
 def patch_budget(counts: Sequence[int]) -> int:
     """Patches per row of a step: the largest row's, rounded up to a multiple of 64 (at least 64)."""
     return max(PATCH_BUCKET, -(-max(counts, default=0) // PATCH_BUCKET) * PATCH_BUCKET)
@@ -125,13 +151,15 @@ def assemble_multimodal(source: MultimodalRows, rows: Sequence[Sequence[int]], l
                         num_rows: int | None = None) -> dict[str, np.ndarray]:
     """The batch whose row r holds source[rows[r]] end to end (see the module docstring); `num_rows` > len(rows)
     appends empty rows."""
-    vision = getattr(getattr(source, "processor", None), "cfg", None)
-    if vision is None:
+    cfg = getattr(getattr(source, "processor", None), "cfg", None)
+    if cfg is None:
         raise ConfigError("assemble_multimodal needs a source with a `processor` (a MultimodalRows)")
-    vision = vision.vision
     num_rows = len(rows) if num_rows is None else num_rows
     examples = {i: source[i] for members in rows for i in members}
     batch = assemble({i: e.encoded for i, e in examples.items()}, rows, length, num_rows)
+    row_patches = [[p for i in members for p in examples[i].patches] for members in rows]
+    if isinstance(source.processor, ViTVLMProcessor):
+        return {**batch, **tile_arrays(row_patches, cfg, num_rows)}
     batch["rope_positions"] = np.zeros((num_rows, 3, length), np.int32)
     for r, members in enumerate(rows):
         offset = 0
@@ -139,7 +167,7 @@ def assemble_multimodal(source: MultimodalRows, rows: Sequence[Sequence[int]], l
             n = len(examples[i])
             batch["rope_positions"][r, :, offset:offset + n] = examples[i].rope_positions
             offset += n
-    row_patches = [[p for i in members for p in examples[i].patches] for members in rows]
+    vision = cfg.vision
     row_grids = [[g for i in members for g in examples[i].grids] for members in rows]
     P = patch_budget([sum(len(p) for p in ps) for ps in row_patches])
     batch["pixels"] = np.zeros((num_rows, P, vision.patch_pixels), np.float32)

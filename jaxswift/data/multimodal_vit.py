@@ -99,6 +99,12 @@ class ViTVLMProcessor(VLMProcessor):
         ids = self.tokenizer.encode(expanded, add_special_tokens=False)
         return MultimodalPrompt(ids, patches, grids, None, 0)
 
+    def expansion_ids(self, placeholder_id: int, grid: tuple[int, int, int]) -> list[int]:
+        return self.tokenizer.encode(self.image_text(grid), add_special_tokens=False)
+
+    def rope_positions(self, ids, grids) -> None:
+        return None  # the LLM takes 1-D positions
+
     def markup(self, kind: str) -> str:
         if kind != "image":
             raise DataError(f"{self.cfg.family} models take images only, not {kind}s")

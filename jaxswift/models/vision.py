@@ -487,25 +487,27 @@ def vlm_hidden_states(params, tokens_BT, cfg: VLMConfig, vision: VisionInputs | 
                          cache=cache, rope_positions=rope_positions, embeds=embeds)
 
 
-def row_image_features(params, vision_rows: VisionInputs, cfg: VLMConfig, *, rows_per_image_set: int = 1):
-    """[B, N, D] features of each row's images (VisionInputs with a leading [B] axis), the tower and aligner vmapped
-    over rows. rows_per_image_set = G: rows come in runs of G with the same images (a GRPO group), so the tower
-    runs on the first row of each run and its features are repeated (exact; gradients sum over the run)."""
+def row_image_features(params, vision_rows: VisionInputs | ViTInputs, cfg: VLMConfig, *,
+                       rows_per_image_set: int = 1):
+    """[B, N, D] features of each row's images (VisionInputs / ViTInputs with a leading [B] axis), the tower and
+    aligner vmapped over rows. rows_per_image_set = G: rows come in runs of G with the same images (a GRPO group),
+    so the tower runs on the first row of each run and its features are repeated (exact; gradients sum over the
+    run)."""
     G = rows_per_image_set
     firsts = jax.tree.map(lambda x: x[::G], vision_rows) if G > 1 else vision_rows
-    features = jax.vmap(lambda v: image_features(params, VisionInputs(*v), cfg))(firsts)
+    features = jax.vmap(lambda v: image_features(params, type(vision_rows)(*v), cfg))(firsts)
     return jnp.repeat(features, G, axis=0) if G > 1 else features
 
 
-def row_vlm_hidden_states(params, tokens_BT, cfg: VLMConfig, vision_rows: VisionInputs, *, rope_positions,
-                          positions, segment_ids, feature_index_BT=None, placeholder_mask_BT=None, cache=None,
+def row_vlm_hidden_states(params, tokens_BT, cfg: VLMConfig, vision_rows: VisionInputs | ViTInputs, *,
+                          rope_positions, positions, segment_ids, feature_index_BT=None, placeholder_mask_BT=None, cache=None,
                           return_aux: bool = False, rows_per_image_set: int = 1):
     """vlm_hidden_states where every row brings its own images (VisionInputs with a leading [B] axis): the tower
     and aligner run once per row over the row's patches (vmapped, so data parallelism splits images with their
     rows; once per run of `rows_per_image_set` rows that share them: row_image_features). Placeholder tokens take
     the row's features in order, or the feature row `feature_index_BT` names; `placeholder_mask_BT` (default:
     every placeholder id) says which tokens are image tokens (a sampled completion may hold a placeholder id that
-    is text to the model). rope_positions: [3, B, T]."""
+    is text to the model). rope_positions: [3, B, T] (None: a ViT family's 1-D positions)."""
     features_BND = row_image_features(params, vision_rows, cfg, rows_per_image_set=rows_per_image_set)
     embeds_BTD = jnp.take(params["llm"]["embed"], tokens_BT, axis=0).astype(cfg.text.compute_dtype)
     is_image = (jnp.isin(tokens_BT, jnp.asarray(cfg.placeholder_ids)) if placeholder_mask_BT is None

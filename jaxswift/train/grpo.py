@@ -44,7 +44,7 @@ from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.loop import (Feed, LatestState, compile_step, demo_answer, export_model, host_params, init_state,
                                  plot_run, start_run, total_steps_of, train_loop, TaskScorer, with_task_scores)
 from jaxswift.parallel.params import shard_params
-from jaxswift.train.sft import check_vlm_run
+from jaxswift.train.sft import MROPE_VLM_FAMILIES, check_vlm_run
 from jaxswift.train.state import TrainState, combine
 from jaxswift.train.step import guarded_update
 from jaxswift.train.tuning import build_optimizer, prepare_tuner
@@ -387,7 +387,7 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
     check_multi_process(args)
     ctx = start_run(args)
     if ctx.model.is_vlm:
-        check_vlm_run(ctx)
+        check_vlm_run(ctx, MROPE_VLM_FAMILIES, "GRPO")
     model, cfg = ctx.model, ctx.cfg
     if model.tokenizer is None:
         raise ConfigError(f"{args.model}: the model has no tokenizer, which GRPO needs for prompts and rewards")

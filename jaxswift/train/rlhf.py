@@ -31,7 +31,7 @@ from jaxswift.train.loop import (Feed, RunContext, compile_step, demo_answer, ex
 from jaxswift.train.preference import (evaluate_items, init_value_head, item_assembler, make_eval_fn, make_logps_fn,
                                        make_preference_step, objective_from_args, preference_plan, score_items)
 from jaxswift.train.rlhf_args import RlhfArguments
-from jaxswift.train.sft import check_vlm_run, grain_batches
+from jaxswift.train.sft import MROPE_VLM_FAMILIES, check_vlm_run, grain_batches
 from jaxswift.parallel.params import shard_params
 from jaxswift.train.state import count_bytes
 from jaxswift.train.tuning import TunedParams, build_optimizer, prepare_tuner
@@ -150,7 +150,7 @@ def run_rlhf(args: RlhfArguments, *, progress: bool = True, task_scorer: TaskSco
         return run_gkd(args, progress=progress, task_scorer=task_scorer)
     ctx = start_run(args)
     if ctx.model.is_vlm:
-        check_vlm_run(ctx)
+        check_vlm_run(ctx, MROPE_VLM_FAMILIES, "rlhf")
     model, cfg, obj = ctx.model, ctx.cfg, objective_from_args(args)
     messages: list[str] = []
     train_items, val_items = _load_items(args, obj, model, messages.append)

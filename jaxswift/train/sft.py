@@ -80,17 +80,19 @@ def load_vlm_sft_data(args: SftArguments, model, log_fn):
     return train, val
 
 
-# The families whose image rows the SFT data path encodes (their processors expand placeholders by image grid).
-TRAINABLE_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+# The families whose image rows the SFT data path encodes (data/multimodal.encode_multimodal_row), and those the
+# preference and GRPO paths also take (their sequences carry M-RoPE positions: data/multimodal_preference.py).
+SFT_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "smolvlm")
+MROPE_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
-def check_vlm_run(ctx: RunContext) -> None:
-    """What VLM SFT does not do yet, refused before anything is compiled."""
+def check_vlm_run(ctx: RunContext, families: tuple[str, ...] = SFT_VLM_FAMILIES, trainer: str = "SFT") -> None:
+    """What VLM training does not do yet, refused before anything is compiled."""
     args = ctx.args
     family = ctx.model.config.family
-    if family not in TRAINABLE_VLM_FAMILIES:
-        raise ConfigError(f"--model {args.model}: SFT on image rows covers {', '.join(TRAINABLE_VLM_FAMILIES)} so far; "
-                          f"{family} models load, infer, serve and merge adapters, but do not train yet")
+    if family not in families:
+        raise ConfigError(f"--model {args.model}: {trainer} on image rows covers {', '.join(families)} so far; "
+                          f"{family} models load, infer, serve, merge adapters and train with SFT")
     if jax.process_count() > 1:
         raise ConfigError("vision-language SFT runs in one process so far (each process would size its image "
                           "patches alone)")

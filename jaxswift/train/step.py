@@ -20,11 +20,13 @@ from jaxswift.losses.lm import chunked_nll_sum
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.transformer import hidden_states
 from jaxswift.models.vision import VisionInputs, VLMConfig, row_vlm_hidden_states
+from jaxswift.models.vit import ViTConfig, ViTInputs
 from jaxswift.optim.qgalore import apply_updates, float_view
 from jaxswift.train.state import TrainState, combine, compute_view
 
 BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
 VLM_BATCH_KEYS = BATCH_KEYS + ("rope_positions", "pixels", "patch_rows_cols", "patch_frames", "patch_windows")
+VIT_VLM_BATCH_KEYS = BATCH_KEYS + ("pixels", "tile_positions")
 
 
 def nll_sums(params, micro: dict, cfg: ModelConfig, loss_chunk: int, *, with_aux: bool = True):
@@ -44,10 +46,15 @@ def vlm_row_hidden_states(params, micro: dict, cfg: VLMConfig, *, return_aux: bo
     """The text core's hidden states over a vision-language batch (models/vision.row_vlm_hidden_states): each
     row's images through the tower once, their features at the row's placeholders, in order or, when the batch has
     `feature_index [B, T]`, the feature row it names (a preference row stores the images its sequences share
-    once: data/multimodal_preference.py); the text core with the rows' M-RoPE positions."""
-    vision = VisionInputs(micro["pixels"], micro["patch_rows_cols"], micro["patch_frames"], micro["patch_windows"])
-    return row_vlm_hidden_states(params, micro["tokens"], cfg, vision,
-                                 rope_positions=jnp.moveaxis(micro["rope_positions"], 1, 0),
+    once: data/multimodal_preference.py); the text core with the rows' M-RoPE positions (Qwen2-VL) or 1-D
+    positions (the ViT families: llava, idefics3, whose rows bring tiles: data/multimodal_batch.py)."""
+    if isinstance(cfg.vision, ViTConfig):
+        vision, rope = ViTInputs(micro["pixels"], micro["tile_positions"]), None
+    else:
+        vision = VisionInputs(micro["pixels"], micro["patch_rows_cols"], micro["patch_frames"],
+                              micro["patch_windows"])
+        rope = jnp.moveaxis(micro["rope_positions"], 1, 0)
+    return row_vlm_hidden_states(params, micro["tokens"], cfg, vision, rope_positions=rope,
                                  positions=micro["positions"], segment_ids=micro["segment_ids"],
                                  feature_index_BT=micro.get("feature_index"), return_aux=return_aux)
 
@@ -62,7 +69,9 @@ def vlm_nll_sums(params, micro: dict, cfg: VLMConfig, loss_chunk: int, *, with_a
 
 def _sums_and_keys(cfg):
     """The loss sums and batch keys of a text model or a vision-language model."""
-    return (vlm_nll_sums, VLM_BATCH_KEYS) if isinstance(cfg, VLMConfig) else (nll_sums, BATCH_KEYS)
+    if not isinstance(cfg, VLMConfig):
+        return nll_sums, BATCH_KEYS
+    return vlm_nll_sums, VIT_VLM_BATCH_KEYS if isinstance(cfg.vision, ViTConfig) else VLM_BATCH_KEYS
 
 
 def guarded_update(state: TrainState, grads, loss, optimizer: optax.GradientTransformation, key):
