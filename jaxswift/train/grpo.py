@@ -29,6 +29,7 @@ from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.train.grpo_args import GrpoArguments
+from jaxswift.train.grpo_remote import RemotePlan, RemoteRollouts, generation_key
 from jaxswift.train.loop import (Feed, LatestState, compile_step, demo_answer, export_model, init_state, plot_run,
                                  refuse_vision_language, start_run, total_steps_of, train_loop, TaskScorer,
                                  with_task_scores)
@@ -162,7 +163,7 @@ class Generator:
         """(prompt rows, rollout, rewards [N, R]); with dynamic sampling, groups whose rewards are all equal are
         replaced by fresh prompts (up to max_resample_times rounds), then refilled from the dropped ones."""
         params, k, weights = float_view(state.params), self.prompts_per_step, self.parts.reward_weights
-        key = jax.random.fold_in(jax.random.key(self.args.seed), generation)
+        key = generation_key(self.args.seed, generation)
         r, env = self.sample(params, rows, key)
         scores = self.rewards_of(rows, r, env)
         if not self.args.dynamic_sample:
@@ -185,7 +186,9 @@ class Generator:
         total = scores @ self.parts.reward_weights
         batch = {**seqs, "completion_mask": r.completion_mask.copy()}
         params = float_view(state.params)  # Q-GaLore's 8-bit weights as floats (identity otherwise)
-        if args.num_iterations > 1 or args.kl_in_reward:
+        if args.async_generate:  # sampled one update ago: the behaviour policy's own log-probs correct for it
+            batch["old_logps"] = r.logprobs.copy()
+        elif args.num_iterations > 1 or args.kl_in_reward:
             batch["old_logps"] = self._logps(params, seqs)
         if args.beta != 0.0:
             batch["ref_logps"] = self._logps(self.reference(state), seqs)
@@ -345,15 +348,20 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
     demo_before = demo_answer(model, model.params, model.config, args.demo_question, args.demo_max_new_tokens)
     tuned = prepare_tuner(model.params, args, cfg)
     state, start_step = init_state(ctx, tuned, optimizer, messages)
+    remote = RemoteRollouts(args, eos, pad_id, tuned.lora) if args.rollout_mode == "server" else None
     generator = Generator(args, cfg, model.tokenizer, PromptStream(prompts, args.seed), parts, prompts_per_step,
                           args.gradient_accumulation_steps, _logps_fn(args, cfg), _reference(args, ctx, tuned.lora),
-                          parts.make_sampler(model, cfg, eos, pad_id, max(len(p.ids) for p in prompts)),
+                          remote.sample if remote else parts.make_sampler(model, cfg, eos, pad_id,
+                                                                          max(len(p.ids) for p in prompts)),
                           completions_log=ctx.out_dir / "completions.jsonl")
     model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
     step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(parts.reward_funcs),
-                          temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare)
+                          temperature=args.temperature, has_old=args.num_iterations > 1 or args.async_generate,
+                          prepare_params=tuned.prepare)
     holder = LatestState(state, compile_step(ctx, step, state))
-    feed = Feed(holder.step, RolloutPlan(generator, holder, total_steps, args.num_iterations).batches, rows,
+    plan = (RemotePlan(generator, holder, total_steps, args.num_iterations, remote, args.async_generate) if remote
+            else RolloutPlan(generator, holder, total_steps, args.num_iterations))
+    feed = Feed(holder.step, plan.batches, rows,
                 args.max_length + args.max_completion_length, steps_per_epoch, with_task_scores(None, ctx, task_scorer))
     messages.append(_summary(args, prompts_per_step, tuned.lora is not None))
     loop = train_loop(ctx, state, feed, total_steps=total_steps, start_step=start_step, schedule=schedule,
