@@ -135,8 +135,9 @@ def test_bad_placement_flags_and_an_unreachable_server(tiny_chat_model, tmp_path
         grpo_args(tiny_chat_model, tmp_path, rollout_mode="remote")
     with pytest.raises(ConfigError, match="--rollout_mode server needs --rollout_url"):
         grpo_args(tiny_chat_model, tmp_path, rollout_mode="server")
-    with pytest.raises(ConfigError, match="--async_generate needs --rollout_mode server"):
-        grpo_args(tiny_chat_model, tmp_path, async_generate=True)
+    for flag, value in (("async_generate", True), ("rollout_url", "http://127.0.0.1:1"), ("rollout_timeout", 5.0)):
+        with pytest.raises(ConfigError, match=f"--{flag} needs --rollout_mode server"):
+            grpo_args(tiny_chat_model, tmp_path, **{flag: value})
     with pytest.raises(ConfigError, match="--rollout_url 'localhost:8000': expected http://HOST:PORT"):
         grpo_args(tiny_chat_model, tmp_path, rollout_mode="server", rollout_url="localhost:8000")
     with pytest.raises(ConfigError, match="--rollout_backend engine with --rollout_mode server"):

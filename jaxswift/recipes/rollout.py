@@ -31,19 +31,17 @@ class RolloutArguments:
 
 
 def main(argv: list[str]) -> int:
-    import uvicorn
-
     import jaxswift
-    from jaxswift.serve.rollout_server import RolloutService, build_rollout_app
+    from jaxswift.serve.rollout_server import RolloutService, serve_rollouts
     from jaxswift.train.args import parse_args
 
     args = parse_args(RolloutArguments, argv)
     model = jaxswift.load_model(args.model, dtype=args.dtype, load_tokenizer=False)
     if model.is_vlm:
         raise ConfigError(f"--model {args.model}: a vision-language model; the rollout server serves text models")
-    app = build_rollout_app(RolloutService(model, name=args.model))
+    service = RolloutService(model, name=args.model)
     print(f"rollout server for {args.model} on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve_rollouts(service, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -2,7 +2,7 @@
 trainer (protocol: infer/rollout_remote.py).
 
     service = RolloutService(jaxswift.load_model("smollm2-135m-instruct"))
-    uvicorn.run(build_rollout_app(service), host="127.0.0.1", port=8000)
+    serve_rollouts(service, host="127.0.0.1", port=8000)
 
 Rollouts run `infer.rollout.rollout` (the colocated generate backend: one jitted batch, each prompt prefilled once
 for its G rows) on the latest complete push, one request at a time; a push arriving meanwhile is staged and
@@ -165,3 +165,10 @@ def build_rollout_app(service: RolloutService) -> FastAPI:
         return Response(data, media_type="application/octet-stream")
 
     return app
+
+
+def serve_rollouts(service: RolloutService, *, host: str, port: int, log_level: str = "warning") -> None:
+    """Serves `service` with uvicorn until stopped."""
+    import uvicorn
+
+    uvicorn.run(build_rollout_app(service), host=host, port=port, log_level=log_level)

@@ -138,10 +138,10 @@ class GrpoArguments(SftArguments):
         if self.rollout_mode not in ("colocate", "server"):
             raise ConfigError(f"--rollout_mode {self.rollout_mode!r}: expected colocate | server")
         if self.rollout_mode == "colocate":
-            for name in ("rollout_url", "async_generate"):
-                if getattr(self, name):
+            for name in ("rollout_url", "async_generate", "rollout_timeout"):
+                if getattr(self, name) != getattr(GrpoArguments, name):
                     raise ConfigError(f"--{name} needs --rollout_mode server (colocated rollouts use the trainer's "
-                                      "own weights, nothing to fetch or overlap)")
+                                      "own weights: nothing to fetch, wait for or overlap)")
             return
         if not self.rollout_url:
             raise ConfigError("--rollout_mode server needs --rollout_url http://HOST:PORT (a `jaxswift rollout` "
