@@ -4,14 +4,12 @@ server and server+async modes (server == colocate; async trains on rollouts one 
 an unreachable server, bodies the server refuses, a server killed mid-run: a clear stop and a checkpoint that
 resumes)."""
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -207,16 +205,16 @@ def kill_server_at_second_generation(prompts, completions, **columns):
 def test_a_server_killed_mid_run_stops_training_with_a_checkpoint_that_resumes(tiny_chat_model, tmp_path,
                                                                                monkeypatch):
     port = free_port()
+    server_log = open(tmp_path / "rollout_server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jaxswift.recipes.rollout", "--model", str(tiny_chat_model),
-                             "--port", str(port)], env=os.environ.copy(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port)], env=os.environ.copy(), stdout=server_log, stderr=subprocess.STDOUT)
     try:
         plugin = tmp_path / "killer_rewards.py"
         plugin.write_text(textwrap.dedent(KILLER))
         monkeypatch.setenv("JAXSWIFT_TEST_ROLLOUT_PID", str(proc.pid))
         url = f"http://127.0.0.1:{port}"
         args = grpo_args(tiny_chat_model, tmp_path / "run", rollout_mode="server", rollout_url=url, max_steps=4,
-                         reward_funcs=[f"{plugin}:kill_server_at_second_generation"], rollout_timeout=120.0)
+                         reward_funcs=[f"{plugin}:kill_server_at_second_generation"], rollout_timeout=300.0)
         with pytest.raises(BatchSourceLost, match=rf"rollout server {url} did not answer .*Training stopped after "
                                                   r"step 2; its state is checkpointed .*--resume_from_checkpoint"):
             run_grpo(args, progress=False)
@@ -224,6 +222,7 @@ def test_a_server_killed_mid_run_stops_training_with_a_checkpoint_that_resumes(t
     finally:
         proc.kill()
         proc.wait(30)
+        server_log.close()
     resumed = run_grpo(grpo_args(tiny_chat_model, tmp_path / "run", max_steps=3, resume_from_checkpoint="latest"),
                        progress=False)
     assert set(resumed.history) == {3}  # steps 1-2 came back from the checkpoint saved at the failure

@@ -26,7 +26,6 @@ import json
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxswift.infer.rollout import RolloutSampling, rollout_from_samples
 from jaxswift.infer.rollout_remote import RolloutClient, RolloutServerError, host_leaves, rollout_request
