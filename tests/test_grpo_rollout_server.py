@@ -22,6 +22,7 @@ from jaxswift.infer.rollout import RolloutSampling, completion_logps, rollout, s
 from jaxswift.infer.rollout_remote import RolloutClient, RolloutServerError, host_leaves, rollout_request
 from jaxswift.recipes.grpo import train as run_grpo
 from jaxswift.serve.rollout_server import RolloutService, build_rollout_app
+from jaxswift.train.grpo import Generator
 from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.grpo_remote import tuner_description
 from jaxswift.train.loop import BatchSourceLost
@@ -153,8 +154,8 @@ def test_bad_placement_flags_and_an_unreachable_server(tiny_chat_model, tmp_path
 @pytest.fixture
 def traffic(monkeypatch):
     """The weights versions pushed and the versions that sampled each rollout, as the client sees them."""
-    seen = {"pushed": [], "sampled": []}
-    push, sample = RolloutClient.push, RolloutClient.rollout
+    seen = {"pushed": [], "sampled": [], "logprobs": [], "old_logps": []}
+    push, sample, make_batch = RolloutClient.push, RolloutClient.rollout, Generator.__call__
 
     def spy_push(self, leaves, version, *, full, **kw):
         seen["pushed"].append((version, full))
@@ -163,9 +164,17 @@ def traffic(monkeypatch):
     def spy_rollout(self, request):
         arrays, version = sample(self, request)
         seen["sampled"].append(version)
+        seen["logprobs"].append(arrays["logprobs"])
         return arrays, version
 
+    def spy_batch(self, state, generation, rows):
+        batch = make_batch(self, state, generation, rows)
+        if "old_logps" in batch:
+            seen["old_logps"].append(batch["old_logps"].reshape(-1, batch["old_logps"].shape[-1]))
+        return batch
+
     monkeypatch.setattr(RolloutClient, "push", spy_push)
+    monkeypatch.setattr(Generator, "__call__", spy_batch)
     monkeypatch.setattr(RolloutClient, "rollout", spy_rollout)
     return seen
 
@@ -175,15 +184,21 @@ def test_server_mode_equals_colocate_and_async_trains_one_step_off_policy(tiny_c
     colocated = run_grpo(grpo_args(tiny_chat_model, tmp_path / "colocate"), progress=False).history
     remote = run_grpo(grpo_args(tiny_chat_model, tmp_path / "server", rollout_mode="server", rollout_url=server),
                       progress=False).history
-    assert traffic == {"pushed": [(0, True), (1, False)], "sampled": [0, 1]}  # each rollout from the latest weights
+    assert traffic["pushed"] == [(0, True), (1, False)] and traffic["sampled"] == [0, 1]  # the latest weights
+    assert traffic["old_logps"] == []  # on-policy (num_iterations 1): no old log-probs, ratio 1
     for s in (1, 2):  # the same weights and keys sample the same completions: the same run
         for name in ("loss", "reward", "completion_length"):
             assert remote[s][name] == pytest.approx(colocated[s][name], abs=1e-5), (s, name)
-    traffic["pushed"].clear(), traffic["sampled"].clear()
+    for seen in traffic.values():
+        seen.clear()
     off = run_grpo(grpo_args(tiny_chat_model, tmp_path / "async", rollout_mode="server", rollout_url=server,
                              async_generate=True, max_steps=3), progress=False).history
     # generation 1 was requested before update 1 (from version 0), generation 2 before update 2 (version 1)
-    assert traffic == {"pushed": [(0, True), (1, False), (2, False)], "sampled": [0, 0, 1]}
+    assert traffic["pushed"] == [(0, True), (1, False), (2, False)] and traffic["sampled"] == [0, 0, 1]
+    # the importance correction's denominator is the behaviour policy: the server's own log-probs of each rollout
+    assert len(traffic["old_logps"]) == 3
+    for old, sampled in zip(traffic["old_logps"], traffic["logprobs"]):
+        np.testing.assert_array_equal(old, sampled)
     assert set(off) == {1, 2, 3} and all(np.isfinite(off[s]["loss"]) for s in off)
     assert off[1]["loss"] == pytest.approx(colocated[1]["loss"], abs=1e-5)  # the first generation is on-policy
 
