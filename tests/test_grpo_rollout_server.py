@@ -21,6 +21,7 @@ from jaxswift.infer.generate import stop_token_ids
 from jaxswift.infer.rollout import RolloutSampling, completion_logps, rollout, sequences
 from jaxswift.infer.rollout_remote import RolloutClient, RolloutServerError, host_leaves, rollout_request
 from jaxswift.recipes.grpo import train as run_grpo
+from jaxswift.recipes.rollout import RolloutArguments
 from jaxswift.serve.rollout_server import RolloutService, build_rollout_app
 from jaxswift.train.grpo import Generator
 from jaxswift.train.grpo_args import GrpoArguments
@@ -142,6 +143,10 @@ def test_bad_placement_flags_and_an_unreachable_server(tiny_chat_model, tmp_path
     with pytest.raises(ConfigError, match="--rollout_backend engine with --rollout_mode server"):
         grpo_args(tiny_chat_model, tmp_path, rollout_mode="server", rollout_url="http://127.0.0.1:1",
                   rollout_backend="engine")
+    with pytest.raises(ConfigError, match="--num_processes 2 with --rollout_mode server"):
+        grpo_args(tiny_chat_model, tmp_path, rollout_mode="server", rollout_url="http://127.0.0.1:1", num_processes=2)
+    with pytest.raises(ConfigError, match="--port must be in 1..65535, got 0"):
+        RolloutArguments(port=0)
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RolloutServerError, match=f"no rollout server answers at {url} .*jaxswift rollout"):
         run_grpo(grpo_args(tiny_chat_model, tmp_path, rollout_mode="server", rollout_url=url, rollout_timeout=1.0),

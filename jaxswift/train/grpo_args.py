@@ -157,6 +157,9 @@ class GrpoArguments(SftArguments):
         for name, why in refused.items():
             if getattr(self, name, None):
                 raise ConfigError(f"--{name} with --rollout_mode server: {why}")
+        if (self.num_processes or 1) > 1:
+            raise ConfigError(f"--num_processes {self.num_processes} with --rollout_mode server: one trainer process "
+                              "pushes to one rollout server (multi-process trainers sample colocated)")
         if self.rollout_backend != "generate":
             raise ConfigError(f"--rollout_backend {self.rollout_backend} with --rollout_mode server: the rollout "
                               "server samples with the generate backend (log-probs at temperature, as the trainer "
