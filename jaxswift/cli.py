@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "jaxswift.recipes.eval",
     "web-ui": "jaxswift.recipes.webui",
     "app": "jaxswift.recipes.app",
+    "rollout": "jaxswift.recipes.rollout",
 }
 ALIASES = {"train": "sft", "chat": "infer", "serve": "deploy", "webui": "web-ui"}
 

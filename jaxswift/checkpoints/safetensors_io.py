@@ -107,3 +107,46 @@ def iter_folder_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray, Path]]:
     for st in opened:
         for name in st.keys():
             yield name, st.get(name), st.path
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors encoding of `tensors` in memory (a weight push's HTTP body): the same header and layout
+    as write_safetensors, bfloat16 / fp8 included."""
+    header, offset = {}, 0
+    for name, arr in tensors.items():
+        nbytes = arr.size * arr.dtype.itemsize
+        header[name] = {"dtype": NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return b"".join([struct.pack("<Q", len(blob)), blob, *(np.ascontiguousarray(a).tobytes()
+                                                            for a in tensors.values())])
+
+
+def tensors_from_bytes(data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(name -> read-only array view into `data`, metadata) of a safetensors encoding; a malformed one gets a
+    CheckpointError naming `source` (where the bytes came from)."""
+    if len(data) < 8:
+        raise CheckpointError(f"{source}: not a safetensors body ({len(data)} bytes, no header)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise CheckpointError(f"{source}: truncated safetensors body (header length {header_len}, body "
+                              f"{len(data)} bytes)")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{source}: corrupt safetensors header ({e})") from None
+    metadata = header.pop("__metadata__", {}) or {}
+    buffer, start, out = memoryview(data), 8 + header_len, {}
+    for name, entry in header.items():
+        if entry.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{source}: tensor {name!r} has unsupported dtype {entry.get('dtype')}")
+        begin, end = entry["data_offsets"]
+        if start + end > len(data):
+            raise CheckpointError(f"{source}: truncated safetensors body: tensor {name!r} ends at byte "
+                                  f"{start + end} of {len(data)}")
+        out[name] = np.frombuffer(buffer[start + begin:start + end], DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return out, metadata

@@ -161,8 +161,17 @@ def rollout(params, prompts_ids: list[list[int]], cfg: ModelConfig, *, sampling:
                                                key, cfg=cfg, max_new_tokens=sampling.max_completion_length,
                                                sampling=params_sampling, num_generations=num_generations,
                                                rows_sharding=rows_sharding)
-    tokens, positions, segments = (np.repeat(x, num_generations, axis=0) for x in (tokens, positions, segments))
     out, logps, lengths = (np.asarray(x) for x in gather_to_host((out, logps, lengths)))  # every process's rows
+    return rollout_from_samples(prompts_ids, pad_id, num_generations, out, logps, lengths, eos_ids)
+
+
+def rollout_from_samples(prompts_ids: list[list[int]], pad_id: int, num_generations: int, completion_ids,
+                         logprobs, lengths, eos_ids) -> Rollout:
+    """The Rollout of sampled completions (tokens [N, C], log-probs [N, C], lengths [N]; G rows per prompt, prompt
+    by prompt) of `prompts_ids`: what `rollout` returns, also for samples made elsewhere (a rollout server)."""
+    tokens, positions, segments = left_pad(prompts_ids, pad_id)
+    tokens, positions, segments = (np.repeat(x, num_generations, axis=0) for x in (tokens, positions, segments))
+    out, logps, lengths = np.asarray(completion_ids), np.asarray(logprobs), np.asarray(lengths)
     mask = _mask(lengths, out.shape[1])
     return Rollout(tokens, positions, segments, out, mask, logps * mask, _truncated(out, lengths, eos_ids))
 

@@ -41,6 +41,7 @@ from jaxswift.models.vision import VLMConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, held_rows, is_primary, share_rows
 from jaxswift.train.grpo_args import GrpoArguments
+from jaxswift.train.grpo_remote import RemotePlan, RemoteRollouts, generation_key
 from jaxswift.train.loop import (Feed, LatestState, compile_step, demo_answer, export_model, host_params, init_state,
                                  plot_run, start_run, total_steps_of, train_loop, TaskScorer, with_task_scores)
 from jaxswift.parallel.params import shard_params
@@ -200,7 +201,7 @@ class Generator:
         """(prompt rows, rollout, rewards [N, R]); with dynamic sampling, groups whose rewards are all equal are
         replaced by fresh prompts (up to max_resample_times rounds), then refilled from the dropped ones."""
         params, k, weights = float_view(state.params), self.prompts_per_step, self.parts.reward_weights
-        key = jax.random.fold_in(jax.random.key(self.args.seed), generation)
+        key = generation_key(self.args.seed, generation)
         r, env = self.sample(params, rows, key)
         scores = self.rewards_of(rows, r, env)
         if not self.args.dynamic_sample:
@@ -226,7 +227,9 @@ class Generator:
         total = scores @ self.parts.reward_weights
         batch = {**seqs, "completion_mask": r.completion_mask.copy()}
         params = float_view(state.params)  # Q-GaLore's 8-bit weights as floats (identity otherwise)
-        if args.num_iterations > 1 or args.kl_in_reward:
+        if args.async_generate:  # sampled one update ago: the behaviour policy's own log-probs correct for it
+            batch["old_logps"] = r.logprobs.copy()
+        elif args.num_iterations > 1 or args.kl_in_reward:
             batch["old_logps"] = self._logps(params, seqs)
         if args.beta != 0.0:
             batch["ref_logps"] = self._logps(self.reference(state), seqs)
@@ -406,18 +409,24 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
     tuned = prepare_tuner(model.params, args, cfg)
     state, start_step = init_state(ctx, tuned, optimizer, messages)
     rows_sharding = NamedSharding(ctx.mesh, PartitionSpec(ctx.batch_sharding.spec[1]))  # a generation's [N] rows
+    if args.rollout_mode == "server" and model.is_vlm:
+        raise ConfigError("--rollout_mode server: a vision-language model's rollouts run colocated so far (the "
+                          "rollout server takes text prompts)")
+    remote = RemoteRollouts(args, eos, pad_id, tuned.lora) if args.rollout_mode == "server" else None
+    sampler = remote.sample if remote else parts.make_sampler(model, cfg, eos, pad_id,
+                                                              max(len(p.ids) for p in prompts), rows_sharding)
     generator = Generator(args, cfg, model.tokenizer, PromptStream(prompts, args.seed), parts, prompts_per_step,
                           args.gradient_accumulation_steps, _logps_fn(args, cfg), _reference(args, ctx, tuned.lora),
-                          parts.make_sampler(model, cfg, eos, pad_id, max(len(p.ids) for p in prompts),
-                                             rows_sharding),
-                          completions_log=ctx.out_dir / "completions.jsonl",
+                          sampler, completions_log=ctx.out_dir / "completions.jsonl",
                           rows=ctx.rows(rows // args.gradient_accumulation_steps), rows_sharding=rows_sharding)
     model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
     step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(parts.reward_funcs),
-                          temperature=args.temperature, has_old=args.num_iterations > 1, prepare_params=tuned.prepare,
-                          num_generations=args.num_generations)
+                          temperature=args.temperature, has_old=args.num_iterations > 1 or args.async_generate,
+                          prepare_params=tuned.prepare, num_generations=args.num_generations)
     holder = LatestState(state, compile_step(ctx, step, state))
-    feed = Feed(holder.step, RolloutPlan(generator, holder, total_steps, args.num_iterations).batches, rows,
+    plan = (RemotePlan(generator, holder, total_steps, args.num_iterations, remote, args.async_generate) if remote
+            else RolloutPlan(generator, holder, total_steps, args.num_iterations))
+    feed = Feed(holder.step, plan.batches, rows,
                 args.max_length + args.max_completion_length, steps_per_epoch, with_task_scores(None, ctx, task_scorer))
     messages.append(_summary(args, prompts_per_step, tuned.lora is not None))
     loop = train_loop(ctx, state, feed, total_steps=total_steps, start_step=start_step, schedule=schedule,

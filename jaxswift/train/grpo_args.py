@@ -97,6 +97,17 @@ class GrpoArguments(SftArguments):
     multi_turn_env: Optional[str] = field(default=None, metadata={
         "help": "builtin:arithmetic_retry or module:factory (reset/step environment)"})
     max_turns: int = 1
+    # rollout placement (ms-swift's --vllm_mode / --async_generate)
+    rollout_mode: str = field(default="colocate", metadata={
+        "help": "colocate (rollouts on the trainer's devices, between steps) | server (a `jaxswift rollout` "
+                "process at --rollout_url samples; the trainer pushes its weights after each generation's updates)"})
+    rollout_url: Optional[str] = field(default=None, metadata={"help": "server mode: http://HOST:PORT of the "
+                                                                       "rollout server"})
+    rollout_timeout: float = field(default=240.0, metadata={
+        "help": "server mode: seconds to wait for the server at start, and for any one answer"})
+    async_generate: bool = field(default=False, metadata={
+        "help": "server mode: request the next generation's rollouts before this one's updates (one step "
+                "off-policy, corrected by the ratio to the rollout's own log-probs)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,9 +128,41 @@ class GrpoArguments(SftArguments):
             raise ConfigError("--kl_in_reward needs --beta > 0 (the KL's weight in the reward)")
         if self.multi_turn_env is None and self.max_turns > 1:
             raise ConfigError("--max_turns > 1 needs an environment: set --multi_turn_env")
+        self._check_rollout_placement()
         if self.soft_cache_length >= self.max_completion_length and "soft_overlong" in self.reward_funcs:
             raise ConfigError(f"--soft_cache_length {self.soft_cache_length} must be < --max_completion_length "
                               f"{self.max_completion_length}")
+
+    def _check_rollout_placement(self):
+        if self.rollout_mode not in ("colocate", "server"):
+            raise ConfigError(f"--rollout_mode {self.rollout_mode!r}: expected colocate | server")
+        if self.rollout_mode == "colocate":
+            for name in ("rollout_url", "async_generate", "rollout_timeout"):
+                if getattr(self, name) != getattr(GrpoArguments, name):
+                    raise ConfigError(f"--{name} needs --rollout_mode server (colocated rollouts use the trainer's "
+                                      "own weights: nothing to fetch, wait for or overlap)")
+            return
+        if not self.rollout_url:
+            raise ConfigError("--rollout_mode server needs --rollout_url http://HOST:PORT (a `jaxswift rollout` "
+                              "server)")
+        from jaxswift.infer.rollout_remote import check_url
+        check_url(self.rollout_url)
+        if not self.rollout_timeout > 0:
+            raise ConfigError(f"--rollout_timeout must be > 0 seconds, got {self.rollout_timeout}")
+        refused = {"multi_turn_env": "multi-turn environments run colocated (the environment steps between turns "
+                                     "on the trainer's side)",
+                   "quant_method": "a quantized (QLoRA) base is not pushed to a rollout server yet",
+                   "galore_quantization": "Q-GaLore's 8-bit weights are not pushed to a rollout server yet"}
+        for name, why in refused.items():
+            if getattr(self, name, None):
+                raise ConfigError(f"--{name} with --rollout_mode server: {why}")
+        if (self.num_processes or 1) > 1:
+            raise ConfigError(f"--num_processes {self.num_processes} with --rollout_mode server: one trainer process "
+                              "pushes to one rollout server (multi-process trainers sample colocated)")
+        if self.rollout_backend != "generate":
+            raise ConfigError(f"--rollout_backend {self.rollout_backend} with --rollout_mode server: the rollout "
+                              "server samples with the generate backend (log-probs at temperature, as the trainer "
+                              "scores them)")
 
     def loss_config(self) -> pl.PolicyLossConfig:
         return pl.PolicyLossConfig(

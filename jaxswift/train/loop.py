@@ -51,6 +51,11 @@ class TrainingStopped(JaxswiftError):
     """Training cannot go on (for example: too many non-finite steps in a row)."""
 
 
+class BatchSourceLost(TrainingStopped):
+    """The batches' source is gone (a rollout server stopped answering): the loop checkpoints the last state
+    before stopping, so the run resumes from where it was."""
+
+
 # ------------------------------------------------------------------------------------------------------ the run
 
 
@@ -299,7 +304,12 @@ def _run_steps(ctx, state, feed: Feed, reader: MetricsReader, checkpointer, eval
     pending = None  # (step, metrics, t0): read one step behind so the host never stalls the device
     t0 = time.perf_counter()
     for step_no in range(start_step + 1, total_steps + 1):
-        batch = next(batches)
+        try:
+            batch = next(batches)
+        except BatchSourceLost:
+            if step_no - 1 > start_step:
+                checkpointer.save(state, _checkpoint_meta(args, step_no - 1))
+            raise
         state, metrics = feed.step(state, ctx.put(batch, feed.rows_per_step // len(batch["tokens"])))
         if pending is not None:
             reader.read(*pending)

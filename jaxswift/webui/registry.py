@@ -37,6 +37,7 @@ RECIPES: tuple[RecipeSpec, ...] = (
                choices={**TRAIN_CHOICES, "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"),
                         "advantage_estimator": ("grpo", "rloo", "reinforce_plus_plus"),
                         "scale_rewards": ("group", "batch", "none"), "rollout_backend": ("generate", "engine"),
+                        "rollout_mode": ("colocate", "server"),
                         "importance_sampling_level": ("token", "sequence")},
                paths=TRAIN_PATHS),
     RecipeSpec("eval", "eval", "jaxswift.recipes.eval", "jaxswift.recipes.eval:EvalArguments",
