@@ -11,8 +11,8 @@ transformers and jaxswift both load. Nothing of the text model changes behaviour
 
 The merger's last layer is scaled at init so that image features come out at the size of the LLM's token
 embeddings (`scale_merger_to_embeddings`): with the fan-in init alone they are ~5x larger (SmolLM2: feature norm ~14
-against ~3.2 per token), and the first steps' gradients, which teach the answer format, then blow them up further and
-fill Adam's second-moment estimate of the tower with large values that shrink its later steps.
+against ~3.2 per token), and the first steps' gradients, which teach the answer format, blow them up further
+(docs/multimodal.md, the picture demo).
 """
 
 from __future__ import annotations
