@@ -12,7 +12,7 @@ import torch
 import jaxswift
 from jaxswift.checkpoints.vlm_from_llm import grow_qwen2_vl
 from jaxswift.errors import ConfigError
-from jaxswift.models.vision import vlm_forward
+from jaxswift.models.vision import image_features, vlm_forward
 from jaxswift.recipes import vlm_demo
 
 from vlm_fixtures import random_image
@@ -38,6 +38,12 @@ def test_grown_model_keeps_the_text_model_and_reads_images_as_transformers(grown
     np.testing.assert_allclose(grown_logits[..., :text_logits.shape[-1]].numpy(), text_logits.numpy(), atol=1e-5)
 
     model = jaxswift.load_model(str(folder))
+    # the merger is scaled at init: image features come out at the size of the token embeddings
+    features = image_features(model.params, model.processor.batch_vision(
+        [model.processor.encode_chat([{"role": "user", "content": [{"type": "image", "image": random_image(56, 56)}]}])]),
+        model.config)
+    embed_rms = float(jnp.sqrt(jnp.mean(jnp.square(model.params["llm"]["embed"]))))
+    assert 0.5 < float(jnp.sqrt(jnp.mean(jnp.square(features)))) / embed_rms < 2.0
     image = random_image(100, 80, seed=1)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]
     prompt = model.processor.encode_chat(messages)
@@ -51,12 +57,15 @@ def test_grown_model_keeps_the_text_model_and_reads_images_as_transformers(grown
     np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=0)
 
 
-def test_demo_runs_end_to_end_and_scores_before_and_after(grown, tmp_path, capsys):
+def test_demo_runs_end_to_end_under_sft_and_scores_before_and_after(grown, tmp_path, capsys):
+    """`jaxswift sft --config sft_vlm_shapes.yaml` runs the demo (the config's `recipe: vlm_demo`), flags on top."""
+    from jaxswift import cli
+
     text_folder, _ = grown
     out = tmp_path / "demo"
-    assert vlm_demo.main(["--model", str(text_folder), "--output_dir", str(out), "--train_rows", "8",
-                          "--test_rows", "4", "--max_steps", "2", "--eval_steps", "2", "--image_size", "56",
-                          "--disable_tqdm", "true"]) == 0
+    assert cli.main(["sft", "--config", "sft_vlm_shapes.yaml", "--model", str(text_folder), "--output_dir", str(out),
+                     "--train_rows", "8", "--test_rows", "4", "--max_steps", "2", "--eval_steps", "2",
+                     "--image_size", "56", "--disable_tqdm", "true"]) == 0
     printed = capsys.readouterr().out
     assert "held-out accuracy before training:" in printed and "tower starts from scratch" in printed
     assert "held-out accuracy after training:" in printed
@@ -75,6 +84,35 @@ def test_demo_flags_it_does_not_use_are_refused(tmp_path):
                            (["--train_rows", "0"], "--train_rows 0")):
         with pytest.raises(ConfigError, match=message):
             vlm_demo.main(["--output_dir", str(tmp_path), *flags])
+
+
+def test_held_out_prompts_read_as_the_training_rows(grown):
+    """The scorer asks with the system turn the rows trained with (--system ""), not the template's default line."""
+    from jaxswift.data.multimodal_batch import load_multimodal_rows
+    from jaxswift.data.shapes import shapes_rows, write_jsonl
+
+    _, folder = grown
+    model = jaxswift.load_model(str(folder))
+    rows = shapes_rows(2, seed=0, size=56)
+    prompt = vlm_demo.held_out_prompts(rows, model.processor, "")[0]
+    train, _ = load_multimodal_rows([str(write_jsonl(rows, folder.parent / "rows.jsonl"))], model.processor,
+                                    max_length=512, system="")
+    trained = train[0].encoded
+    answer_at = int(np.argmax(trained.loss_mask))  # the prompt is everything before the first trained token
+    assert prompt.ids == trained.input_ids[:answer_at].tolist()
+    default = vlm_demo.held_out_prompts(rows, model.processor, None)[0]
+    assert default.ids != prompt.ids  # the template's own system line differs: the check can fail
+
+
+def test_a_config_naming_another_recipe_is_refused(tmp_path):
+    from jaxswift.recipes import sft
+
+    config = tmp_path / "other.yaml"
+    config.write_text("recipe: grpo\nmax_steps: 2\n")
+    with pytest.raises(ConfigError, match=r"other.yaml: recipe 'grpo' cannot run under `jaxswift sft`.*vlm_demo"):
+        sft.main(["--config", str(config)])
+    with pytest.raises(ConfigError, match="--recipe 'sft': the picture demo's configs say recipe: vlm_demo"):
+        vlm_demo.main(["--output_dir", str(tmp_path), "--recipe", "sft"])
 
 
 def test_shipped_config_spells_out_the_demo_defaults():

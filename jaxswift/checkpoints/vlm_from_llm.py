@@ -8,6 +8,11 @@ transformers and jaxswift both load. Nothing of the text model changes behaviour
 - the vision tokens (`<|vision_start|>`, `<|image_pad|>`, ...) are appended to the vocabulary, their embedding rows
   the mean of the others (a tied head then gives them an average logit, not a wild one);
 - the chat template is the text model's ChatML with Qwen2-VL's image and video parts added.
+
+The merger's last layer is scaled at init so that image features come out at the size of the LLM's token
+embeddings (`scale_merger_to_embeddings`): with the fan-in init alone they are ~5x larger (SmolLM2: feature norm ~14
+against ~3.2 per token), and the first steps' gradients, which teach the answer format, blow them up further
+(docs/multimodal.md, the picture demo).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 from jaxswift.checkpoints.vlm import save_vlm
 from jaxswift.errors import ConfigError
 from jaxswift.models.config import ModelConfig, config_to_hf
-from jaxswift.models.vision import init_vlm_params, vlm_config_from_hf
+from jaxswift.models.vision import aligner, init_vlm_params, vlm_config_from_hf
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -124,6 +129,8 @@ def grow_qwen2_vl(text_params: dict, text_cfg: ModelConfig, tokenizer, out_dir: 
     shapes = jax.eval_shape(lambda: init_vlm_params(cfg, jax.random.key(seed)))
     params = init_vlm_params(dataclasses.replace(cfg, text=cfg.text.replace(num_layers=1)), jax.random.key(seed))
     params["llm"] = _grown_llm(text_params, shapes["llm"], vocab_size)
+    params["aligner"] = scale_merger_to_embeddings(params["aligner"], params["llm"]["embed"], cfg.vision,
+                                                   jax.random.key(seed + 1))
     out = save_vlm(params, cfg, out_dir)
     # the default system line is baked in as a Jinja string literal (JSON's escaping is a subset of Jinja's)
     tokenizer.chat_template = CHAT_TEMPLATE.replace("default_system", json.dumps(_default_system(tokenizer)))
@@ -132,6 +139,18 @@ def grow_qwen2_vl(text_params: dict, text_cfg: ModelConfig, tokenizer, out_dir: 
         {**PROCESSOR, "min_pixels": min_pixels, "max_pixels": max_pixels,
          "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}, indent=2))
     return out
+
+
+def scale_merger_to_embeddings(aligner_params: dict, embed_VD, v, key) -> dict:
+    """The merger with its output layer scaled so that features have the token embeddings' RMS. The merger starts
+    with a LayerNorm, so its output scale at init does not depend on what the tower feeds it: Gaussian inputs
+    measure it."""
+    probe = jax.random.normal(key, (64 * v.merge_size ** 2, v.embed_dim), jnp.float32)
+    features_ND = aligner(aligner_params, probe, v)
+    target = jnp.sqrt(jnp.mean(jnp.square(embed_VD.astype(jnp.float32))))
+    scale = target / jnp.sqrt(jnp.mean(jnp.square(features_ND)))
+    return {**aligner_params, "fc2": (aligner_params["fc2"] * scale).astype(aligner_params["fc2"].dtype),
+            "fc2_bias": (aligner_params["fc2_bias"] * scale).astype(aligner_params["fc2_bias"].dtype)}
 
 
 def _default_system(tokenizer) -> str:

@@ -70,6 +70,33 @@ def with_config_path(argv: list[str]) -> list[str]:
     return argv
 
 
+# What a config's `recipe:` key may name, per command that reads configs: `jaxswift sft --config
+# sft_vlm_shapes.yaml` runs the picture demo (recipes/vlm_demo.py), whose config says `recipe: vlm_demo`.
+CONFIG_RECIPES = {"sft": ("vlm_demo",)}
+
+
+def config_recipe(argv: list[str], command: str) -> str:
+    """The recipe argv's `--config` YAML asks for with its `recipe:` key, or `command` itself when it has none (a
+    file that is not YAML is left to the recipe's own parser, which names the problem)."""
+    import yaml
+
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    if not paths or not Path(paths[-1]).is_file():
+        return command
+    try:
+        raw = yaml.safe_load(Path(paths[-1]).read_text())
+    except yaml.YAMLError:
+        return command
+    if not isinstance(raw, dict) or "recipe" not in raw:
+        return command
+    known = CONFIG_RECIPES.get(command, ())
+    if raw["recipe"] not in known:
+        raise ConfigError(f"{paths[-1]}: recipe {raw['recipe']!r} cannot run under `jaxswift {command}` "
+                          f"(a config for it names no recipe{', or one of: ' + ', '.join(known) if known else ''})")
+    return raw["recipe"]
+
+
 def print_outcome(result, demo_question: str):
     """What every training recipe prints last: the demo answer before and after, and where the model went."""
     if result.demo_before is not None:

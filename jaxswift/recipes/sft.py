@@ -1,16 +1,22 @@
 """Supervised fine-tuning: `python -m jaxswift.recipes.sft [--config FILE] [--flags ...]`.
 
 With no flags: LoRA on smollm2-135m-instruct with the built-in self-identity dataset, a few minutes on a CPU.
+A config whose `recipe:` key names another SFT recipe runs that one (`--config sft_vlm_shapes.yaml`: the picture
+demo, recipes/vlm_demo.py).
 """
 
 from __future__ import annotations
 
 import sys
 
-from jaxswift.recipes.common import print_outcome, run_main, task_scorer_of
+from jaxswift.recipes.common import config_recipe, print_outcome, run_main, task_scorer_of
 
 
 def main(argv: list[str]) -> int:
+    if config_recipe(argv, "sft") == "vlm_demo":
+        from jaxswift.recipes import vlm_demo
+
+        return vlm_demo.main(argv)
     from jaxswift.parallel.distributed import check_same_flags, initialize_distributed
     from jaxswift.train.args import SftArguments, parse_args
 

@@ -35,6 +35,8 @@ class VlmDemoArguments(SftArguments):
         "demo_max_new_tokens": "the demo's question is the held-out accuracy",
     }
 
+    recipe: str = field(default="vlm_demo", metadata={
+        "help": "vlm_demo (the only value): a config that says so runs this demo under `jaxswift sft --config`"})
     model: str = field(default="smollm2-135m-instruct", metadata={
         "help": "a text model (llama / qwen2) to grow a Qwen2-VL model from, or a Qwen2-VL folder"})
     output_dir: str = "output/vlm_demo"
@@ -43,7 +45,10 @@ class VlmDemoArguments(SftArguments):
     modules_to_save: list[str] = field(default_factory=lambda: ["vision", "aligner"])
     learning_rate: float = 5e-4
     vit_lr: Optional[float] = 1e-3
-    aligner_lr: Optional[float] = 1e-3
+    # low: Adam moves each of the merger's last-layer weights by ~lr a step, and over its 768 inputs that adds up to
+    # ~300 x lr per feature coordinate, against token embeddings of RMS ~0.14 (feature norm after 10 steps:
+    # x4.5 at 1e-3, x3 at 3e-4, x2.3 at 1e-4; docs/multimodal.md, the picture demo)
+    aligner_lr: Optional[float] = 1e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     num_train_epochs: int = 1
@@ -56,12 +61,14 @@ class VlmDemoArguments(SftArguments):
     # the demo's own
     train_rows: int = field(default=600, metadata={"help": "pictures to train on (each asks three questions)"})
     test_rows: int = field(default=60, metadata={"help": "held-out pictures (another seed), one question each"})
-    image_size: int = field(default=112, metadata={"help": "picture side in pixels (112: 8 x 8 patches, 16 tokens)"})
+    image_size: int = field(default=84, metadata={"help": "picture side in pixels (84: 6 x 6 patches, 9 tokens)"})
 
     def __post_init__(self):
         super().__post_init__()
         from jaxswift.errors import ConfigError
 
+        if self.recipe != "vlm_demo":
+            raise ConfigError(f"--recipe {self.recipe!r}: the picture demo's configs say recipe: vlm_demo")
         if min(self.train_rows, self.test_rows) < 1 or self.image_size < 28:
             raise ConfigError(f"--train_rows {self.train_rows} / --test_rows {self.test_rows} must be >= 1 and "
                               f"--image_size {self.image_size} >= 28")
@@ -78,9 +85,10 @@ def demo_model(args: VlmDemoArguments, out: Path) -> str:
     if source.is_dir() and read_vlm_config(source) is not None:
         return str(source)
     grown = out / "grown_model"
-    recipe = {"model": str(source), "seed": args.seed, "image_size": args.image_size}
+    # built once per (model, seed, size); `merger` marks folders grown before the merger was scaled at init
+    recipe = {"model": str(source), "seed": args.seed, "image_size": args.image_size, "merger": "embedding-scale"}
     marker = grown / "grown_from.json"
-    if not marker.is_file() or json.loads(marker.read_text()) != recipe:  # built once per (model, seed, size)
+    if not marker.is_file() or json.loads(marker.read_text()) != recipe:
         text = jaxswift.load_model(args.model)
         print(f"growing a Qwen2-VL model from {args.model}: its LLM, a vision tower and merger from scratch")
         grow_qwen2_vl(text.params, text.config, text.tokenizer, grown, seed=args.seed,
@@ -94,17 +102,26 @@ def first_word(text: str) -> str:
     return words[0] if words else ""
 
 
-def shapes_scorer(rows: list[dict], folder: str, batch_size: int = 16):
-    """The trainer's task scorer (train/loop.TaskScorer) for the held-out rows: accuracy of greedy answers, overall
-    and per question kind; an answer counts when its first word is the expected one."""
-    from jaxswift.api import Model, generate_ids
+def held_out_prompts(rows: list[dict], processor, system: str | None) -> list:
+    """Each held-out row's question as a prompt (MultimodalPrompt), with the training rows' system turn."""
     from jaxswift.data.multimodal import row_messages_with_media
+    from jaxswift.data.templates import with_system
+
+    return [processor.encode_chat(with_system(row_messages_with_media(row, f"held-out row {i}")[:1], system),
+                                  where=f"held-out row {i}") for i, row in enumerate(rows)]
+
+
+def shapes_scorer(rows: list[dict], folder: str, system: str | None = None, batch_size: int = 16):
+    """The trainer's task scorer (train/loop.TaskScorer) for the held-out rows: accuracy of greedy answers, overall
+    and per question kind; an answer counts when its first word is the expected one. `system`: the system turn the
+    training rows were encoded with (--system), so that held-out prompts read as the training ones did (None: the
+    chat template's default system line)."""
+    from jaxswift.api import Model, generate_ids
     from jaxswift.data.multimodal_vit import vit_processor_class
 
     def make(tokenizer, cfg):
         processor = vit_processor_class(cfg).from_folder(folder, cfg, tokenizer)
-        prompts = [processor.encode_chat(row_messages_with_media(row, f"held-out row {i}")[:1],
-                                         where=f"held-out row {i}") for i, row in enumerate(rows)]
+        prompts = held_out_prompts(rows, processor, system)
 
         def score(params) -> dict:
             model = Model(cfg, params, tokenizer, folder, processor)
@@ -134,7 +151,7 @@ def main(argv: list[str]) -> int:
                              out / "data" / "train.jsonl")
     test_rows = shapes_rows(args.test_rows, seed=args.seed + 1, size=args.image_size)
     write_jsonl(test_rows, out / "data" / "test.jsonl")
-    scorer = shapes_scorer(test_rows, model_dir)
+    scorer = shapes_scorer(test_rows, model_dir, args.system)
     untrained = jaxswift.load_model(model_dir)
     before = scorer(untrained.tokenizer, untrained.config)(untrained.params)
     del untrained
