@@ -23,7 +23,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxswift.checkpoints.vlm import save_vlm
 from jaxswift.errors import ConfigError
