@@ -66,8 +66,9 @@ class SafetensorsFile:
         return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
-    """Writes tensors in order, streaming each one (no concatenated copy of the whole file)."""
+def _header(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None) -> bytes:
+    """The file's first bytes: the header's length, then the JSON header naming each tensor's dtype, shape and
+    byte range (in the order given), padded so the data starts 8-byte aligned as the format wants."""
     header, offset = {}, 0
     for name, arr in tensors.items():
         nbytes = arr.size * arr.dtype.itemsize
@@ -77,11 +78,15 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
     if metadata:
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format wants the data 8-byte aligned
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+    """Writes tensors in order, streaming each one (no concatenated copy of the whole file)."""
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(_header(tensors, metadata))
         for arr in tensors.values():
             f.write(np.ascontiguousarray(arr).tobytes())
     tmp.replace(path)
@@ -112,18 +117,7 @@ def iter_folder_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray, Path]]:
 def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
     """The safetensors encoding of `tensors` in memory (a weight push's HTTP body): the same header and layout
     as write_safetensors, bfloat16 / fp8 included."""
-    header, offset = {}, 0
-    for name, arr in tensors.items():
-        nbytes = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    return b"".join([struct.pack("<Q", len(blob)), blob, *(np.ascontiguousarray(a).tobytes()
-                                                            for a in tensors.values())])
+    return b"".join([_header(tensors, metadata), *(np.ascontiguousarray(a).tobytes() for a in tensors.values())])
 
 
 def tensors_from_bytes(data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

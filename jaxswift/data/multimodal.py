@@ -194,13 +194,20 @@ class MultimodalExample:
 def row_messages_with_media(row: dict, where: str) -> list[dict]:
     """The row's messages, with ms-swift `<image>` / `<video>` markers + `images` / `videos` columns turned into
     content parts (media are taken in order across the messages); OpenAI-style parts pass through."""
-    messages = row_to_messages(row, where)
+    return messages_with_media(row_to_messages(row, where), row, where)
+
+
+def messages_with_media(messages: list[dict], row: dict, where: str, what: str = "the messages") -> list[dict]:
+    """`messages` with ms-swift's `<image>` / `<video>` markers in their text turned into content parts that take
+    the row's `images` / `videos` in order; the marker and media counts must agree (`what`: where the markers are,
+    for the message)."""
     images, videos = row_media(row, where)
-    markers_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if isinstance(m["content"], str))
-    markers_vid = sum(m["content"].count(VIDEO_PLACEHOLDER) for m in messages if isinstance(m["content"], str))
+    strings = [m["content"] for m in messages if isinstance(m["content"], str)]
+    markers_img = sum(text.count(IMAGE_PLACEHOLDER) for text in strings)
+    markers_vid = sum(text.count(VIDEO_PLACEHOLDER) for text in strings)
     if markers_img != len(images) or markers_vid != len(videos):
         raise DataError(f"{where}: {markers_img} {IMAGE_PLACEHOLDER} and {markers_vid} {VIDEO_PLACEHOLDER} markers "
-                        f"in the messages but {len(images)} images and {len(videos)} videos in the row")
+                        f"in {what} but {len(images)} images and {len(videos)} videos in the row")
     out = []
     for k, m in enumerate(messages):
         content = m["content"]

@@ -93,9 +93,7 @@ def load_multimodal_rows(specs: list[str], processor: VLMProcessor, *, max_lengt
     and image."""
     if not specs:
         raise ConfigError("--dataset: no dataset given")
-    if truncation_strategy != "delete":
-        raise ConfigError(f"--truncation_strategy {truncation_strategy}: rows with images can only be dropped when "
-                          "too long (delete); cutting them would split an image's tokens")
+    check_image_truncation(truncation_strategy)
     tally: collections.Counter = collections.Counter()
     rows, lengths, patches, tokens, loss_tokens = [], [], [], 0, 0
     for k, spec in enumerate(specs):
@@ -140,6 +138,13 @@ def tile_arrays(row_patches: Sequence[Sequence[np.ndarray]], cfg, num_rows: int)
             v = vit_inputs(tiles, [(side, side)] * len(tiles), cfg.vision)
             pixels[r, :len(tiles)], positions[r, :len(tiles)] = v.pixels, v.position_ids
     return {"pixels": pixels, "tile_positions": positions}
+
+
+def check_image_truncation(truncation_strategy: str) -> None:
+    """Image rows are dropped when too long, never cut: a cut would split an image's tokens."""
+    if truncation_strategy != "delete":
+        raise ConfigError(f"--truncation_strategy {truncation_strategy}: rows with images can only be dropped when "
+                          "too long (delete); cutting them would split an image's tokens")
 
 
 def patch_budget(counts: Sequence[int]) -> int:

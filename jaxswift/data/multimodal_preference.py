@@ -31,7 +31,7 @@ import numpy as np
 from jaxswift.data.formats import (DatasetStats, _maybe_json, _present, count_rows, iter_rows, parse_dataset_spec,
                                    resolve_path, row_media, sample_counts)
 from jaxswift.data.multimodal import MultimodalExample, VLMProcessor, encode_multimodal_row
-from jaxswift.data.multimodal_batch import SKIP_NO_LOSS, SKIP_TOO_LONG, patch_budget
+from jaxswift.data.multimodal_batch import SKIP_NO_LOSS, SKIP_TOO_LONG, check_image_truncation, patch_budget
 from jaxswift.data.preference import SKIP_EMPTY_REPLY, PreferenceItem, assemble_items, parse_preference_row
 from jaxswift.errors import ConfigError, DataError
 from jaxswift.models.vision import vision_inputs
@@ -113,9 +113,7 @@ def build_multimodal_preference_items(specs: list[str], processor: VLMProcessor,
     file, the line and the image."""
     if not specs:
         raise ConfigError("--dataset: no dataset given")
-    if truncation_strategy != "delete":
-        raise ConfigError(f"--truncation_strategy {truncation_strategy}: rows with images can only be dropped when "
-                          "too long (delete); cutting them would split an image's tokens")
+    check_image_truncation(truncation_strategy)
     tally: collections.Counter = collections.Counter()
     kept = []  # (PreferenceRow, chats, base_dir, lengths, loss tokens)
     for k, spec in enumerate(specs):

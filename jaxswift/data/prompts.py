@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from jaxswift.data.formats import iter_rows, parse_dataset_spec, resolve_path, row_media, sample_counts
-from jaxswift.data.multimodal import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, MultimodalPrompt, split_image_placeholders
+from jaxswift.data.multimodal import MultimodalPrompt, messages_with_media
 from jaxswift.data.pipeline import index_loader
 from jaxswift.errors import ConfigError, DataError
 
@@ -55,25 +55,6 @@ def _fit(ids: list[int], max_length: int, truncation_strategy: str) -> list[int]
     return {"delete": None, "left": ids[-max_length:], "right": ids[:max_length]}[truncation_strategy]
 
 
-def _with_media(messages: list[dict], row: dict, where: str) -> list[dict]:
-    """ms-swift's `<image>` / `<video>` markers + the row's `images` / `videos` -> content parts, in order."""
-    images, videos = row_media(row, where)
-    strings = [m["content"] for m in messages if isinstance(m["content"], str)]
-    n_img, n_vid = sum(s.count(IMAGE_PLACEHOLDER) for s in strings), sum(s.count(VIDEO_PLACEHOLDER) for s in strings)
-    if n_img != len(images) or n_vid != len(videos):
-        raise DataError(f"{where}: {n_img} {IMAGE_PLACEHOLDER} and {n_vid} {VIDEO_PLACEHOLDER} markers in the prompt "
-                        f"but {len(images)} images and {len(videos)} videos in the row")
-    out = []
-    for k, m in enumerate(messages):
-        content = m["content"]
-        if isinstance(content, str) and (IMAGE_PLACEHOLDER in content or VIDEO_PLACEHOLDER in content):
-            i, v = content.count(IMAGE_PLACEHOLDER), content.count(VIDEO_PLACEHOLDER)
-            content = split_image_placeholders(content, images[:i], videos[:v], where=f"{where} message {k}")
-            images, videos = images[i:], videos[v:]
-        out.append({**m, "content": content})
-    return out
-
-
 def _encode(messages, row, where, tokenizer, processor, base_dir):
     """(ids, MultimodalPrompt or None): a vision-language model's processor expands images (decoded here)."""
     if processor is None:
@@ -81,7 +62,8 @@ def _encode(messages, row, where, tokenizer, processor, base_dir):
             raise DataError(f"{where}: the prompt has images or content parts; it needs a vision-language model")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False), None
-    prompt = processor.encode_chat(_with_media(messages, row, where), base_dir=base_dir, where=where)
+    prompt = processor.encode_chat(messages_with_media(messages, row, where, "the prompt"), base_dir=base_dir,
+                                    where=where)
     return list(prompt.ids), (prompt if prompt.patches else None)
 
 
