@@ -135,11 +135,11 @@ def single_device():
     return params, loss, grads
 
 
-def sharded_step_equals_single_device(single_device, mesh, cfg):
-    """Compiles the balanced, ring-attended loss and gradients for `mesh` (weights sharded by sharding/sequence.yaml),
-    checks them against one device's, and returns the compiled step."""
+def sharded_step_equals_single_device(single_device, mesh, cfg, options=None):
+    """Compiles the balanced, ring-attended (or `options`' strategy) loss and gradients for `mesh` (weights sharded
+    by sharding/sequence.yaml), checks them against one device's, and returns the compiled step."""
     params, want_loss, want_grads = single_device
-    rules, options = load_rules("sequence"), ParallelOptions()
+    rules, options = load_rules("sequence"), options or ParallelOptions()
     params = shard_params(params, cfg, rules, mesh)
     grad_step = balanced_step(jax.value_and_grad(mean_nll(cfg)), mesh, options)
 

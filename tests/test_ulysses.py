@@ -17,11 +17,11 @@ from jaxswift.models.spec import init_params
 from jaxswift.parallel import ulysses
 from jaxswift.parallel.collectives import count_collectives
 from jaxswift.parallel.mesh import make_mesh
-from jaxswift.parallel.params import shard_params
 from jaxswift.parallel.ring_attention import balanced_step
-from jaxswift.parallel.rules import activation_sharding, load_rules
+from jaxswift.parallel.rules import load_rules
 from jaxswift.parallel.strategies import ParallelOptions, parallel_overrides
-from test_ring_attention import B, CFG, H, K, N, T, mean_nll, numpy_attention, packed_rows, sft_batch
+from test_ring_attention import (B, CFG, H, K, N, T, mean_nll, numpy_attention, packed_rows, sft_batch,
+                                 sharded_step_equals_single_device)
 
 ULYSSES = ParallelOptions(sequence_parallel="ulysses")
 
@@ -81,22 +81,8 @@ def test_sft_loss_and_gradients_equal_single_device(single_device, mesh_spec):
     attention sends per layer run 4 all-to-alls forward, 4 again in the recomputed forward and 4 backward, and there
     is no collective-permute but the pipeline's. A pipeline of S stages runs its L / S layers for M + S - 1
     microbatch slots (M = S by default; the bubble's slots compute on filler)."""
-    params, want_loss, want_grads = single_device
     mesh = make_mesh(mesh_spec)
-    cfg = CFG.replace(remat="full")
-    rules = load_rules("sequence")
-    params = shard_params(params, cfg, rules, mesh)
-    grad_step = balanced_step(jax.value_and_grad(mean_nll(cfg)), mesh, ULYSSES)
-
-    def traced(p, batch):
-        with activation_sharding(rules, mesh, ULYSSES):
-            return grad_step(p, batch)
-
-    compiled = jax.jit(traced).lower(params, sft_batch()).compile()
-    loss, grads = compiled(params, sft_batch())
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-6, atol=1e-6)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+    compiled = sharded_step_equals_single_device(single_device, mesh, CFG.replace(remat="full"), ULYSSES)
     collectives = count_collectives(compiled.as_text())
     stages = mesh.shape["stage"]
     assert "collective-permute" not in collectives or stages > 1
