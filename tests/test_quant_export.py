@@ -422,7 +422,7 @@ def test_smollm2_gptq4_fp8_int8_exports_keep_perplexity(tmp_path):
     calibration tokens GPTQ lands at +15%, with 64 x 128 under +10%."""
     model = jaxswift.load_model("smollm2-135m-instruct")
     calibration = _windows(model.tokenizer, _docstrings(CALIBRATION_MODULES), 64, 128)
-    # 16 x 128 held out, as benchmarks/quant_export.py: with 4 x 128 the GPTQ ratio passed under 1.10 on CI and was 1.12 on
+    # 16 x 128 held out, as benchmarks/quant_export.py: with 4 x 128 the GPTQ ratio was under 1.10 on CI and 1.12 on
     # another 2-core machine (the same code and packages: each CPU rounds the float path its own way)
     held_out = _windows(model.tokenizer, _docstrings(("threading", "subprocess", "textwrap", "difflib")), 16, 128)
     base = _perplexity(model, held_out)
