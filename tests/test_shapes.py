@@ -31,7 +31,7 @@ def test_rows_follow_the_seed_and_the_answers_match_the_pictures():
     assert [r["kind"] for r in rows[:3]] == ["colour", "shape", "count"]
     for row in rows:
         pixels = np.asarray(load_image(row["images"][0]))
-        assert pixels.shape == (64, 64, 3)
+        assert pixels.shape == (56, 56, 3)
         reply = row["messages"][1]["content"]
         painted = (pixels != 255).any(-1)
         if row["kind"] == "colour":
@@ -43,16 +43,26 @@ def test_rows_follow_the_seed_and_the_answers_match_the_pictures():
         assert row["messages"][0]["content"].startswith("<image>")
 
 
-def test_rows_with_three_questions_show_the_picture_once():
-    one, three = shapes.shapes_rows(4, seed=5), shapes.shapes_rows(4, seed=5, questions=3)
-    for single, multi in zip(one, three):
-        assert multi["images"] == single["images"] and multi["messages"][:2] == single["messages"]
-        users = [m["content"] for m in multi["messages"][::2]]
-        assert [u.count("<image>") for u in users] == [1, 0, 0]
-        asked = {u.removeprefix("<image>") for u in users}
-        assert asked == set(shapes.QUESTIONS.values())  # each kind once
-    with pytest.raises(ValueError, match="questions must be 1 to 3"):
-        shapes.shapes_rows(1, seed=0, questions=4)
+def test_each_shape_lies_whole_in_one_cell_of_the_token_grid():
+    """One image token (2 x 2 patches of 14 pixels) sees one whole shape or nothing: every painted region's bounding
+    box lies inside one 28-pixel cell, at most one region a cell, and the three shapes cover distinct areas."""
+    area = {name: [] for name in shapes.SHAPES}
+    for size in (56, 84):
+        for row in shapes.shapes_rows(30, seed=7, size=size):
+            painted = (np.asarray(load_image(row["images"][0])) != 255).any(-1)
+            scene_cells = []
+            for cy in range(size // shapes.CELL):
+                for cx in range(size // shapes.CELL):
+                    cell = painted[cy * shapes.CELL:(cy + 1) * shapes.CELL, cx * shapes.CELL:(cx + 1) * shapes.CELL]
+                    if cell.any():
+                        assert _components(cell) == 1, f"two shapes in cell {cy, cx}"
+                        scene_cells.append(cell.sum())
+            # as many shapes as painted cells: none straddles two cells (it would paint both) or lies off the grid
+            assert _components(painted) == len(scene_cells)
+            if row["kind"] == "shape":
+                area[row["messages"][1]["content"]] += scene_cells
+    # circle ~0.79 and triangle ~0.5 of the square's area: one size lets area alone tell them apart
+    assert max(area["triangle"]) < min(area["circle"]) and max(area["circle"]) < min(area["square"])
 
 
 def test_cli_writes_train_and_held_out_sets(tmp_path, capsys):

@@ -75,13 +75,15 @@ def test_demo_runs_end_to_end_under_sft_and_scores_before_and_after(grown, tmp_p
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert "model.visual.merger.mlp.0" in adapter["modules_to_save"]  # tower and merger saved whole
     rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and len(rows[0]["messages"]) == 6  # three questions per training picture
+    assert len(rows) == 8 and len(rows[0]["messages"]) == 2  # one question a picture
 
 
 def test_demo_flags_it_does_not_use_are_refused(tmp_path):
     for flags, message in ((["--dataset", "x.jsonl"], "--dataset is not used by vlm_demo"),
                            (["--eval_dataset", "mmlu"], "--eval_dataset is not used by vlm_demo"),
-                           (["--train_rows", "0"], "--train_rows 0")):
+                           (["--train_rows", "0"], "--train_rows 0"),
+                           (["--image_size", "70"], "--image_size 70: a multiple of 28"),
+                           (["--image_size", "28"], "--image_size 28: a multiple of 28.*>= 56")):
         with pytest.raises(ConfigError, match=message):
             vlm_demo.main(["--output_dir", str(tmp_path), *flags])
 

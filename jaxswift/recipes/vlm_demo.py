@@ -18,6 +18,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import ClassVar, Optional
 
+from jaxswift.data.shapes import CELL
 from jaxswift.recipes.common import print_outcome, run_main
 from jaxswift.train.args import SftArguments, parse_args
 
@@ -56,12 +57,13 @@ class VlmDemoArguments(SftArguments):
     gradient_checkpointing: bool = False  # 512-token rows of a 135M model fit without recomputing activations
     system: Optional[str] = field(default="", metadata={"help": "empty: a bare system turn (shorter rows)"})
     logging_steps: int = 5
-    eval_steps: int = 40
+    eval_steps: int = 50
     demo_question: str = ""
     # the demo's own
-    train_rows: int = field(default=600, metadata={"help": "pictures to train on (each asks three questions)"})
+    train_rows: int = field(default=2800, metadata={"help": "pictures to train on (one question each)"})
     test_rows: int = field(default=60, metadata={"help": "held-out pictures (another seed), one question each"})
-    image_size: int = field(default=84, metadata={"help": "picture side in pixels (84: 6 x 6 patches, 9 tokens)"})
+    image_size: int = field(default=56, metadata={
+        "help": "picture side in pixels, a multiple of 28 (56: 2 x 2 cells of a shape each, 4 image tokens)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,9 +71,12 @@ class VlmDemoArguments(SftArguments):
 
         if self.recipe != "vlm_demo":
             raise ConfigError(f"--recipe {self.recipe!r}: the picture demo's configs say recipe: vlm_demo")
-        if min(self.train_rows, self.test_rows) < 1 or self.image_size < 28:
-            raise ConfigError(f"--train_rows {self.train_rows} / --test_rows {self.test_rows} must be >= 1 and "
-                              f"--image_size {self.image_size} >= 28")
+        if min(self.train_rows, self.test_rows) < 1:
+            raise ConfigError(f"--train_rows {self.train_rows} / --test_rows {self.test_rows}: both must be >= 1")
+        if self.image_size < 56 or self.image_size % CELL:
+            # a side off the grid would be resized by the processor, and shapes would straddle image tokens again
+            raise ConfigError(f"--image_size {self.image_size}: a multiple of {CELL} (one image token's cell), "
+                              f">= 56 (room for three shapes)")
 
 
 def demo_model(args: VlmDemoArguments, out: Path) -> str:
@@ -147,7 +152,7 @@ def main(argv: list[str]) -> int:
 
     out = Path(args.output_dir)
     model_dir = demo_model(args, out)
-    train_file = write_jsonl(shapes_rows(args.train_rows, seed=args.seed, size=args.image_size, questions=3),
+    train_file = write_jsonl(shapes_rows(args.train_rows, seed=args.seed, size=args.image_size),
                              out / "data" / "train.jsonl")
     test_rows = shapes_rows(args.test_rows, seed=args.seed + 1, size=args.image_size)
     write_jsonl(test_rows, out / "data" / "test.jsonl")
