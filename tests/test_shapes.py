@@ -28,19 +28,27 @@ def test_rows_follow_the_seed_and_the_answers_match_the_pictures():
     rows = shapes.shapes_rows(30, seed=3)
     assert rows == shapes.shapes_rows(30, seed=3)
     assert rows != shapes.shapes_rows(30, seed=4)
-    assert [r["kind"] for r in rows[:3]] == ["colour", "shape", "count"]
     for row in rows:
         pixels = np.asarray(load_image(row["images"][0]))
         assert pixels.shape == (56, 56, 3)
-        reply = row["messages"][1]["content"]
+        truth, reply = row["truth"], row["messages"][1]["content"]
         painted = (pixels != 255).any(-1)
-        if row["kind"] == "colour":
-            assert (pixels[painted] == shapes.COLOURS[reply]).all(-1).mean() > 0.9  # antialiasing aside
-        elif row["kind"] == "count":
-            assert _components(painted) == shapes.COUNTS.index(reply) + 1
-        else:
-            assert reply in shapes.SHAPES
-        assert row["messages"][0]["content"].startswith("<image>")
+        assert (pixels[painted] == shapes.COLOURS[truth["colour"]]).all(-1).mean() > 0.9  # antialiasing aside
+        assert _components(painted) == shapes.COUNTS.index(truth["count"]) + 1
+        assert truth["shape"] in shapes.SHAPES
+        assert reply.split() == [truth["count"], truth["colour"], truth["shape"] + ("" if truth["count"] == "one" else "s")]
+        assert shapes.read_description(reply) == truth
+        assert row["messages"][0]["content"] == "<image>" + shapes.DESCRIBE
+    assert {r["truth"]["count"] for r in rows} == set(shapes.COUNTS)  # the seed does not pin one answer
+
+
+def test_answers_are_read_back_part_by_part():
+    read = shapes.read_description
+    assert read("Three Yellow triangles.") == {"count": "three", "colour": "yellow", "shape": "triangle"}
+    assert read("one red circle and more") == {"count": "one", "colour": "red", "shape": "circle"}
+    assert read("two blue") == {"count": "two", "colour": "blue", "shape": ""}  # a missing word is wrong, not skipped
+    assert read("The shapes are red") == {"count": "the", "colour": "shapes", "shape": "are"}
+    assert read("") == {"count": "", "colour": "", "shape": ""}
 
 
 def test_each_shape_lies_whole_in_one_cell_of_the_token_grid():
@@ -59,8 +67,7 @@ def test_each_shape_lies_whole_in_one_cell_of_the_token_grid():
                         scene_cells.append(cell.sum())
             # as many shapes as painted cells: none straddles two cells (it would paint both) or lies off the grid
             assert _components(painted) == len(scene_cells)
-            if row["kind"] == "shape":
-                area[row["messages"][1]["content"]] += scene_cells
+            area[row["truth"]["shape"]] += scene_cells
     # circle ~0.79 and triangle ~0.5 of the square's area: one size lets area alone tell them apart
     assert max(area["triangle"]) < min(area["circle"]) and max(area["circle"]) < min(area["square"])
 

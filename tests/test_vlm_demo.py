@@ -71,11 +71,17 @@ def test_demo_runs_end_to_end_under_sft_and_scores_before_and_after(grown, tmp_p
     assert "held-out accuracy after training:" in printed
     evals = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()
              if '"split": "eval"' in line]
-    assert evals and {"shapes/accuracy", "shapes/colour", "shapes/shape", "shapes/count"} <= set(evals[-1])
+    assert evals and {"shapes/accuracy", "shapes/whole", "shapes/colour", "shapes/shape", "shapes/count"} <= set(evals[-1])
+    assert [e["step"] for e in evals] == [0, 2]  # the score before training starts the curves
+    from jaxswift.train.logging import eval_scores, read_log
+
+    scores = eval_scores(read_log(out / "logging.jsonl"))  # drawn beside the loss in loss.png
+    assert set(scores) == {"shapes/accuracy", "shapes/whole", "shapes/colour", "shapes/shape", "shapes/count"}
+    assert [step for step, _ in scores["shapes/accuracy"]] == [0, 2] and (out / "loss.png").stat().st_size > 0
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert "model.visual.merger.mlp.0" in adapter["modules_to_save"]  # tower and merger saved whole
     rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and len(rows[0]["messages"]) == 2  # one question a picture
+    assert len(rows) == 8 and len(rows[0]["messages"]) == 2  # one description a picture
 
 
 def test_demo_flags_it_does_not_use_are_refused(tmp_path):

@@ -1,8 +1,8 @@
 """A picture task the project generates itself: shapes, colours and counts drawn with PIL.
 
 Each picture holds one to three shapes of one kind and one colour on a white ground, one to a cell of a 28-pixel
-grid; each row asks one question about it (its colour, its shape or how many there are) and the answer is one
-word. Rows are ms-swift's convention:
+grid; each row asks for a description and the answer says how many, what colour and which shape in three words
+("two red circles"). Rows are ms-swift's convention:
 `<image>` in the user turn, the picture as a data URL in `images`, so a dataset file needs no image folder beside it.
 
 Everything follows from the seed: the same (seed, count) gives the same rows on every machine, and a held-out set is
@@ -22,12 +22,7 @@ from jaxswift.data.images import image_to_data_url
 COLOURS = {"red": (215, 40, 40), "green": (35, 160, 60), "blue": (40, 80, 215), "yellow": (225, 195, 30)}
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three")
-# short: every question token is paid for in each training step (the one-word answers are taught by the rows)
-QUESTIONS = {
-    "colour": "What colour are the shapes?",
-    "shape": "Which shape is drawn?",
-    "count": "How many shapes are there?",
-}
+PARTS = ("count", "colour", "shape")  # the words of a description, in order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,23 +82,36 @@ def draw(scene: Scene, size: int):
     return image
 
 
-def answer(scene: Scene, kind: str) -> str:
-    return {"colour": scene.colour, "shape": scene.shape, "count": COUNTS[scene.count - 1]}[kind]
+DESCRIBE = "Describe the shapes."
+
+
+def description(scene: Scene) -> str:
+    """The answer to DESCRIBE: count, colour and shape in three words ("two red circles"), each one SmolLM2 token."""
+    plural = "s" if scene.count > 1 else ""
+    return f"{COUNTS[scene.count - 1]} {scene.colour} {scene.shape}{plural}"
+
+
+def read_description(text: str) -> dict[str, str]:
+    """{count, colour, shape} read back from an answer's first three words (plural shapes made singular); a part
+    that is missing reads as ""."""
+    words = [w.lower().strip(".,!") for w in text.split()[:3]] + ["", "", ""]
+    if words[2].endswith("s") and words[2][:-1] in SHAPES:
+        words[2] = words[2][:-1]
+    return dict(zip(PARTS, words))
 
 
 def shapes_rows(n: int, *, seed: int, size: int = 56) -> list[dict]:
-    """n rows, each with its own picture and one question, the kinds in turn (colour, shape, count, colour, ...).
-    One question a picture: the tower learns from pictures, and a second question about the same picture costs
-    about as many tokens as a new picture would (docs/multimodal.md, the picture demo)."""
+    """n rows, each with its own picture described in one answer of three words: each picture teaches its count,
+    colour and shape for about 30 tokens, where one question a part costs three times as many (docs/multimodal.md,
+    the picture demo). `truth` holds the three parts for scoring."""
     rng = random.Random(seed)
-    kinds = tuple(QUESTIONS)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         scene = random_scene(rng, size)
-        kind = kinds[i % len(kinds)]
-        rows.append({"messages": [{"role": "user", "content": "<image>" + QUESTIONS[kind]},
-                                  {"role": "assistant", "content": answer(scene, kind)}],
-                     "images": [image_to_data_url(draw(scene, size))], "kind": kind})
+        rows.append({"messages": [{"role": "user", "content": "<image>" + DESCRIBE},
+                                  {"role": "assistant", "content": description(scene)}],
+                     "images": [image_to_data_url(draw(scene, size))],
+                     "truth": {"count": COUNTS[scene.count - 1], "colour": scene.colour, "shape": scene.shape}})
     return rows
 
 

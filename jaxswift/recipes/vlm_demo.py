@@ -2,23 +2,24 @@
 
 The embedded SmolLM2 grows into a Qwen2-VL model whose vision tower and patch merger start from scratch
 (checkpoints/vlm_from_llm.py), then SFT trains them (and, by default, the LLM with them) on pictures of shapes the
-project draws itself (data/shapes.py): what colour, which shape, how many. Held-out accuracy is scored by greedy
-generation before training (chance: about a third), at every --eval_steps and at the end, logged as
-eval/shapes/accuracy next to the loss. Every SFT flag applies; the demo's own are --train_rows, --test_rows and
---image_size. With --model a Qwen2-VL folder it trains that model instead of growing one.
+project draws itself (data/shapes.py), each described in three words: how many, what colour, which shape ("two red
+circles"). Held-out accuracy is scored by greedy generation before training, at every --eval_steps and at the end:
+each part of the description on its own (chance: a quarter to a third), `accuracy` their mean and `whole` the
+descriptions right in all three, logged as eval/shapes/* next to the loss. Every SFT flag applies; the demo's own
+are --train_rows, --test_rows and --image_size. With --model a Qwen2-VL folder it trains that model instead of
+growing one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 from dataclasses import field
 from pathlib import Path
 from typing import ClassVar, Optional
 
-from jaxswift.data.shapes import CELL
+from jaxswift.data.shapes import CELL, PARTS, read_description
 from jaxswift.recipes.common import print_outcome, run_main
 from jaxswift.train.args import SftArguments, parse_args
 
@@ -60,8 +61,8 @@ class VlmDemoArguments(SftArguments):
     eval_steps: int = 50
     demo_question: str = ""
     # the demo's own
-    train_rows: int = field(default=2800, metadata={"help": "pictures to train on (one question each)"})
-    test_rows: int = field(default=60, metadata={"help": "held-out pictures (another seed), one question each"})
+    train_rows: int = field(default=2000, metadata={"help": "pictures to train on (one description each)"})
+    test_rows: int = field(default=60, metadata={"help": "held-out pictures (another seed), one description each"})
     image_size: int = field(default=56, metadata={
         "help": "picture side in pixels, a multiple of 28 (56: 2 x 2 cells of a shape each, 4 image tokens)"})
 
@@ -102,11 +103,6 @@ def demo_model(args: VlmDemoArguments, out: Path) -> str:
     return str(grown)
 
 
-def first_word(text: str) -> str:
-    words = re.findall(r"[a-z]+", text.lower())
-    return words[0] if words else ""
-
-
 def held_out_prompts(rows: list[dict], processor, system: str | None) -> list:
     """Each held-out row's question as a prompt (MultimodalPrompt), with the training rows' system turn."""
     from jaxswift.data.multimodal import row_messages_with_media
@@ -117,8 +113,9 @@ def held_out_prompts(rows: list[dict], processor, system: str | None) -> list:
 
 
 def shapes_scorer(rows: list[dict], folder: str, system: str | None = None, batch_size: int = 16):
-    """The trainer's task scorer (train/loop.TaskScorer) for the held-out rows: accuracy of greedy answers, overall
-    and per question kind; an answer counts when its first word is the expected one. `system`: the system turn the
+    """The trainer's task scorer (train/loop.TaskScorer) for the held-out rows: the greedy descriptions' first three
+    words read as count, colour and shape (data/shapes.read_description), each part right or wrong; `accuracy` is
+    the mean over the parts, `whole` the share of descriptions right in all three. `system`: the system turn the
     training rows were encoded with (--system), so that held-out prompts read as the training ones did (None: the
     chat template's default system line)."""
     from jaxswift.api import Model, generate_ids
@@ -132,13 +129,12 @@ def shapes_scorer(rows: list[dict], folder: str, system: str | None = None, batc
             model = Model(cfg, params, tokenizer, folder, processor)
             answers = []
             for start in range(0, len(prompts), batch_size):
-                ids = generate_ids(model, prompts[start:start + batch_size], max_new_tokens=3)
-                answers += [first_word(tokenizer.decode(a, skip_special_tokens=True)) for a in ids]
-            right = [a == row["messages"][1]["content"] for a, row in zip(answers, rows)]
-            out = {"shapes/accuracy": sum(right) / len(right)}
-            for kind in sorted({row["kind"] for row in rows}):
-                mine = [r for r, row in zip(right, rows) if row["kind"] == kind]
-                out[f"shapes/{kind}"] = sum(mine) / len(mine)
+                ids = generate_ids(model, prompts[start:start + batch_size], max_new_tokens=4)
+                answers += [read_description(tokenizer.decode(a, skip_special_tokens=True)) for a in ids]
+            parts = {part: [a[part] == row["truth"][part] for a, row in zip(answers, rows)] for part in PARTS}
+            out = {"shapes/accuracy": sum(map(sum, parts.values())) / (len(PARTS) * len(rows)),
+                   "shapes/whole": sum(all(p) for p in zip(*parts.values())) / len(rows)}
+            out |= {f"shapes/{part}": sum(right) / len(rows) for part, right in parts.items()}
             return out
         return score
     return make
@@ -161,6 +157,8 @@ def main(argv: list[str]) -> int:
     before = scorer(untrained.tokenizer, untrained.config)(untrained.params)
     del untrained
     print(f"held-out accuracy before training: {_accuracies(before)} (the tower starts from scratch)")
+    with open(out / "logging.jsonl", "a") as log:  # step 0 of the eval curves in loss.png, beside the trainer's
+        log.write(json.dumps({"step": 0, "split": "eval", **before}) + "\n")
     sft_args = SftArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SftArguments)}
                             | {"model": model_dir, "dataset": [str(train_file)]})
     result = run_sft(sft_args, task_scorer=scorer)
@@ -172,8 +170,8 @@ def main(argv: list[str]) -> int:
 
 
 def _accuracies(metrics: dict) -> str:
-    parts = [f"{k.split('/')[1]} {v:.0%}" for k, v in metrics.items() if k.startswith("shapes/") and k != "shapes/accuracy"]
-    return f"{metrics['shapes/accuracy']:.0%} ({', '.join(parts)})"
+    parts = ", ".join(f"{part} {metrics[f'shapes/{part}']:.0%}" for part in PARTS)
+    return f"{metrics['shapes/accuracy']:.0%} ({parts}; whole descriptions right: {metrics['shapes/whole']:.0%})"
 
 
 if __name__ == "__main__":

@@ -61,8 +61,22 @@ def read_log(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def eval_scores(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{name: [(step, value)]} of the eval records' task scores: named `task/metric` (a task scorer's or an eval
+    dataset's, e.g. shapes/accuracy) with values in [0, 1], so that they share one axis."""
+    scores: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r.get("split") != "eval":
+            continue
+        for key, value in r.items():
+            if "/" in key and isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
+                scores.setdefault(key, []).append((r["step"], float(value)))
+    return scores
+
+
 def plot_loss(log_path: str | Path, out_png: str | Path) -> Path | None:
-    """Training (and eval) loss against step, from logging.jsonl."""
+    """Training (and eval) loss against step, from logging.jsonl; the eval task scores beside it when there are
+    any (a person reads "did it learn" off a curve faster than off a table)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,9 +85,11 @@ def plot_loss(log_path: str | Path, out_png: str | Path) -> Path | None:
     records = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train" and "loss" in r]
     evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and "loss" in r]
+    scores = eval_scores(records)
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
@@ -81,6 +97,15 @@ def plot_loss(log_path: str | Path, out_png: str | Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if scores:
+        ax = axes[0, 1]
+        for name, points in scores.items():
+            ax.plot(*zip(*points), "o-", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval score")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
