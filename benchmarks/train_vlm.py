@@ -8,7 +8,8 @@ vs transformers' on the same batch, in one run.
 The model is built by transformers (Qwen2VLForConditionalGeneration, random init) and saved; jaxswift loads the same
 folder. Both sides run full fine-tuning in float32: forward + backward + global-norm clip (1.0) + AdamW.
 
-1. Packing. `--examples` rows of 0-2 random images (56..224 px) and chats of 10..300 words. Without packing: batches
+1. Packing. `--examples` rows of 0-2 random images (56..224 px) and chats of 10..300 words (`--lengths long_tail`:
+   5..350 words, log-uniform: many short chats and a few long ones). Without packing: batches
    of `--rows` examples, each padded to its longest (bucketed as `jaxswift sft` does); with packing: examples packed
    first-fit-decreasing into rows of `--length` (each image's features in its own segment, the tower once per row),
    `--rows` rows a batch. Every batch shape is compiled in an untimed pass first; useful tokens/s = the examples'
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -46,7 +48,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=16, help="examples of the packing comparison")
     p.add_argument("--rows", type=int, default=4, help="rows per batch")
-    p.add_argument("--length", type=int, default=1024, help="packed row length (and the unpacked cap)")
+    p.add_argument("--length", type=int, default=512, help="packed row length (and the unpacked cap); full "
+                   "fine-tuning at 4 x 1024 needs ~26 GB (20 GB of XLA temporaries) and does not fit a 24 GB machine")
+    p.add_argument("--lengths", choices=("uniform", "long_tail"), default="uniform",
+                   help="chat lengths of the packing comparison: 10..300 words uniform per turn, or 5..350 words "
+                        "log-uniform per chat")
     p.add_argument("--step_length", type=int, default=512, help="row length of the step comparison")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timed", type=int, default=3)
@@ -89,8 +95,11 @@ def build_model(folder: Path, smoke: bool):
     return model
 
 
-def write_rows(folder: Path, n: int, seed: int, *, images=None, words=(10, 300), fixed_size=None) -> Path:
-    """n rows of `images` (default 0-2) random pictures and chats of random words, as a JSONL with image files."""
+def write_rows(folder: Path, n: int, seed: int, *, images=None, words=(10, 300), fixed_size=None,
+               long_tail: bool = False) -> Path:
+    """n rows of `images` (default 0-2) random pictures and chats of random words, as a JSONL with image files.
+    Question and answer each draw `words` // 2 uniformly; with long_tail the chat's whole length is drawn
+    log-uniformly in `words` (many short chats, a few long ones, as in real SFT sets)."""
     from vlm_fixtures import WORDS, random_image
 
     rng = random.Random(seed)
@@ -103,8 +112,13 @@ def write_rows(folder: Path, n: int, seed: int, *, images=None, words=(10, 300),
             h, w = fixed_size or (28 * rng.randint(2, 8), 28 * rng.randint(2, 8))
             random_image(h, w, seed=1000 * seed + 10 * i + j).save(folder / f"img{i}_{j}.png")
             names.append(f"img{i}_{j}.png")
-        question = " ".join(rng.choices(vocab, k=rng.randint(*words) // 2))
-        answer = " ".join(rng.choices(vocab, k=rng.randint(*words) // 2))
+        if long_tail:
+            total = round(math.exp(rng.uniform(math.log(words[0]), math.log(words[1]))))
+            asked, answered = total // 2, total - total // 2
+        else:
+            asked, answered = rng.randint(*words) // 2, rng.randint(*words) // 2
+        question = " ".join(rng.choices(vocab, k=asked))
+        answer = " ".join(rng.choices(vocab, k=answered))
         rows.append({"messages": [{"role": "user", "content": "<image>" * k + question},
                                   {"role": "assistant", "content": answer}], "images": names})
     path = folder / f"rows{seed}.jsonl"
@@ -126,7 +140,9 @@ def jax_step(model, folder: Path, total_steps: int):
     tuned = prepare_tuner(model.params, args, model.config)
     optimizer, _ = build_optimizer(args, total_steps, model.config)
     state = init_train_state(tuned.params, tuned.mask, optimizer, args.seed)
-    return jax.jit(make_train_step(model.config, optimizer)), state
+    # the step donates its state: one buffer per leaf, none shared with the loaded model (built again per part)
+    state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+    return jax.jit(make_train_step(model.config, optimizer), donate_argnums=0), state  # donated, as the trainer does
 
 
 def run_batches(step, state, batches):
@@ -144,8 +160,13 @@ def packing_part(model, folder: Path, args) -> dict:
     from jaxswift.data.packing import first_fit_decreasing
     from jaxswift.data.pipeline import bucket_length
 
-    rows, stats = load_multimodal_rows([str(write_rows(folder, args.examples, args.seed))], model.processor,
-                                       max_length=args.length)
+    long_tail = args.lengths == "long_tail"
+    room = args.length - 150  # two 224-pixel images (128 tokens) and the template besides the words
+    words = (5, min(350, room)) if long_tail else (10, min(300, room))
+    path = write_rows(folder, args.examples, args.seed, words=words, long_tail=long_tail)
+    rows, _ = load_multimodal_rows([str(path)], model.processor, max_length=args.length)
+    if len(rows) != args.examples:  # rows over --length are deleted (truncation_strategy delete): say so
+        raise SystemExit(f"--length {args.length}: {args.examples - len(rows)} of {args.examples} examples are longer")
     lengths = [int(x) for x in rows.lengths]
     order = list(range(len(lengths)))
     random.Random(args.seed).shuffle(order)
@@ -156,7 +177,8 @@ def packing_part(model, folder: Path, args) -> dict:
     packed = [assemble_multimodal(rows, bins[s:s + args.rows], args.length, args.rows)
               for s in range(0, len(bins), args.rows)]
     useful = sum(lengths)
-    out = {"examples": len(lengths), "rows_with_images": int((rows.patch_counts > 0).sum()), "useful_tokens": useful}
+    out = {"examples": len(lengths), "lengths": args.lengths, "length_range": [min(lengths), max(lengths)],
+           "rows_with_images": int((rows.patch_counts > 0).sum()), "useful_tokens": useful}
     for name, batches in (("unpacked", unpacked), ("packed", packed)):
         step, state = jax_step(model, folder, 2 * len(batches))
         state, compile_pass = run_batches(step, state, batches)  # every shape compiled once
@@ -234,13 +256,16 @@ def main(argv=None):
     started = time.perf_counter()
     hf_model = build_model(folder, args.smoke)
     model = jaxswift.load_model(str(folder))
+    if "step" not in parts:
+        del hf_model  # its weights would only crowd the packing runs' memory
     print(f"model: Qwen2-VL layout, tower {'tiny' if args.smoke else 'SigLIP-base-sized (12 x 768)'}, LLM "
           f"{'tiny' if args.smoke else 'SmolLM2-135M-shaped'}; built in {time.perf_counter() - started:.0f} s; "
           f"load {open('/proc/loadavg').read().split()[:3]}", flush=True)
     figures = {"smoke": args.smoke, "loadavg_start": open("/proc/loadavg").read().split()[:3]}
     if "packing" in parts:
         figures["packing"] = p = packing_part(model, folder, args)
-        print(f"\npacking ({p['examples']} examples, {p['useful_tokens']} useful tokens)")
+        print(f"\npacking ({p['examples']} examples, {p['lengths']} lengths {p['length_range'][0]}.."
+              f"{p['length_range'][1]} tokens, {p['useful_tokens']} useful tokens)")
         print("| layout | batches | row lengths | padded tokens | seconds | useful tokens/s |")
         print("|---|---:|---|---:|---:|---:|")
         for name in ("unpacked", "packed"):
