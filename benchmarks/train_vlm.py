@@ -13,7 +13,8 @@ folder. Both sides run full fine-tuning in float32: forward + backward + global-
    of `--rows` examples, each padded to its longest (bucketed as `jaxswift sft` does); with packing: examples packed
    first-fit-decreasing into rows of `--length` (each image's features in its own segment, the tower once per row),
    `--rows` rows a batch. Every batch shape is compiled in an untimed pass first; useful tokens/s = the examples'
-   tokens (no padding) over the timed pass's seconds.
+   tokens (no padding) over the timed pass's seconds. Per layout it also times the tower + merger alone (forward
+   and backward over the same batches' patches, padding included): the part of the step packing does not shrink.
 2. Step. `--rows` rows of one 224 x 224 image (64 image tokens) + text, padded to `--step_length`: jaxswift's jitted
    step (make_train_step) vs transformers' (loss.backward, clip_grad_norm_, torch.optim.AdamW), medians over
    `--timed` steps after `--warmup`.
@@ -183,12 +184,32 @@ def packing_part(model, folder: Path, args) -> dict:
         step, state = jax_step(model, folder, 2 * len(batches))
         state, compile_pass = run_batches(step, state, batches)  # every shape compiled once
         state, seconds = run_batches(step, state, batches)
+        del state
         out[name] = {"batches": len(batches), "shapes": sorted({b["tokens"].shape[1] for b in batches}),
                      "padded_tokens": int(sum(b["tokens"].size for b in batches)), "seconds": seconds,
-                     "useful_tokens_per_s": useful / seconds, "first_pass_seconds": compile_pass}
-        del state
+                     "useful_tokens_per_s": useful / seconds, "first_pass_seconds": compile_pass,
+                     "real_patches": int(rows.patch_counts.sum()),
+                     "patch_slots": int(sum(b["pixels"].shape[0] * b["pixels"].shape[1] for b in batches)),
+                     "tower_seconds": tower_seconds(model, batches)}
     out["ratio"] = out["packed"]["useful_tokens_per_s"] / out["unpacked"]["useful_tokens_per_s"]
     return out
+
+
+def tower_seconds(model, batches) -> float:
+    """Seconds of the tower and merger alone (forward + backward, per row as the step runs them) over the batches:
+    the share of the step that packing the LLM's tokens does not shrink. Each shape is compiled first, untimed."""
+    import jax
+
+    from jaxswift.models.vision import VisionInputs, row_image_features
+
+    grad = jax.jit(jax.grad(lambda params, vision: row_image_features(params, vision, model.config).sum()))
+    inputs = [VisionInputs(b["pixels"], b["patch_rows_cols"], b["patch_frames"], b["patch_windows"]) for b in batches]
+    for vision in inputs:
+        jax.block_until_ready(grad(model.params, vision))
+    started = time.perf_counter()
+    for vision in inputs:
+        jax.block_until_ready(grad(model.params, vision))
+    return time.perf_counter() - started
 
 
 def step_part(model, hf_model, folder: Path, args) -> dict:
@@ -266,12 +287,14 @@ def main(argv=None):
         figures["packing"] = p = packing_part(model, folder, args)
         print(f"\npacking ({p['examples']} examples, {p['lengths']} lengths {p['length_range'][0]}.."
               f"{p['length_range'][1]} tokens, {p['useful_tokens']} useful tokens)")
-        print("| layout | batches | row lengths | padded tokens | seconds | useful tokens/s |")
-        print("|---|---:|---|---:|---:|---:|")
+        print("| layout | batches | row lengths | padded tokens | seconds | useful tokens/s | patch slots (real) "
+              "| tower fwd+bwd s |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|")
         for name in ("unpacked", "packed"):
             r = p[name]
             print(f"| {name} | {r['batches']} | {r['shapes']} | {r['padded_tokens']} | {r['seconds']:.1f} | "
-                  f"{r['useful_tokens_per_s']:.1f} |")
+                  f"{r['useful_tokens_per_s']:.1f} | {r['patch_slots']} ({r['real_patches']}) | "
+                  f"{r['tower_seconds']:.1f} |")
         print(f"packed / unpacked useful tokens/s: **{p['ratio']:.2f}x** (target >= 2x)", flush=True)
     if "step" in parts:
         figures["step"] = s = step_part(model, hf_model, folder, args)
