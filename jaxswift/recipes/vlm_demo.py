@@ -145,6 +145,7 @@ def main(argv: list[str]) -> int:
     import jaxswift
     from jaxswift.data.shapes import shapes_rows, write_jsonl
     from jaxswift.train.sft import run_sft
+    from jaxswift.train.logging import append_record
 
     out = Path(args.output_dir)
     model_dir = demo_model(args, out)
@@ -157,8 +158,7 @@ def main(argv: list[str]) -> int:
     before = scorer(untrained.tokenizer, untrained.config)(untrained.params)
     del untrained
     print(f"held-out accuracy before training: {_accuracies(before)} (the tower starts from scratch)")
-    with open(out / "logging.jsonl", "a") as log:  # step 0 of the eval curves in loss.png, beside the trainer's
-        log.write(json.dumps({"step": 0, "split": "eval", **before}) + "\n")
+    append_record(out, {"step": 0, "split": "eval", **before})  # step 0 of the eval curves in loss.png
     sft_args = SftArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SftArguments)}
                             | {"model": model_dir, "dataset": [str(train_file)]})
     result = run_sft(sft_args, task_scorer=scorer)

@@ -18,7 +18,6 @@ before training, every --eval_steps and at the end.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +38,7 @@ from jaxswift.models.transformer import hidden_states, logits_from_hidden
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.params import shard_params
 from jaxswift.train.gkd_teacher import RemoteTeacher, check_same_vocabulary
+from jaxswift.train.logging import append_record
 from jaxswift.train.loop import (
     Feed,
     LatestState,
@@ -405,7 +405,6 @@ def _finish(ctx, args, loop, lora_cfg, demo_before, before) -> GkdResult:
     evals = [m["loss"] for _, m in sorted(loop.eval_metrics.items()) if "loss" in m]
     after = evals[-1] if evals else None
     if before is not None:
-        with open(ctx.out_dir / "logging.jsonl", "a") as f:
-            f.write(json.dumps({"split": "summary", "divergence_before": before, "divergence_after": after}) + "\n")
+        append_record(ctx.out_dir, {"split": "summary", "divergence_before": before, "divergence_after": after})
     return GkdResult(loop.losses, loop.history, loop.eval_metrics, before, after, ctx.out_dir, export_dir,
                      demo_before, demo_after, int(jax.device_get(loop.state.skipped_steps)), loop.first_step_seconds)

@@ -42,6 +42,7 @@ from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, held_rows, is_primary, share_rows
 from jaxswift.train.grpo_args import GrpoArguments
 from jaxswift.train.grpo_remote import RemotePlan, RemoteRollouts, generation_key
+from jaxswift.train.logging import append_record
 from jaxswift.train.loop import (Feed, LatestState, compile_step, demo_answer, export_model, host_params, init_state,
                                  plot_run, start_run, total_steps_of, train_loop, TaskScorer, with_task_scores)
 from jaxswift.parallel.params import shard_params
@@ -454,9 +455,7 @@ def _finish(ctx, args: GrpoArguments, loop, lora_cfg, demo_before) -> GrpoResult
     demo_after = demo_answer(ctx.model, final_params, ctx.cfg, args.demo_question, args.demo_max_new_tokens)
     first, last = _reward_trend(loop.history)
     if is_primary():
-        with open(ctx.out_dir / "logging.jsonl", "a") as f:
-            f.write(json.dumps({"split": "summary", "reward_first_quarter": first,
-                                "reward_last_quarter": last}) + "\n")
+        append_record(ctx.out_dir, {"split": "summary", "reward_first_quarter": first, "reward_last_quarter": last})
     return GrpoResult(loop.history, ctx.out_dir, export_dir, first, last, demo_before, demo_after,
                       loop.first_step_seconds)
 

@@ -56,6 +56,12 @@ class RunLogger:
             self.jsonl.close()
 
 
+def append_record(out_dir: str | Path, record: dict):
+    """One record added to out_dir/logging.jsonl outside a RunLogger (a summary, a score taken before training)."""
+    with open(Path(out_dir) / "logging.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def read_log(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

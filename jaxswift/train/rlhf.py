@@ -9,7 +9,6 @@ full tuning -> `--ref_model` (default: `--model`) loaded frozen beside the train
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +25,7 @@ from jaxswift.errors import ConfigError, DataError
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import is_primary
 from jaxswift.train.gkd import run_gkd
+from jaxswift.train.logging import append_record
 from jaxswift.train.loop import (Feed, RunContext, compile_step, demo_answer, export_model, host_params, init_state,
                                  plot_run, start_run, total_steps_of, train_loop, TaskScorer, with_task_scores)
 from jaxswift.train.preference import (evaluate_items, init_value_head, item_assembler, make_eval_fn, make_logps_fn,
@@ -262,8 +262,7 @@ def _final_metrics(loop, obj, val_items, train_items, train_ref, eval_scorer, sc
                              ref)
     step = max(loop.losses, default=0)
     if is_primary():
-        with open(out_dir / "logging.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "split": "train_items", "items": len(items), **metrics}) + "\n")
+        append_record(out_dir, {"step": step, "split": "train_items", "items": len(items), **metrics})
     return metrics
 
 
