@@ -31,6 +31,30 @@ def test_prefill_step_chunks_equal_whole_prefill_and_count_no_self_hits(tiny):  
     assert got == drive(whole, [(ids, sampling)])[0][0] == greedy(tiny, ids, 8)
 
 
+def test_chunks_after_cached_pages_start_off_the_budget_grid_and_equal_generate(tiny):  # noqa: F811
+    engine = tiny_engine(tiny, max_num_batched_tokens=16)
+    head, tail = random_prompts([40, 30], seed=37)
+    sampling = RequestSampling(max_tokens=8, ignore_eos=True)
+    state = engine.init_decode_state()
+    partial, first = None, None
+    while first is None:
+        partial, first = engine.prefill_step(engine.params, head, sampling, partial)
+    state = engine.insert(partial, state, 0)  # caches the head's 5 full pages
+    hits, misses = engine.prefix_cache_hit_tokens, engine.prefix_cache_miss_tokens
+    partial, first, chunks = None, None, []
+    while first is None:
+        partial, first = engine.prefill_step(engine.params, head + tail, sampling, partial)
+        chunks.append(partial.length)
+    assert chunks == [48, 64, 70]  # from the 40 cached tokens up to the budget's grid, then chunks of 16
+    assert engine.prefix_cache_hit_tokens - hits == 40 and engine.prefix_cache_miss_tokens - misses == 30
+    state = engine.insert(partial, state, 1)
+    got = [int(first.tokens[0])]
+    for _ in range(7):
+        state, result = engine.generate(engine.params, state)
+        got.append(int(result.tokens[1]))
+    assert got == greedy(tiny, head + tail, 8)
+
+
 def test_orchestrator_decodes_between_chunks_and_outputs_stay_the_same(tiny, smol_tokenizer):  # noqa: F811
     from jaxswift.infer.orchestrator import GenerationRequest, Orchestrator
 
@@ -70,6 +94,13 @@ def test_max_num_batched_tokens_bad_values_are_rejected(tiny, tiny_chat_model): 
     partial, _ = engine.prefill_step(engine.params, ids, RequestSampling(max_tokens=2))
     with pytest.raises(ConfigError, match="not an earlier chunk"):
         engine.prefill_step(engine.params, [9] + ids[1:], RequestSampling(max_tokens=2), partial)
+    later, _ = engine.prefill_step(engine.params, ids, RequestSampling(max_tokens=2), partial)
+    with pytest.raises(ConfigError, match="already used by a later prefill_step call"):
+        engine.prefill_step(engine.params, ids, RequestSampling(max_tokens=2), partial)
+    finished, first = engine.prefill_step(engine.params, ids, RequestSampling(max_tokens=2), later)
+    assert first is not None
+    with pytest.raises(ConfigError, match="a finished one has no chunks left"):
+        engine.prefill_step(engine.params, ids, RequestSampling(max_tokens=2), finished)
 
     from jaxswift.infer.orchestrator import GenerationRequest
     from jaxswift.recipes.serve import ServeArguments, build_server
@@ -121,8 +152,7 @@ def test_warmup_leaves_nothing_to_compile_for_hits_chunks_and_step_sizes(tiny): 
     import jaxswift.infer.engine as engine_module
 
     caching = tiny_engine(tiny, max_model_len=64)
-    # (chunks after a first chunk that hit the cache have other shapes, compiled on first use)
-    chunking = tiny_engine(tiny, max_model_len=64, max_num_batched_tokens=16, enable_prefix_caching=False)
+    chunking = tiny_engine(tiny, max_model_len=64, max_num_batched_tokens=16)
     for engine in (caching, chunking):
         engine.warmup()
         assert engine.prefix_cache_hit_tokens == engine.prefix_cache_miss_tokens == engine.kv_pages_cached == 0
@@ -139,7 +169,7 @@ def test_warmup_leaves_nothing_to_compile_for_hits_chunks_and_step_sizes(tiny): 
     arrivals = [0, 1, 1, 2, 6, 6, 6, 7]
     got = {engine.max_num_batched_tokens: drive(engine, requests, arrivals=arrivals)[0]
            for engine in (caching, chunking)}
-    assert caching.prefix_cache_hit_tokens > 0
+    assert caching.prefix_cache_hit_tokens > 0 and chunking.prefix_cache_hit_tokens > 0
     assert [f._cache_size() for f in jitted] == compiled
     reference = tiny_engine(tiny, max_model_len=64, enable_prefix_caching=False)
     assert got[None] == got[16] == drive(reference, requests, arrivals=arrivals)[0]

@@ -19,8 +19,10 @@ rows, padded to a power of two, go through the model, and there is no penalty pi
 batch of one whatever max_concurrent_decodes is; otherwise every slot runs, with the per-slot pipelines.
 
 Chunked prefill (`max_num_batched_tokens`, driven by the orchestrator through `prefill_step`): a long prompt runs
-in page-aligned chunks, each over the keys/values of the chunks before it (the existing_prefix path), so that the
-running requests decode between two chunks.
+in chunks of at most that many tokens, so that the running requests decode between two chunks. The prompt owns a
+contiguous cache of its padded length from its first chunk on (with its cached pages, if any, read in once); each
+chunk writes its keys/values there in place (the cache is donated) and attends over the tokens before it, so a
+chunk costs the same wherever it falls in the prompt and nothing earlier is copied again.
 
 The page allocator and each slot's position live on the host, in the engine: one engine serves one decode state,
 driven from one thread (the orchestrator's).
@@ -105,6 +107,7 @@ class Prefix:
     first_token: int = -1  # the sampled first token (the first decode step's input)
     rope_delta: int = 0  # a prompt with images (M-RoPE): decoded tokens rotate by position + this
     cacheable: bool = True  # False for a prompt with images: its pages never enter the prefix cache
+    chunk_cache: KVCache | None = None  # a chunked prompt in progress: its contiguous cache (k, v are None)
 
 
 def _finished(tokens_S, generated_S, stop_ids_SX, max_tokens_S):
@@ -170,6 +173,41 @@ def _prefill_after_prefix(params, k_pages, v_pages, pages_C, cached_length, toke
                     jnp.int32(C * P))
     k, v, last = _prompt_kv(params, tokens_T, length, cfg, chunk, cache=cache, offset=cached_length)
     return k, v, logits_from_hidden(params, last, cfg)[:, 0]
+
+
+def _chunk_cache(k_pages, v_pages, pages_C, cached_length, *, cfg: ModelConfig, length: int) -> KVCache:
+    """The contiguous cache of `length` slots a chunked prompt is prefilled into, holding the keys/values of its
+    first `cached_length` tokens read from pool pages pages_C (length // P of them: its cached pages, then any);
+    zeros after them, so that the masked slots hold no stale values. k_pages None: an empty cache."""
+    cache = init_cache(cfg, 1, length, per_layer=True)
+    if k_pages is None:
+        return cache
+    index = jnp.arange(length, dtype=jnp.int32)
+    cached = index < cached_length
+    ks, vs = [], []
+    for k_pool, v_pool in zip(k_pages, v_pages):
+        K, _, P, H = k_pool.shape
+        read = lambda pool: jnp.where(  # noqa: E731
+            cached[None, :, None], jnp.take(pool, pages_C, axis=1).reshape(K, length, H), 0).astype(cfg.compute_dtype)
+        ks.append(read(k_pool).transpose(0, 2, 1))
+        vs.append(read(v_pool))
+    return KVCache(tuple(ks), tuple(vs), jnp.where(cached, index, 0)[None], cached.astype(jnp.int32)[None],
+                   jnp.int32(0))
+
+
+def _prefill_chunk(params, cache: KVCache, tokens_C, start, length, adapter, *, cfg: ModelConfig, last: bool):
+    """One chunk of a prompt into its contiguous cache, in place (the cache is donated): tokens_C [C] (`length`
+    real tokens, then padding) at positions start.., attending over the cache's earlier tokens. Returns the cache
+    and, for the `last` chunk, the logits after its last real token [1, V] (None before: the output projection
+    reads the whole embedding, a tenth of a chunk's time)."""
+    params = with_adapter_index(params, adapter[None])
+    index = jnp.arange(tokens_C.shape[0], dtype=jnp.int32)
+    real = index < length
+    h, cache = hidden_states(params, tokens_C[None], cfg, positions=jnp.where(real, start + index, 0)[None],
+                             segment_ids=real.astype(jnp.int32)[None], cache=cache._replace(index=start))
+    if not last:
+        return cache, None
+    return cache, logits_from_hidden(params, jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1), cfg)[:, 0]
 
 
 def _prompt_logprobs(params, tokens_T, length, adapter, *, cfg: ModelConfig, chunk: int, num_top: int):
@@ -281,6 +319,8 @@ def _free(state: DecodeState, slot) -> DecodeState:
 # Module-level, so engines of the same model and sizes share compiled functions.
 _prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "chunk"))
 _prefill_after_prefix_jit = jax.jit(_prefill_after_prefix, static_argnames=("cfg", "chunk"))
+_chunk_cache_jit = jax.jit(_chunk_cache, static_argnames=("cfg", "length"))
+_prefill_chunk_jit = jax.jit(_prefill_chunk, static_argnames=("cfg", "last"), donate_argnums=(1,))
 _first_token_jit = jax.jit(_first_token, static_argnames=("num_top",))
 _prompt_logprobs_jit = jax.jit(_prompt_logprobs, static_argnames=("cfg", "chunk", "num_top"))
 _generate_jit = jax.jit(_generate, static_argnames=("cfg", "num_top", "penalties"), donate_argnums=(1,))
@@ -482,6 +522,11 @@ class JaxEngine(Engine):
         bucket = next((b for b in self._buckets if b >= n), None)
         return pages_for(n, self._buckets[-1]) * self._buckets[-1] if bucket is None else bucket
 
+    def _chunked_length(self, n: int) -> int:
+        """The cache length of a chunked prompt of n tokens: its padded length, rounded up to a multiple of the
+        budget (chunks end on multiples of it), so one compiled chunk serves every prompt of a bucket."""
+        return pages_for(self._bucket(n), self.max_num_batched_tokens) * self.max_num_batched_tokens
+
     def _slot_sampling(self, s: RequestSampling) -> SlotSampling:
         seed = self._seeds.integers(0, 1 << 63) if s.seed is None else s.seed
         f32 = lambda x: jnp.asarray([x], jnp.float32)  # noqa: E731
@@ -562,25 +607,71 @@ class JaxEngine(Engine):
     def prefill_step(self, params, token_ids, sampling: RequestSampling, partial: Prefix | None = None):
         """Chunked prefill: (Prefix, None) after one more chunk of at most max_num_batched_tokens prompt tokens,
         or (Prefix, first ResultTokens) as `prefill` gives once the prompt is done. `partial` is the Prefix the
-        previous call returned. Each chunk ends on a page boundary and runs over the pages before it (the
-        existing_prefix path); the first chunk may start from cached pages. The prefix-cache counters count the
-        chunks' reuse of each other as no hit."""
+        previous call returned; it is consumed (its cache is updated in place). A prompt that fits the budget is
+        one `prefill`. A longer one starts with its cached pages, if any, read into its own contiguous cache
+        (`_chunk_cache`); its chunks then end on multiples of the budget, so every chunk fits that cache."""
         budget = self.max_num_batched_tokens
         if budget is None:
             raise ConfigError("prefill_step needs max_num_batched_tokens (the engine was built without it)")
         token_ids = [int(t) for t in token_ids]
-        done = 0 if partial is None else partial.length
-        if partial is not None and (partial.tokens != tuple(token_ids[:done]) or partial.adapter != sampling.adapter):
+        if partial is None:
+            if len(token_ids) <= budget:
+                return self.prefill(params, *self.pad_prompt(token_ids), sampling)
+            partial = self._start_chunks(params, token_ids, sampling)
+        else:
+            self._check_partial(partial, token_ids, sampling)
+        done = partial.length
+        end = min(len(token_ids), (done // budget + 1) * budget)
+        chunk = np.full((budget,), self._pad_id, np.int32)
+        chunk[:end - done] = token_ids[done:end]
+        cache, logits = _prefill_chunk_jit(params, partial.chunk_cache, chunk, jnp.int32(done),
+                                           jnp.int32(end - done), jnp.int32(sampling.adapter), cfg=self._shape_cfg,
+                                           last=end == len(token_ids))
+        self.prefix_cache_miss_tokens += end - done
+        tokens = tuple(token_ids[:end])
+        if end < len(token_ids):
+            return dataclasses.replace(partial, length=end, tokens=tokens, chunk_cache=cache), None
+        prompt_mask = np.zeros((1, self.config.vocab_size), bool)
+        prompt_mask[0, list(tokens)] = True
+        prefix = dataclasses.replace(partial, k=cache.k, v=cache.v, length=end, tokens=tokens, logits=logits,
+                                     prompt_mask=prompt_mask, chunk_cache=None)
+        return self._first(prefix, sampling)
+
+    @staticmethod
+    def _check_partial(partial: Prefix, token_ids: list[int], sampling: RequestSampling):
+        if not isinstance(partial, Prefix) or partial.chunk_cache is None:
+            raise ConfigError("prefill_step: `partial` must be the unfinished Prefix an earlier prefill_step returned "
+                              "(a finished one has no chunks left; pass None to start a prompt)")
+        if partial.tokens != tuple(token_ids[:partial.length]) or partial.adapter != sampling.adapter:
             raise ConfigError("prefill_step: `partial` is not an earlier chunk of this prompt and adapter")
-        end = len(token_ids) if len(token_ids) - done <= budget else done + budget
-        hits = self.prefix_cache_hit_tokens
-        chunk_sampling = sampling if end == len(token_ids) else RequestSampling(max_tokens=1,
-                                                                               adapter=sampling.adapter)
-        prefix, first = self.prefill(params, *self.pad_prompt(token_ids[:end]), chunk_sampling,
-                                     existing_prefix=partial)
-        if partial is not None:
-            self.prefix_cache_hit_tokens = hits  # the earlier chunks are this request's own work
-        return prefix, (first if end == len(token_ids) else None)
+        if partial.chunk_cache.k[0].is_deleted():
+            raise ConfigError("prefill_step: `partial` was already used by a later prefill_step call (its cache is "
+                              "updated in place): pass the Prefix that call returned")
+
+    def _start_chunks(self, params, token_ids: list[int], sampling: RequestSampling) -> Prefix:
+        """The Prefix of a chunked prompt before its first chunk: its contiguous cache (the padded length, rounded
+        up to a multiple of the budget) with the prompt's cached leading pages read in."""
+        check_sampling(sampling, self.config.vocab_size, len(self._adapter_names))
+        self.pad_prompt(token_ids)  # checks the length and the ids
+        self._check_params(params)
+        n, P, budget = len(token_ids), self.page_size, self.max_num_batched_tokens
+        length = self._chunked_length(n)
+        hashes = tuple(page_hashes(token_ids, P, sampling.adapter)) if self.enable_prefix_caching else ()
+        cached_pages = ()
+        if hashes and self._pools is not None:
+            cached_pages = tuple(self._pages.lookup(list(hashes[:(n - 1) // P])))
+        self.prefix_cache_hit_tokens += len(cached_pages) * P
+        if self._pools is None:
+            cache = _chunk_cache_jit(None, None, None, 0, cfg=self._shape_cfg, length=length)
+            cache = cache if self._mesh is None else jax.device_put(cache, self._replicated())
+        else:
+            pages_C = np.full((length // P,), SCRATCH_PAGE, np.int32)
+            pages_C[:len(cached_pages)] = cached_pages
+            cache = _chunk_cache_jit(*self._pools, pages_C, jnp.int32(len(cached_pages) * P), cfg=self._shape_cfg,
+                                     length=length)
+        done = len(cached_pages) * P
+        return Prefix(None, None, done, sampling, {}, False, None, None, tokens=tuple(token_ids[:done]),
+                      adapter=sampling.adapter, page_hashes=hashes, cached_pages=cached_pages, chunk_cache=cache)
 
     def _existing_pages(self, existing, tokens: tuple, adapter: int, reusable: int):
         """(per-layer k/v pages of an earlier Prefix, its leading pages this prompt reuses) or a ConfigError
@@ -848,11 +939,10 @@ class JaxEngine(Engine):
         """Compiles what serving runs, so that no request waits for a compile (a server calls this before taking
         traffic): prefill, insert and first-token sampling for every bucket; with prefix caching, the prefill
         after a cached prefix for every (prefix bucket, rest bucket) pair a prompt can have, and its insert; with
-        chunked prefill, the chunks of a longest prompt; and the decode step for every gather size: the per-slot pipelines
+        chunked prefill, for each cache length a chunked prompt can have, its cache, a chunk and its insert; and the decode step for every gather size: the per-slot pipelines
         (penalties, with and without logprobs) over all slots, and the plain step for each power-of-two count of
         running slots. Still compiled on first use: prompts beyond the largest bucket (without chunked prefill),
-        a grammar-constrained step, a last chunk of another bucket, the chunks after a first chunk that started
-        from cached pages, and the caching of a prompt that ended at its first token after a cache hit. Returns a fresh decode state (the previous
+        a grammar-constrained step, and the caching of a prompt that ended at its first token after a cache hit. Returns a fresh decode state (the previous
         one is reset)."""
         params = self.params if params is None else params
         counters = self.prefix_cache_hit_tokens, self.prefix_cache_miss_tokens  # warmup is no traffic
@@ -875,12 +965,18 @@ class JaxEngine(Engine):
             for c, r in pairs:  # (inserted too: insert compiles per prefix shape)
                 hit, _ = self.prefill(params, *self.pad_prompt([0] * c + [1] * r), two_tokens)
                 state = self.free_resource(self.insert(hit, state, 0), 0)
-        if self.max_num_batched_tokens is not None and self._max_len - 1 > self.max_num_batched_tokens:
-            prompt, partial, first = [2] * (self._max_len - 2), None, None
-            while first is None:  # each chunk's keys/values inserted too: a prompt may end with any chunk
-                partial, first = self.prefill_step(params, prompt, two_tokens, partial)
-                as_last = dataclasses.replace(partial, done=False, sampling=two_tokens)
-                state = self.free_resource(self.insert(as_last, state, 0), 0)
+        budget = self.max_num_batched_tokens
+        if budget is not None:  # per cache length a chunked prompt can have: its cache, a chunk, and the insert
+            prompt_length = {self._chunked_length(n): n for n in range(budget + 1, self._max_len)}
+            for n in prompt_length.values():
+                prompt = [2] * n
+                partial = self._start_chunks(params, prompt, two_tokens)
+                # only the last two chunks run (one of each kind): the keys/values do not matter here
+                start = max((n - 1) // budget * budget - budget, partial.length)
+                partial, first = dataclasses.replace(partial, length=start, tokens=tuple(prompt[:start])), None
+                while first is None:
+                    partial, first = self.prefill_step(params, prompt, two_tokens, partial)
+                state = self.free_resource(self.insert(partial, state, 0), 0)
         self.prefix_cache_hit_tokens, self.prefix_cache_miss_tokens = counters
         every = np.arange(self._slots, dtype=np.int32)
         variants = [(every, num_top, True) for num_top in (0, MAX_TOP_LOGPROBS)]  # the per-slot pipelines

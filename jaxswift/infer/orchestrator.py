@@ -8,7 +8,7 @@ characters split over tokens come out whole) and stop strings are matched across
 still be the start of a stop string is held back, and text after a stop is never emitted.
 
 Chunked prefill (an engine with `max_num_batched_tokens`): between two decode steps at most that many prompt tokens
-are prefilled. A longer prompt runs one page-aligned chunk per round (`engine.prefill_step`) and takes its slot after
+are prefilled. A longer prompt runs one chunk per round (`engine.prefill_step`) and takes its slot after
 the last one; the requests behind it wait (FIFO), so its slot and pages stay free for it meanwhile.
 
 A cancelled request (client gone) or one past its deadline gives its slot and pages back before the next step.
