@@ -83,10 +83,14 @@ def one_device(model_folder):
     return answers(model_folder)[0]
 
 
-@pytest.mark.parametrize("mesh, tensor", [("tensor=8", 8), ("data=2,tensor=4", 4)])
-def test_sharded_engine_answers_as_one_device(model_folder, one_device, mesh, tensor):
-    """tensor=8 outnumbers the 4 kv heads: each is repeated twice (vLLM's way), one kv head per device."""
-    got, engine = answers(model_folder, "--mesh", mesh)
+@pytest.mark.parametrize("mesh, tensor, chunk", [("tensor=8", 8, None), ("data=2,tensor=4", 4, None),
+                                                 ("data=2,tensor=4", 4, 16)])
+def test_sharded_engine_answers_as_one_device(model_folder, one_device, mesh, tensor, chunk):
+    """tensor=8 outnumbers the 4 kv heads: each is repeated twice (vLLM's way), one kv head per device. With chunk,
+    the chat prompts (over 16 tokens with the template) are prefilled in chunks into a cache on the mesh."""
+    chunked = [] if chunk is None else ["--max_num_batched_tokens", str(chunk)]
+    got, engine = answers(model_folder, "--mesh", mesh, *chunked)
+    assert engine.max_num_batched_tokens == chunk
     assert len({text for text, _ in one_device[:3]}) == 3 and all(len(t) > 5 for t, _ in one_device)
     assert_same_answers(got, one_device)
     assert engine.mesh is not None and engine.mesh.shape["tensor"] == tensor

@@ -654,7 +654,7 @@ class JaxEngine(Engine):
         check_sampling(sampling, self.config.vocab_size, len(self._adapter_names))
         self.pad_prompt(token_ids)  # checks the length and the ids
         self._check_params(params)
-        n, P, budget = len(token_ids), self.page_size, self.max_num_batched_tokens
+        n, P = len(token_ids), self.page_size
         length = self._chunked_length(n)
         hashes = tuple(page_hashes(token_ids, P, sampling.adapter)) if self.enable_prefix_caching else ()
         cached_pages = ()
