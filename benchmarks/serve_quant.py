@@ -1,8 +1,10 @@
 """Quantized weights in the engine: batch-1 decode speed and held-out perplexity of SmolLM2-135M-Instruct served in
 float32, int8 and nf4 (quantized on load, `--quant_method`), the int8 folder `jaxswift export --quant_method int8`
-writes, and optionally a 4-bit GPTQ export; CPU, one run.
+writes, and optionally a 4-bit GPTQ export; CPU, one run. "int8" decodes with the int8 kernel (jaxswift/kernels,
+docs/kernels.md) where it builds; "int8 xla" is the same weights in plain XLA (the kernel's fallback).
 
-    python benchmarks/serve_quant.py              # float32, int8, nf4, int8 folder
+    python benchmarks/serve_quant.py              # float32, int8, int8 xla, nf4, int8 folder
+    python benchmarks/serve_quant.py --variants float32,int8,"int8 xla"   # a subset (float32 first: the ratios)
     python benchmarks/serve_quant.py --gptq       # also a GPTQ export (calibrates first: several minutes)
     python benchmarks/serve_quant.py --smoke      # tiny random model: checks the script runs
 
@@ -43,10 +45,12 @@ from serve import decode_step_times, log, tiny_model_folder  # noqa: E402
 import jaxswift  # noqa: E402
 from jaxswift.api import chat_prompt_ids  # noqa: E402
 from jaxswift.infer.engine import JaxEngine  # noqa: E402
+from jaxswift.kernels import int8_matvec  # noqa: E402
 from jaxswift.models.transformer import forward, unstack_layers  # noqa: E402
-from jaxswift.quant.serving import inference_params  # noqa: E402
+from jaxswift.quant.serving import RowInt8Weight, inference_params  # noqa: E402
 
 HELD_OUT = ("threading", "subprocess", "textwrap", "difflib")
+VARIANTS = ("float32", "int8", "int8 xla", "nf4", "int8 folder")
 CALIBRATION = ("argparse", "collections", "json", "logging", "pathlib", "dataclasses", "functools", "typing")
 
 
@@ -55,8 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--gptq", action="store_true", help="also a 4-bit GPTQ export (group 32, act-order)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma separated, from " + ", ".join(VARIANTS))
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or args.variants[0] != "float32":
+        p.error(f"--variants {','.join(args.variants)}: expected float32 first, then any of {', '.join(VARIANTS)}")
     if args.smoke:
         args.rounds, args.steps = 1, 4
     return args
@@ -108,8 +117,12 @@ def variants(base, args, tmp: str) -> dict:
 
     out = {"float32": base}
     for method in ("int8", "nf4"):
-        out[method] = dataclasses.replace(base, params=inference_params(base.params, base.config, method, "bench"))
-    specs = [QuantSpec("int8", 8)] + ([QuantSpec("gptq", 4, 32, desc_act=True, sym=False)] if args.gptq else [])
+        if method in args.variants or (method == "int8" and "int8 xla" in args.variants):
+            out[method] = dataclasses.replace(base, params=inference_params(base.params, base.config, method, "bench"))
+    if "int8 xla" in args.variants:
+        out["int8 xla"] = dataclasses.replace(out["int8"], params=without_kernel(out["int8"].params))
+    specs = [QuantSpec("int8", 8)] if "int8 folder" in args.variants else []
+    specs += [QuantSpec("gptq", 4, 32, desc_act=True, sym=False)] if args.gptq else []
     for spec in specs:
         calibration = windows(base.tokenizer, docstrings(CALIBRATION), 16, 128) if spec.method == "gptq" else None
         folder = os.path.join(tmp, spec.method)
@@ -118,7 +131,13 @@ def variants(base, args, tmp: str) -> dict:
         loaded = jaxswift.load_model(folder)
         out[f"{spec.method} folder"] = dataclasses.replace(
             loaded, params=inference_params(loaded.params, loaded.config, None, folder))
-    return out
+    return {name: out[name] for name in (*args.variants, "gptq folder") if name in out}  # in --variants' order
+
+
+def without_kernel(params):
+    """The same int8 weights with their decode matmul kept in plain XLA (RowInt8Weight.kernel=False)."""
+    return jax.tree.map(lambda leaf: dataclasses.replace(leaf, kernel=False) if isinstance(leaf, RowInt8Weight)
+                        else leaf, params, is_leaf=lambda leaf: isinstance(leaf, RowInt8Weight))
 
 
 def main(argv=None):
@@ -135,7 +154,8 @@ def main(argv=None):
         for r in range(args.rounds):
             for name, engine in engines.items():
                 steps[name].append(decode_step_times(engine, prompt, [1], steps=args.steps)[1])
-            log(f"round {r + 1}: " + ", ".join(f"{n} {steps[n][-1] * 1e3:.1f} ms" for n in steps))
+            log(f"round {r + 1} (load average {os.getloadavg()[0]:.2f}): "
+                + ", ".join(f"{n} {steps[n][-1] * 1e3:.1f} ms" for n in steps))
         rows = []
         for name, m in models.items():
             log(f"{name}: generate and perplexity")
@@ -149,7 +169,8 @@ def report(rows, args, argv) -> str:
     f = rows[0]
     lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"load average {os.getloadavg()[0]:.2f}, jax {jax.__version__}",
-             f"command: python benchmarks/serve_quant.py {' '.join(argv or sys.argv[1:])}", "",
+             f"command: python benchmarks/serve_quant.py {' '.join(argv or sys.argv[1:])}",
+             f"int8 kernel: {int8_matvec.unavailable_reason() or 'on'}", "",
              "| weights | engine step (ms) | engine tok/s | x float32 | generate tok/s | x float32 | held-out ppl | "
              "ppl / float32 | weights (MB) | decode temp (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "jaxswift"
 
 LAYERS = [
     {"errors"},                                                             # exceptions every layer raises
+    {"kernels"},                                                            # custom calls (C++ via XLA's FFI)
     {"models"},                                                             # config, specs, the forward
     {"losses", "tuners", "optim", "parallel", "data", "checkpoints", "quant"},  # the library floor
     {"infer"},                                                              # generation, the serving engine
@@ -27,7 +28,7 @@ LAYERS = [
     {"recipes"},                                                            # entry points
     {"cli"},                                                                # `jaxswift <command>`
 ]
-SAME_LAYER_ALLOWED = {2}  # floor packages may use each other (e.g. quant reads folders through checkpoints)
+SAME_LAYER_ALLOWED = {3}  # floor packages may use each other (e.g. quant reads folders through checkpoints)
 # train stands beside rl, serve and eval and below the recipes that combine them (infer is below it: rollouts).
 FORBIDDEN = {"train": {"rl", "serve", "eval"}}
 

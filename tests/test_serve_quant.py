@@ -133,6 +133,7 @@ def test_int8_export_folder_serves_as_row_int8_with_the_same_weights(tiny_chat_m
     save_quantized(model, quantize_model(model, spec, None), spec, tmp_path / "int8")
     loaded = jaxswift.load_model(str(tmp_path / "int8"))
     served = inference_params(loaded.params, loaded.config, None, "test")
+    assert isinstance(served["lm_head"], RowInt8Weight)  # int8 serving's output projection (the folder's is float)
     for key in ("wq", "wo", "w_down"):
         before, after = loaded.params["layers"][key], served["layers"][key]
         assert isinstance(before, QuantizedWeight) and isinstance(after, RowInt8Weight)

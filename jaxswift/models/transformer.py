@@ -389,8 +389,12 @@ def unstack_layers(params):
 
 
 def output_weight(params, cfg: ModelConfig):
-    """[D, V] projection to the vocabulary (the embedding, transposed, when tied)."""
-    return params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    """[D, V] projection to the vocabulary: `lm_head`, or the embedding, transposed, when tied. A tied model served
+    in int8 carries a quantized copy of it as `lm_head` for the logits (quant/serving.py); the lookup stays float."""
+    head = params.get("lm_head")
+    if cfg.tie_word_embeddings and not hasattr(head, "apply"):
+        return params["embed"].T
+    return params["lm_head"]
 
 
 def logits_from_hidden(params, h_BTD, cfg: ModelConfig) -> jax.Array:
