@@ -102,6 +102,15 @@ def test_sharded_engine_answers_as_one_device(model_folder, one_device, mesh, te
     assert k_pages.addressable_shards[0].data.shape[0] == k_pages.shape[0] // tensor == 1
 
 
+def test_int8_engine_on_a_mesh_answers_as_on_one_device(model_folder):
+    """--quant_method int8 on data=2,tensor=4: the int8 leaves stay whole on every device (the decode kernel's
+    custom call has no sharding rule) and the answers equal the one-device int8 engine's."""
+    want, _ = answers(model_folder, "--quant_method", "int8")
+    got, engine = answers(model_folder, "--quant_method", "int8", "--mesh", "data=2,tensor=4")
+    assert engine.mesh is not None and hasattr(engine.params["layers"][0]["wq"], "codes")
+    assert_same_answers(got, want)
+
+
 def test_bad_meshes_are_refused(model_folder):
     for mesh, message in (("stage=2", "serving shards over data and tensor only"),
                           ("tensor=16", "needs 16 devices")):
