@@ -14,7 +14,7 @@ A weight leaf is either an array or an object with `.apply(equation, x)` (LoRA, 
 from __future__ import annotations
 
 import functools
-import string
+import math
 from typing import NamedTuple
 
 import jax
@@ -62,22 +62,30 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, per_la
 
 
 def linear(equation: str, x: jax.Array, w) -> jax.Array:
-    """x @ w by einsum; adapters and quantized weights bring their own `apply`.
-
-    Contracted axes that end x and start w (the output projection's N, H) are merged into one first: given two
-    contracting axes, XLA on CPU may pick a layout that copies the weight, transposed, on every decode step.
-    """
+    """x @ w by einsum; adapters and quantized weights bring their own `apply`."""
     if hasattr(w, "apply"):
         return w.apply(equation, x)
-    w = w.astype(x.dtype)
-    inputs, out = equation.split("->")
+    return matmul_einsum(equation, x, w.astype(x.dtype))
+
+
+def matmul_einsum(equation: str, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+    """A linear layer's einsum (x's leading axes kept, its last axes contracted with w's first ones) as one 2-D
+    matmul [rows, in] @ [in, out], reshaped back; any other equation goes to jnp.einsum as written.
+
+    Why 2-D: differentiated as a [B, T, ...] einsum, XLA on CPU writes the activation gradients transposed for the
+    weight gradient and feeds dots two transposed operands; as one matrix product the backward is two plain
+    matmuls. An MLP's forward + backward at [4 x 512, 576 -> 1536] takes 91 ms instead of 160. Merging the
+    contracted axes also keeps XLA from copying a decode weight, transposed, on every step.
+    """
+    inputs, out = equation.replace(" ", "").split("->")
     x_spec, w_spec = inputs.split(",")
-    n = sum(c in w_spec and c not in out for c in x_spec)  # contracted axes
-    if n > 1 and x_spec[-n:] == w_spec[:n] and not any(c in out for c in x_spec[-n:]):
-        merged = next(c for c in string.ascii_letters if c not in equation)
-        x, w = x.reshape(*x.shape[:-n], -1), w.reshape(-1, *w.shape[n:])
-        equation = f"{x_spec[:-n]}{merged},{merged}{w_spec[n:]}->{out}"
-    return jnp.einsum(equation, x, w)
+    n = sum(c in w_spec for c in x_spec)  # contracted axes
+    lead, w_out = x_spec[:len(x_spec) - n], w_spec[n:]
+    if n == 0 or x_spec[len(lead):] != w_spec[:n] or out != lead + w_out:
+        return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
+    x2 = x.reshape(math.prod(x.shape[:len(lead)]), -1)
+    y = jnp.matmul(x2, w.reshape(x2.shape[1], -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*x.shape[:len(lead)], *w.shape[n:])
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -401,7 +409,7 @@ def logits_from_hidden(params, h_BTD, cfg: ModelConfig) -> jax.Array:
     w_DV = output_weight(params, cfg)
     if hasattr(w_DV, "apply"):
         return w_DV.apply("BTD,DV->BTV", h_BTD).astype(jnp.float32)
-    return jnp.einsum("BTD,DV->BTV", h_BTD, w_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+    return matmul_einsum("BTD,DV->BTV", h_BTD, w_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
 
 
 def forward(params, tokens, config: ModelConfig, *, positions=None, segment_ids=None, cache: KVCache | None = None):

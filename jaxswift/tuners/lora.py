@@ -34,7 +34,7 @@ from jaxswift.errors import CheckpointError, ConfigError
 from jaxswift.models.config import ModelConfig
 from jaxswift.models.families import HF_MODULE_NAMES, weight_maps
 from jaxswift.models.spec import param_specs
-from jaxswift.models.transformer import linear
+from jaxswift.models.transformer import linear, matmul_einsum
 
 ALL_LINEAR = tuple(HF_MODULE_NAMES)  # wq wk wv wo w_gate w_up w_down: never lm_head or embeddings (as peft)
 INITS = ("true", "gaussian", "pissa")
@@ -134,8 +134,8 @@ class LoraWeight:
         kept = "".join(c for c in x_spec if c not in contracted)
         base_out = linear(equation, x, self.base)
         lora_x = x if self.dropout_key is None else _dropout(x, self.dropout, self.dropout_key)
-        h = jnp.einsum(f"{x_spec},{contracted}{r}->{kept}{r}", lora_x, self.a.astype(x.dtype))
-        lora_out = jnp.einsum(f"{kept}{r},{r}{w_out}->{out}", h, self.b.astype(x.dtype))
+        h = matmul_einsum(f"{x_spec},{contracted}{r}->{kept}{r}", lora_x, self.a.astype(x.dtype))
+        lora_out = matmul_einsum(f"{kept}{r},{r}{w_out}->{out}", h, self.b.astype(x.dtype))
         if self.magnitude is None:
             return base_out + lora_out * self.scale
         # DoRA, as peft: y = W x + (m/|W+sBA| - 1) W x' + (m/|W+sBA|) s B A x', x' = dropout(x); the norm is
