@@ -1,8 +1,13 @@
 """Float32 master weights under a bfloat16 compute dtype (--dtype bfloat16; --param_dtype, default float32).
 
-200 AdamW steps at lr 1e-5 move each weight by about 2e-3 in all, a step at a time of ~1e-5: below half a
+200 AdamW steps at lr 1e-5 move each weight by up to 2e-3 in all, a step at a time of ~1e-5: below half a
 bfloat16 ulp of most weights, so plain bfloat16 weights round every step away (they stall), while float32 master
 weights with bfloat16 compute move as the float32 run does.
+
+The data is a learnable map (each target a fixed function of its token) with a fresh batch every step, as in
+training: the gradients then agree from step to step, and Adam's second moment follows their typical size. With
+one batch repeated, Adam would turn each near-zero gradient's bfloat16 rounding noise into a full-size step of
+either sign, and the runs would differ by that noise rather than by how the weights are stored.
 """
 
 from __future__ import annotations
@@ -22,18 +27,19 @@ from jaxswift.train.state import init_train_state
 from jaxswift.train.step import make_train_step
 from jaxswift.train.tuning import build_optimizer, prepare_tuner
 
-CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
                   num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)
 STEPS = 200
 
 
-def batch():
+def batches():
+    """One batch [A=1, B=8, T=32] per step, stacked: random tokens, each target 7 * token + 3 (mod vocab)."""
     rng = np.random.default_rng(0)
-    shape = (1, 2, 16)  # [A, B, T]
-    return {"tokens": rng.integers(0, CFG.vocab_size, shape).astype(np.int32),
-            "targets": rng.integers(0, CFG.vocab_size, shape).astype(np.int32),
+    shape = (STEPS, 1, 8, 32)
+    tokens = rng.integers(0, CFG.vocab_size, shape).astype(np.int32)
+    return {"tokens": tokens, "targets": (tokens * 7 + 3) % CFG.vocab_size,
             "loss_weights": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
-            "positions": np.broadcast_to(np.arange(shape[2], dtype=np.int32), shape).copy()}
+            "positions": np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape).copy()}
 
 
 def train(dtype: str, param_dtype: str | None = None):
@@ -46,8 +52,9 @@ def train(dtype: str, param_dtype: str | None = None):
     tuned = prepare_tuner(params, args, cfg)
     optimizer, _ = build_optimizer(args, STEPS, cfg)
     state = init_train_state(tuned.params, tuned.mask, optimizer, 0)
-    step, data = make_train_step(cfg, optimizer), batch()
-    final = jax.jit(lambda s: jax.lax.fori_loop(0, STEPS, lambda _, s: step(s, data)[0], s))(state)
+    step, data = make_train_step(cfg, optimizer), jax.tree.map(jnp.asarray, batches())
+    one = lambda i, s: step(s, jax.tree.map(lambda x: x[i], data))[0]  # noqa: E731
+    final = jax.jit(lambda s: jax.lax.fori_loop(0, STEPS, one, s))(state)
     change = jax.tree.map(lambda new, old: np.asarray(new, np.float32) - np.asarray(old, np.float32),
                           final.trainable, state.trainable)
     return final, np.concatenate([x.ravel() for x in jax.tree.leaves(change)])
@@ -67,16 +74,16 @@ def test_master_weights_and_optimizer_state_are_float32(runs):
 
 
 def test_bfloat16_compute_with_master_weights_moves_as_float32_and_plain_bfloat16_stalls(runs):
-    """The size of the change equals the float32 run's within 1e-2; its direction differs by the bfloat16
-    forward/backward's own rounding (measured 3.8%: Adam turns small gradients' noise into full-size steps), which
-    no storage dtype can remove. Plain bfloat16 weights keep under a fifth of the change, in no useful direction."""
+    """The change equals the float32 run's within 1e-2, in size and element by element (measured: 0.05% and 0.8%;
+    what is left is the bfloat16 forward/backward's own rounding, which no storage dtype removes: with two layers
+    it is 1.1%). Plain bfloat16 weights keep about a seventh of the change, in no useful direction."""
     _, reference = runs["float32"]
     _, master = runs["master"]
     _, plain = runs["plain"]
     size = np.linalg.norm(reference)
     assert size > 0.25 * 1e-5 * STEPS * np.sqrt(reference.size)  # the float32 run really moved (Adam: ~lr a step)
     assert abs(np.linalg.norm(master) / size - 1) < 1e-2
-    assert np.linalg.norm(master - reference) / size < 5e-2
+    assert np.linalg.norm(master - reference) / size < 1e-2
     assert np.linalg.norm(plain) / size < 0.2  # stalled: most updates rounded away
     assert np.linalg.norm(plain - reference) / size > 0.9
 
