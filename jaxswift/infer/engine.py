@@ -158,19 +158,12 @@ def _prefill_after_prefix(params, k_pages, v_pages, pages_C, cached_length, toke
     after the prompt [1, V]. k_pages / v_pages are per-layer [K, pages, P, H]: the decode state's pools or an
     earlier Prefix's keys/values in pages. One compile per (prefix bucket, rest bucket)."""
     params = with_adapter_index(params, adapter[None])
-    C, T = pages_C.shape[0], tokens_T.shape[0]
-    ks, vs = [], []
-    for k_pool, v_pool in zip(k_pages, v_pages):
-        K, _, P, H = k_pool.shape
-        k_KSH = jnp.take(k_pool, pages_C, axis=1).reshape(K, C * P, H)
-        v_KSH = jnp.take(v_pool, pages_C, axis=1).reshape(K, C * P, H)
-        rest = jnp.zeros((K, T, H), k_KSH.dtype)
-        ks.append(jnp.concatenate([k_KSH, rest], axis=1).transpose(0, 2, 1).astype(cfg.compute_dtype))
-        vs.append(jnp.concatenate([v_KSH, rest], axis=1).astype(cfg.compute_dtype))
-    index = jnp.arange(C * P + T, dtype=jnp.int32)
+    T = tokens_T.shape[0]
+    ks, vs = _gather_pages(k_pages, v_pages, pages_C, cfg.compute_dtype, extra=T)
+    S = ks[0].shape[-1]
+    index = jnp.arange(S, dtype=jnp.int32)
     cached = index < cached_length  # padding pages and the rest's slots are masked until written
-    cache = KVCache(tuple(ks), tuple(vs), jnp.where(cached, index, 0)[None], cached.astype(jnp.int32)[None],
-                    jnp.int32(C * P))
+    cache = KVCache(ks, vs, jnp.where(cached, index, 0)[None], cached.astype(jnp.int32)[None], jnp.int32(S - T))
     k, v, last = _prompt_kv(params, tokens_T, length, cfg, chunk, cache=cache, offset=cached_length)
     return k, v, logits_from_hidden(params, last, cfg)[:, 0]
 
@@ -184,15 +177,26 @@ def _chunk_cache(k_pages, v_pages, pages_C, cached_length, *, cfg: ModelConfig, 
         return cache
     index = jnp.arange(length, dtype=jnp.int32)
     cached = index < cached_length
+    ks, vs = _gather_pages(k_pages, v_pages, pages_C, cfg.compute_dtype, keep=cached)
+    return KVCache(ks, vs, jnp.where(cached, index, 0)[None], cached.astype(jnp.int32)[None], jnp.int32(0))
+
+
+def _gather_pages(k_pages, v_pages, pages_C, dtype, *, extra: int = 0, keep=None):
+    """Per-layer contiguous caches k [K, H, S], v [K, S, H] (S = C * P + extra) of the pool pages pages_C, in
+    order, then `extra` zero slots; `keep` [C * P] (optional) zeroes the slots it leaves out, so that masked slots
+    hold no stale values."""
     ks, vs = [], []
     for k_pool, v_pool in zip(k_pages, v_pages):
         K, _, P, H = k_pool.shape
-        read = lambda pool: jnp.where(  # noqa: E731
-            cached[None, :, None], jnp.take(pool, pages_C, axis=1).reshape(K, length, H), 0).astype(cfg.compute_dtype)
+
+        def read(pool):
+            x = jnp.take(pool, pages_C, axis=1).reshape(K, -1, H)
+            x = x if keep is None else jnp.where(keep[None, :, None], x, 0)
+            return jnp.pad(x, ((0, 0), (0, extra), (0, 0))).astype(dtype)
+
         ks.append(read(k_pool).transpose(0, 2, 1))
         vs.append(read(v_pool))
-    return KVCache(tuple(ks), tuple(vs), jnp.where(cached, index, 0)[None], cached.astype(jnp.int32)[None],
-                   jnp.int32(0))
+    return tuple(ks), tuple(vs)
 
 
 def _prefill_chunk(params, cache: KVCache, tokens_C, start, length, adapter, *, cfg: ModelConfig, last: bool):
@@ -584,8 +588,7 @@ class JaxEngine(Engine):
             cfg=self._shape_cfg, chunk=min(rest.shape[0], self.max_prefill_length))
         # the rest's page j sits after the prefix's bucket of pages
         prefix.page_of = np.concatenate([np.arange(len(pages)), len(pages_C) + np.arange(rest.shape[0] // P)])
-        prefix.prompt_mask = np.zeros((1, self.config.vocab_size), bool)
-        prefix.prompt_mask[0, list(tokens)] = True
+        prefix.prompt_mask = self._prompt_mask(tokens)
         return self._first(prefix, sampling)
 
     def _prefill_with_images(self, params, padded_tokens, n: int, sampling: RequestSampling, existing_prefix,
@@ -631,11 +634,15 @@ class JaxEngine(Engine):
         tokens = tuple(token_ids[:end])
         if end < len(token_ids):
             return dataclasses.replace(partial, length=end, tokens=tokens, chunk_cache=cache), None
-        prompt_mask = np.zeros((1, self.config.vocab_size), bool)
-        prompt_mask[0, list(tokens)] = True
         prefix = dataclasses.replace(partial, k=cache.k, v=cache.v, length=end, tokens=tokens, logits=logits,
-                                     prompt_mask=prompt_mask, chunk_cache=None)
+                                     prompt_mask=self._prompt_mask(tokens), chunk_cache=None)
         return self._first(prefix, sampling)
+
+    def _prompt_mask(self, tokens) -> np.ndarray:
+        """[1, V] bool: which vocabulary ids the prompt holds (repetition penalties count them)."""
+        mask = np.zeros((1, self.config.vocab_size), bool)
+        mask[0, list(tokens)] = True
+        return mask
 
     @staticmethod
     def _check_partial(partial: Prefix, token_ids: list[int], sampling: RequestSampling):
