@@ -28,6 +28,11 @@ def constrain(x, logical_axes: tuple[str | None, ...]):
     return x if fn is None else fn(x, logical_axes)
 
 
+def sharded() -> bool:
+    """Whether activation sharding hints are installed (the model is traced for a mesh)."""
+    return _CONSTRAINT.get() is not None
+
+
 @contextlib.contextmanager
 def use_constraint(fn: Callable | None):
     token = _CONSTRAINT.set(fn)

@@ -24,7 +24,7 @@ from jaxswift.errors import ConfigError
 from jaxswift.models.attention_kernels import (distinct_windows, dot_product_attention, resolve_attn_impl,
                                               splash_attention)
 from jaxswift.models.config import ModelConfig
-from jaxswift.models.hints import constrain, override
+from jaxswift.models.hints import constrain, override, sharded
 from jaxswift.models.moe import moe_block
 from jaxswift.models.rope import apply_rope
 
@@ -76,12 +76,15 @@ def matmul_einsum(equation: str, x: jax.Array, w: jax.Array, preferred_element_t
     weight gradient and feeds dots two transposed operands; as one matrix product the backward is two plain
     matmuls. An MLP's forward + backward at [4 x 512, 576 -> 1536] takes 91 ms instead of 160. Merging the
     contracted axes also keeps XLA from copying a decode weight, transposed, on every step.
+    On a mesh (sharding hints installed) the einsum stays: with the merged row axis the one-process run of the
+    two-process GRPO test (tests/test_multihost_rl.py) drifted from the two-process run after its first update, as
+    the SPMD partitioner resharded the merged, sharded rows; the layout fix is for one-device CPU steps.
     """
     inputs, out = equation.replace(" ", "").split("->")
     x_spec, w_spec = inputs.split(",")
     n = sum(c in w_spec for c in x_spec)  # contracted axes
     lead, w_out = x_spec[:len(x_spec) - n], w_spec[n:]
-    if n == 0 or x_spec[len(lead):] != w_spec[:n] or out != lead + w_out:
+    if n == 0 or x_spec[len(lead):] != w_spec[:n] or out != lead + w_out or sharded():
         return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
     x2 = x.reshape(math.prod(x.shape[:len(lead)]), -1)
     y = jnp.matmul(x2, w.reshape(x2.shape[1], -1), preferred_element_type=preferred_element_type)
