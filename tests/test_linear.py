@@ -67,3 +67,19 @@ def test_mlp_backward_has_no_transposed_copies():
     assert transposed_copies(matmul_einsum) == []
     # the [B, T, ...] einsum it replaced writes activation gradients transposed: the check can fail
     assert transposed_copies(jnp.einsum)
+
+
+@pytest.mark.parametrize("devices, expected", [(1, False), (2, True)])
+def test_recipes_keep_the_2d_form_on_one_device_and_the_einsum_on_a_mesh(devices, expected):
+    """The trainers trace their steps under `activation_sharding`, even for `--mesh 1`: one device installs no
+    sharding hints, so the step keeps matmul_einsum's 2-D form; several keep the einsum (see its docstring)."""
+    from jaxswift.models import hints
+    from jaxswift.parallel.mesh import make_mesh
+    from jaxswift.parallel.rules import activation_sharding, load_rules
+
+    mesh = make_mesh(f"data={devices}", jax.devices()[:devices])
+    with activation_sharding(load_rules(), mesh):
+        assert hints.sharded() is expected
+        x, w = operands("BTD,DF->BTF")
+        hlo = jax.jit(lambda x, w: matmul_einsum("BTD,DF->BTF", x, w)).lower(x, w).as_text()
+    assert ("tensor<10x6xf32>" in hlo) is not expected  # the [B*T, D] operand of the 2-D form

@@ -29,7 +29,8 @@ def constrain(x, logical_axes: tuple[str | None, ...]):
 
 
 def sharded() -> bool:
-    """Whether activation sharding hints are installed (the model is traced for a mesh)."""
+    """Whether activation sharding hints are installed: the model is traced for a mesh of several devices
+    (`parallel.rules.activation_sharding` installs none for one device)."""
     return _CONSTRAINT.get() is not None
 
 

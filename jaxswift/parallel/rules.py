@@ -140,7 +140,9 @@ def activation_sharding(rules: ShardingRules, mesh, options=None):
     `options` is a strategies.ParallelOptions (defaults when None)."""
     from jaxswift.parallel.strategies import use_parallel
 
-    with hints.use_constraint(activation_constraint(rules, mesh)), use_parallel(mesh, rules, options):
+    # one device: nothing to pin, and the model keeps its one-device layouts (transformer.matmul_einsum)
+    constraint = activation_constraint(rules, mesh) if mesh.devices.size > 1 else None
+    with hints.use_constraint(constraint), use_parallel(mesh, rules, options):
         yield
 
 
