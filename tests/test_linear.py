@@ -82,4 +82,7 @@ def test_recipes_keep_the_2d_form_on_one_device_and_the_einsum_on_a_mesh(devices
         assert hints.sharded() is expected
         x, w = operands("BTD,DF->BTF")
         hlo = jax.jit(lambda x, w: matmul_einsum("BTD,DF->BTF", x, w)).lower(x, w).as_text()
+        o_x, o_w = operands("BTNH,NHD->BTD")  # two contracted axes: merged into one on both paths
+        o_out = jax.jit(lambda x, w: matmul_einsum("BTNH,NHD->BTD", x, w))(o_x, o_w)
     assert ("tensor<10x6xf32>" in hlo) is not expected  # the [B*T, D] operand of the 2-D form
+    np.testing.assert_allclose(o_out, jnp.einsum("BTNH,NHD->BTD", o_x, o_w), rtol=1e-6, atol=1e-6)

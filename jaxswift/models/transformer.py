@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import string
 from typing import NamedTuple
 
 import jax
@@ -74,20 +75,25 @@ def matmul_einsum(equation: str, x: jax.Array, w: jax.Array, preferred_element_t
 
     Why 2-D: differentiated as a [B, T, ...] einsum, XLA on CPU writes the activation gradients transposed for the
     weight gradient and feeds dots two transposed operands; as one matrix product the backward is two plain
-    matmuls. An MLP's forward + backward at [4 x 512, 576 -> 1536] takes 91 ms instead of 160. Merging the
-    contracted axes also keeps XLA from copying a decode weight, transposed, on every step.
-    On a mesh of several devices (sharding hints installed) the einsum stays: with the merged row axis the one-process run of the
-    two-process GRPO test (tests/test_multihost_rl.py) drifted from the two-process run after its first update, as
-    the SPMD partitioner resharded the merged, sharded rows; the layout fix is for one-device CPU steps.
+    matmuls. An MLP's forward + backward at [4 x 512, 576 -> 1536] takes 91 ms instead of 160.
+
+    On a mesh of several devices (sharding hints installed) the leading axes stay apart and only the contracted
+    ones merge: with the rows merged, the one-process run of the two-process GRPO test (tests/test_multihost_rl.py)
+    drifted from the two-process run after its first update. Merging the contracted axes (the output
+    projection's N, H) keeps XLA on CPU from copying a decode weight, transposed, on every step.
     """
     inputs, out = equation.replace(" ", "").split("->")
     x_spec, w_spec = inputs.split(",")
     n = sum(c in w_spec for c in x_spec)  # contracted axes
     lead, w_out = x_spec[:len(x_spec) - n], w_spec[n:]
-    if n == 0 or x_spec[len(lead):] != w_spec[:n] or out != lead + w_out or sharded():
+    if n == 0 or x_spec[len(lead):] != w_spec[:n] or out != lead + w_out:
         return jnp.einsum(equation, x, w, preferred_element_type=preferred_element_type)
-    x2 = x.reshape(math.prod(x.shape[:len(lead)]), -1)
-    y = jnp.matmul(x2, w.reshape(x2.shape[1], -1), preferred_element_type=preferred_element_type)
+    fan_in = math.prod(w.shape[:n])
+    if sharded():
+        merged = next(c for c in string.ascii_letters if c not in equation)
+        return jnp.einsum(f"{lead}{merged},{merged}{w_out}->{out}", x.reshape(*x.shape[:len(lead)], fan_in),
+                          w.reshape(fan_in, *w.shape[n:]), preferred_element_type=preferred_element_type)
+    y = jnp.matmul(x.reshape(-1, fan_in), w.reshape(fan_in, -1), preferred_element_type=preferred_element_type)
     return y.reshape(*x.shape[:len(lead)], *w.shape[n:])
 
 
