@@ -287,6 +287,32 @@ def grouped_completion_logps(params, tokens_BT, positions_BT, segments_BT, *, cf
     return _score(params, h, tokens_BT[:, P:], cfg, temperature, False)
 
 
+def shared_prompt_completion_logps(params, tokens_BT, positions_BT, segments_BT, cfg: ModelConfig, *,
+                                   prompt_length: int, temperature: float, num_generations: int,
+                                   with_entropy: bool = False):
+    """completion_logps (differentiable: the policy's loss) for rows in groups of num_generations that share their
+    prompt (`shares_prompts`), each group run as one row: its prompt once, then its G completions, each attending
+    to the prompt and to itself (the parent segments of `hidden_states`). Rows hold one sequence each (segment 1,
+    padding 0), as rollouts do. At G = 8 and as many prompt as completion tokens, 44% fewer tokens run forward and
+    backward."""
+    G, P = num_generations, prompt_length
+    B, T = tokens_BT.shape
+    U, C = B // G, T - P
+    grouped = lambda x: jnp.concatenate([x[::G, :P], x[:, P:].reshape(U, G * C)], axis=1)  # noqa: E731
+    branch_U = jnp.repeat(jnp.arange(G, dtype=jnp.int32), C)[None]  # [1, G*C]: which completion a slot holds
+    real = segments_BT != 0
+    segments = grouped(real.astype(jnp.int32))  # the prompt keeps segment 1 ...
+    segments = segments.at[:, P:].multiply(branch_U + 2)  # ... completion g becomes segment g + 2
+    parents = jnp.zeros_like(segments).at[:, P:].set(grouped(real.astype(jnp.int32))[:, P:])  # ... under the prompt
+    h = hidden_states(params, grouped(tokens_BT), cfg, positions=grouped(positions_BT), segment_ids=segments,
+                      parent_segment_ids=parents)[0]
+    # completion g's token j is predicted by its token j - 1, its first one by the prompt's last
+    j = jnp.arange(C)
+    before = jnp.where(j == 0, P - 1, P + jnp.arange(G)[:, None] * C + j - 1)  # [G, C] slots in the group's row
+    h_BCD = jnp.take(h, before.reshape(-1), axis=1).reshape(B, C, -1)
+    return _score(params, h_BCD, tokens_BT[:, P:], cfg, temperature, with_entropy)
+
+
 def shares_prompts(tokens_BT, positions_BT, segments_BT, prompt_length: int, num_generations: int) -> bool:
     """Whether the rows come in groups of num_generations with one prompt (ids, positions and padding) each."""
     B, G = tokens_BT.shape[0], num_generations

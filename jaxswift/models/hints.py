@@ -8,7 +8,8 @@ The same goes for the parts of the forward that a parallel strategy replaces who
 `override(name, default)` and gets the default unless jaxswift/parallel/ installed one with `use_overrides`:
   "run_layers"      (layer_fn, x_BTD, side, layer_xs) -> (x_BTD, aux): run the stacked layers (pipeline).
                     layer_fn(x_BTD, side, xs) -> (x_BTD, aux); `side` is a tuple of per-row [B, ...] arrays
-                    (positions, segment ids) that a microbatching runner splits along with x.
+                    (positions, segment ids, M-RoPE positions, parent segment ids; the last two may be None)
+                    that a microbatching runner splits along with x.
   "self_attention"  (q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, window) -> out_BTNH (ring attention).
   "moe_experts"     expert computation of an MoE block (expert parallelism); see models/moe.py.
 """

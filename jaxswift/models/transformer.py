@@ -103,9 +103,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, window) -> jax.Array:
-    """[B, T, S]: same segment, causal by position, and within the sliding window when window > 0."""
+def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, window, q_parent_BT=None) -> jax.Array:
+    """[B, T, S]: same segment, causal by position, and within the sliding window when window > 0.
+
+    q_parent_BT (optional) makes a tree: a query also sees the keys of its parent segment (0: none). Branches that
+    share one parent (a prompt's G completions, DPO's chosen and rejected) then run after it in one row, each
+    seeing the parent and itself but not the others."""
     same_segment = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+    if q_parent_BT is not None:
+        same_segment |= (q_parent_BT[:, :, None] == k_seg_BS[:, None, :]) & (q_parent_BT[:, :, None] != 0)
     distance = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
     in_window = (window == 0) | (distance < window)
     return same_segment & (distance >= 0) & in_window
@@ -208,15 +214,19 @@ def _mlp(h_BTD, layer):
 
 
 def self_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT, window, *, impl: str = "einsum",
-                   windows: tuple[int, ...] = (0,)) -> jax.Array:
+                   windows: tuple[int, ...] = (0,), parents_BT=None) -> jax.Array:
     """Attention of a sequence over itself (no cache): the default of the "self_attention" override.
 
     impl (a resolved --attn_impl, see models/attention_kernels.py): einsum (the reference), xla, cudnn or splash;
-    `windows` are the model's distinct sliding windows (splash builds one kernel per window)."""
+    `windows` are the model's distinct sliding windows (splash builds one kernel per window); parents_BT: the
+    tree of `attention_mask` (not with splash, whose masks are segment ids only)."""
     k_BTKH, v_BTKH = k_BTKH.astype(q_BTNH.dtype), v_BTKH.astype(q_BTNH.dtype)
     if impl == "splash":
+        if parents_BT is not None:
+            raise ConfigError("--attn_impl splash masks by segment ids only: rows that share a prompt (parent "
+                              "segments) need --attn_impl einsum, xla or cudnn")
         return splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, window, windows)
-    mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window)
+    mask = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT, window, parents_BT)
     if impl in ("xla", "cudnn"):
         return dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask, impl, windows)
     k = k_BTKH.transpose(0, 2, 3, 1)  # [B, K, H, T]
@@ -252,7 +262,7 @@ def feed_forward(h_BTD, layer, cfg: ModelConfig, segment_ids_BT=None):
 
 
 def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_ids_BT, kv=None,
-                  rope_positions=None):
+                  rope_positions=None, parents_BT=None):
     """One block -> (x, new_kv, aux). `kv` = (k_cache, v_cache, layer_index, cache_positions, cache_segments,
     write_index) or None; aux is the block's auxiliary loss (MoE load balancing; 0 for dense blocks).
     rope_positions (default: positions_BT) rotate q and k only; [3, B, T] for M-RoPE (models/rope.py), while
@@ -261,12 +271,19 @@ def decoder_layer(x_BTD, layer, window, cfg: ModelConfig, positions_BT, segment_
     With a cache, the new keys/values are written in place (a loop carry, so XLA updates them without copying the
     whole cache every step): into this layer's own k [Z, H, S] / v [Z, S, H] when layer_index is None, else at
     layer_index of the stacked [L, ...] buffers; attention then reads the updated cache.
+    parents_BT (no cache): each token's parent segment, the tree of `attention_mask`.
     """
     B, T, _ = x_BTD.shape
     h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
     q, k, v = project_qkv(h, layer, cfg, positions_BT if rope_positions is None else rope_positions)
     if kv is None:
-        attn = self_attention_fn(cfg)(q, k, v, positions_BT, segment_ids_BT, window)
+        attend = self_attention_fn(cfg)
+        if parents_BT is not None:
+            if override("self_attention", None) is not None:
+                raise ConfigError("sequence parallelism runs its own ring attention, which has no parent segments: "
+                                  "rows that share a prompt run without a sequence mesh axis")
+            attend = functools.partial(attend, parents_BT=parents_BT)
+        attn = attend(q, k, v, positions_BT, segment_ids_BT, window)
         new_kv = None
     else:
         k = k.transpose(0, 2, 3, 1).reshape(-1, cfg.head_dim, T)  # [Z, H, T]
@@ -317,7 +334,8 @@ def scan_layers(layer_fn, x_BTD, side, layer_xs):
 
 
 def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions=None, segment_ids=None,
-                  cache: KVCache | None = None, return_aux: bool = False, rope_positions=None, embeds=None):
+                  cache: KVCache | None = None, return_aux: bool = False, rope_positions=None, embeds=None,
+                  parent_segment_ids=None):
     """Final-normed hidden states [B, T, D] and the updated cache (None without one); with return_aux, also the
     summed auxiliary loss of the blocks (MoE load balancing; 0 for dense models).
 
@@ -325,10 +343,15 @@ def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions=None, segmen
     scattered in) instead of looking tokens up, and `rope_positions` [3, B, T] (M-RoPE) or [B, T] for the
     rotation; `positions` still order the causal mask and the cache.
 
+    parent_segment_ids [B, T] (optional, no cache) lay a tree in each row: a token also sees its parent segment
+    (`attention_mask`), as a prompt's completions after the prompt in one row (infer/rollout.py).
+
     Stacked layers run under `jax.lax.scan` (or the "run_layers" override, e.g. a pipeline); the tuple of
     per-layer trees of `unstack_layers` runs unrolled.
     """
     positions, segment_ids = _default_positions(tokens_BT, positions, segment_ids)
+    if parent_segment_ids is not None and cache is not None:
+        raise ConfigError("parent_segment_ids lay a tree over a sequence attending to itself: not with a KV cache")
     x = jnp.take(params["embed"], tokens_BT, axis=0) if embeds is None else embeds
     x = constrain(x.astype(cfg.compute_dtype), ACT)
     layers = params["layers"]
@@ -338,18 +361,18 @@ def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions=None, segmen
     elif isinstance(layers, (list, tuple)):
         for layer, window in zip(layers, cfg.window_per_layer):
             x, _, layer_aux = decoder_layer(x, layer, window, cfg, positions, segment_ids,
-                                            rope_positions=rope_positions)
+                                            rope_positions=rope_positions, parents_BT=parent_segment_ids)
             aux = aux + layer_aux
     else:
         def layer_fn(x, side, xs):
-            (layer, window), (pos, seg, *rope) = xs, side
-            rope = _rope_from_side(rope[0]) if rope else None
-            x, _, layer_aux = decoder_layer(x, layer, window, cfg, pos, seg, rope_positions=rope)
+            (layer, window), (pos, seg, rope, parents) = xs, side
+            rope = None if rope is None else _rope_from_side(rope)
+            x, _, layer_aux = decoder_layer(x, layer, window, cfg, pos, seg, rope_positions=rope, parents_BT=parents)
             return x, layer_aux
         windows = jnp.asarray(cfg.window_per_layer, jnp.int32)
         run_layers = override("run_layers", scan_layers)
-        side = (positions, segment_ids) if rope_positions is None else (
-            positions, segment_ids, _rope_to_side(rope_positions))
+        rope_side = None if rope_positions is None else _rope_to_side(rope_positions)
+        side = (positions, segment_ids, rope_side, parent_segment_ids)  # None entries: no leaves to split
         x, aux = run_layers(_remat(layer_fn, cfg.remat), x, side, (layers, windows))
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return (h, cache, aux) if return_aux else (h, cache)

@@ -33,10 +33,11 @@ from jaxswift.infer.generate import stop_token_ids
 from jaxswift.data.prompts import PromptRow, PromptStream, load_prompts
 from jaxswift.errors import ConfigError
 from jaxswift.infer.rollout import (Rollout, completion_logps, grouped_completion_logps, sequences,
-                                    shares_prompts)
+                                    shared_prompt_completion_logps, shares_prompts)
 from jaxswift.infer.rollout_vlm import grouped_vlm_completion_logps, rollout_vision_batch, vlm_completion_logps
 from jaxswift.losses import policy as pl
 from jaxswift.models.config import ModelConfig
+from jaxswift.models.transformer import attention_impl
 from jaxswift.models.vision import VLMConfig
 from jaxswift.optim.qgalore import float_view
 from jaxswift.parallel.distributed import gather_to_host, held_rows, is_primary, share_rows
@@ -68,11 +69,14 @@ class GrpoParts:
 
 def make_grpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, loss_cfg: pl.PolicyLossConfig, *,
                    reward_names: tuple[str, ...], temperature: float, has_old: bool,
-                   prepare_params: Callable | None = None, num_generations: int = 1) -> Callable:
+                   prepare_params: Callable | None = None, num_generations: int = 1,
+                   share_prompts: bool = False) -> Callable:
     """(state, batch) -> (state, metrics). batch: [A, b, ...] tokens/positions/segment_ids [P + C],
     completion_mask [C], advantages [1], rewards [R], and old_logps / ref_logps [C] when used; a vision-language
     model's rows add their prompt's images and M-RoPE positions (infer/rollout_vlm.py): with micro-batches of
-    whole groups (b a multiple of num_generations, rows in a rollout's order) its tower runs once per group."""
+    whole groups (b a multiple of num_generations, rows in a rollout's order) its tower runs once per group.
+    share_prompts (a text model): each whole group's prompt runs once in the forward and backward
+    (`shared_prompt_completion_logps`); the batches must share prompts within groups, as rollouts do."""
     prepare = prepare_params or (lambda params, rng: params)
 
     def micro_loss(trainable, frozen, micro, key, num_sequences, num_tokens):
@@ -80,7 +84,8 @@ def make_grpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, lo
         C = micro["completion_mask"].shape[-1]
         groups_of = num_generations if micro["tokens"].shape[0] % num_generations == 0 else 1
         logps, entropy = rollout_logps(params, micro, cfg, prompt_length=micro["tokens"].shape[-1] - C,
-                                       temperature=temperature, with_entropy=True, groups_of=groups_of)
+                                       temperature=temperature, with_entropy=True, groups_of=groups_of,
+                                       share_prompts=share_prompts)
         old = micro["old_logps"] if has_old else jax.lax.stop_gradient(logps)
         ref = micro["ref_logps"] if loss_cfg.beta != 0.0 else None
         mask = micro["completion_mask"]
@@ -112,12 +117,17 @@ def make_grpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, lo
 
 
 def rollout_logps(params, batch: dict, cfg, *, prompt_length: int, temperature: float, with_entropy: bool = False,
-                  groups_of: int = 1):
+                  groups_of: int = 1, share_prompts: bool = False):
     """Completion log-probs of rollout rows (with the image features in place for a vision-language model; its
-    tower once per run of `groups_of` rows sharing a prompt)."""
+    tower once per run of `groups_of` rows sharing a prompt; a text model's prompt once per such run when
+    share_prompts)."""
     if isinstance(cfg, VLMConfig):
         return vlm_completion_logps(params, batch, cfg, prompt_length=prompt_length, temperature=temperature,
                                     with_entropy=with_entropy, num_generations=groups_of)
+    if share_prompts and groups_of > 1:
+        return shared_prompt_completion_logps(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                              cfg, prompt_length=prompt_length, temperature=temperature,
+                                              num_generations=groups_of, with_entropy=with_entropy)
     return completion_logps(params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg,
                             prompt_length=prompt_length, temperature=temperature, with_entropy=with_entropy)
 
@@ -161,6 +171,7 @@ class Generator:
     completions_log: Path | None = None
     rows: tuple[int, int] | None = None  # this process's block [first, last) of each micro batch's rows (None: all)
     rows_sharding: Any = None  # how a generation's rows are split over the mesh while they decode (None: whole)
+    share_prompts: bool = False  # the step runs each group's prompt once: every batch must share them
 
     def owned(self, n: int) -> np.ndarray:
         """[n] bool: the rows of a generation (prompt-major) this process decoded, and scores."""
@@ -222,6 +233,10 @@ class Generator:
         rows, r, scores = self.sample_groups(state, generation, rows)
         args, G = self.args, self.args.num_generations
         seqs = sequences(r)
+        if self.share_prompts and not shares_prompts(seqs["tokens"], seqs["positions"], seqs["segment_ids"],
+                                                     r.prompt_ids.shape[1], G):
+            raise RuntimeError("a generation's rows do not come in groups that share their prompt, which the "
+                               "train step was built to run once per group: a bug in the rollout layout")
         if isinstance(self.cfg, VLMConfig):  # each row's prompt images and M-RoPE positions
             seqs.update(rollout_vision_batch([_image_prompt(row, self.cfg) for row in rows], seqs,
                                              r.prompt_ids.shape[1], G, self.cfg))
@@ -357,6 +372,13 @@ def _rows_per_step(args: GrpoArguments, dp: int) -> tuple[int, int]:
     return rows, rows // args.num_generations
 
 
+def _shares_prompts_in_the_step(args: GrpoArguments, ctx) -> bool:
+    """Whether the policy's forward and backward run each group's prompt once: a text model, groups of several
+    rows, and attention that takes parent segments (not splash, not a sequence mesh axis's ring attention)."""
+    return (not ctx.model.is_vlm and args.num_generations > 1 and attention_impl(ctx.cfg) != "splash"
+            and ctx.mesh.shape.get("sequence", 1) == 1)
+
+
 def _logps_fn(args: GrpoArguments, cfg):
     """Reference / old log-probs: each group's prompt (and a VLM's tower) runs once when its G rows share it (a
     rollout's rows always do; the check keeps any other layout on the plain path)."""
@@ -416,14 +438,16 @@ def run_grpo(args: GrpoArguments, parts: GrpoParts, *, progress: bool = True,
     remote = RemoteRollouts(args, eos, pad_id, tuned.lora) if args.rollout_mode == "server" else None
     sampler = remote.sample if remote else parts.make_sampler(model, cfg, eos, pad_id,
                                                               max(len(p.ids) for p in prompts), rows_sharding)
+    share = _shares_prompts_in_the_step(args, ctx)
     generator = Generator(args, cfg, model.tokenizer, PromptStream(prompts, args.seed), parts, prompts_per_step,
                           args.gradient_accumulation_steps, _logps_fn(args, cfg), _reference(args, ctx, tuned.lora),
                           sampler, completions_log=ctx.out_dir / "completions.jsonl",
-                          rows=ctx.rows(rows // args.gradient_accumulation_steps), rows_sharding=rows_sharding)
+                          rows=ctx.rows(rows // args.gradient_accumulation_steps), rows_sharding=rows_sharding,
+                          share_prompts=share)
     model = ctx.model = dataclasses.replace(model, params=None)  # the train state holds the one copy from here on
     step = make_grpo_step(cfg, optimizer, args.loss_config(), reward_names=tuple(parts.reward_funcs),
                           temperature=args.temperature, has_old=args.num_iterations > 1 or args.async_generate,
-                          prepare_params=tuned.prepare, num_generations=args.num_generations)
+                          prepare_params=tuned.prepare, num_generations=args.num_generations, share_prompts=share)
     holder = LatestState(state, compile_step(ctx, step, state))
     plan = (RemotePlan(generator, holder, total_steps, args.num_iterations, remote, args.async_generate) if remote
             else RolloutPlan(generator, holder, total_steps, args.num_iterations))
