@@ -300,10 +300,9 @@ def shared_prompt_completion_logps(params, tokens_BT, positions_BT, segments_BT,
     U, C = B // G, T - P
     grouped = lambda x: jnp.concatenate([x[::G, :P], x[:, P:].reshape(U, G * C)], axis=1)  # noqa: E731
     branch_U = jnp.repeat(jnp.arange(G, dtype=jnp.int32), C)[None]  # [1, G*C]: which completion a slot holds
-    real = segments_BT != 0
-    segments = grouped(real.astype(jnp.int32))  # the prompt keeps segment 1 ...
-    segments = segments.at[:, P:].multiply(branch_U + 2)  # ... completion g becomes segment g + 2
-    parents = jnp.zeros_like(segments).at[:, P:].set(grouped(real.astype(jnp.int32))[:, P:])  # ... under the prompt
+    real = grouped((segments_BT != 0).astype(jnp.int32))
+    segments = real.at[:, P:].multiply(branch_U + 2)  # the prompt keeps segment 1, completion g becomes g + 2 ...
+    parents = jnp.zeros_like(real).at[:, P:].set(real[:, P:])  # ... under the prompt
     h = hidden_states(params, grouped(tokens_BT), cfg, positions=grouped(positions_BT), segment_ids=segments,
                       parent_segment_ids=parents)[0]
     # completion g's token j is predicted by its token j - 1, its first one by the prompt's last
